@@ -1,0 +1,178 @@
+"""The compress verb: select layers, choose ranks, factorize, swap — and say what happened."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from rankdown.bench import Cost, layer_costs
+from rankdown.errors import RankdownError, UnsupportedLayerError
+from rankdown.methods import Method, Rank, method_names, resolve_method
+from rankdown.plan import LayerPlan, Plan
+from rankdown.progress import progress
+from rankdown.rank import ParamFraction, RankPolicy, candidate_cost, choose_rank, policy_to_dict
+from rankdown.surgery import FilterFn, record_inputs, replace_module, select_layers
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """What to do. ``method`` names the conv method; Linear layers use the Linear handler of the
+    same name if there is one, else truncated SVD."""
+
+    method: str = "tucker2"
+    rank: RankPolicy = field(default_factory=lambda: ParamFraction(0.5))
+    layers: tuple[str, ...] | None = None  # names or "re:PATTERN"; None = every supported Conv2d/Linear
+    skip: tuple[str, ...] = ()
+    filter_fn: FilterFn | None = None  # API only: (module, fqn) -> bool
+
+    def __post_init__(self) -> None:
+        if self.method not in method_names():
+            raise RankdownError(f"unknown method {self.method!r}; known: {', '.join(method_names())}")
+
+
+@dataclass
+class LayerReport:
+    name: str
+    layer_type: str
+    method: str | None  # None: kept dense
+    rank: Rank | None
+    before: Cost
+    after: Cost
+    rel_error: float | None
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["rank"] = list(self.rank) if isinstance(self.rank, tuple) else self.rank
+        return d
+
+
+@dataclass
+class CompressResult:
+    model: nn.Module
+    plan: Plan
+    layers: list[LayerReport]
+
+    @property
+    def before(self) -> Cost:
+        return sum((r.before for r in self.layers), Cost(0, 0))
+
+    @property
+    def after(self) -> Cost:
+        return sum((r.after for r in self.layers), Cost(0, 0))
+
+
+def _handler(config: CompressConfig, fqn: str, module: nn.Module) -> Method:
+    handler = resolve_method(config.method, module)
+    if handler is None:
+        raise UnsupportedLayerError(fqn, type(module).__name__, f"no method handles {type(module).__name__}")
+    handler.check(fqn, module)
+    return handler
+
+
+def compress(
+    model: nn.Module,
+    config: CompressConfig,
+    example_input: torch.Tensor,
+    *,
+    inplace: bool = False,
+    model_spec: str | None = None,
+) -> CompressResult:
+    """Factorize the selected layers of ``model``.
+
+    ``example_input`` (batch 1 is enough) drives a probe forward pass that records each layer's
+    input size, for MAC counts and MAC-budget ranks. Returns the compressed model (a copy unless
+    ``inplace``), the plan that rebuilds it, and one report row per considered layer.
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    model.eval()
+    example = example_input[:1]
+    selection = select_layers(
+        model,
+        is_candidate=lambda n, m: _handler(config, n, m),
+        layers=config.layers,
+        skip=config.skip,
+        filter_fn=config.filter_fn,
+    )
+    inputs = record_inputs(model, example, selection.targets)
+    before = layer_costs(model, example, selection.targets + list(selection.skipped))
+    rows: list[LayerReport] = []
+    plan_layers: dict[str, LayerPlan] = {}
+    for fqn in progress(selection.targets, total=len(selection.targets), desc=f"factorize ({config.method})"):
+        module = model.get_submodule(fqn)
+        handler = _handler(config, fqn, module)
+        ltype = type(module).__name__
+        if fqn not in inputs:
+            rows.append(
+                LayerReport(
+                    fqn,
+                    ltype,
+                    None,
+                    None,
+                    before[fqn],
+                    before[fqn],
+                    None,
+                    "not called by the example input: kept dense",
+                )
+            )
+            continue
+        try:
+            rank = choose_rank(handler, module, config.rank, inputs[fqn], before[fqn])
+        except RankdownError as exc:
+            raise type(exc)(f"layer {fqn!r} ({ltype} {tuple(module.weight.shape)}): {exc}") from None
+        if rank is None:
+            rows.append(
+                LayerReport(
+                    fqn,
+                    ltype,
+                    None,
+                    None,
+                    before[fqn],
+                    before[fqn],
+                    None,
+                    f"no rank meets {config.rank.describe()}: kept dense",
+                )
+            )
+            continue
+        cost = candidate_cost(handler, module, rank, inputs[fqn])
+        if cost.params >= before[fqn].params and cost.macs >= before[fqn].macs:
+            rows.append(
+                LayerReport(
+                    fqn,
+                    ltype,
+                    None,
+                    None,
+                    before[fqn],
+                    before[fqn],
+                    None,
+                    f"rank {rank} would save neither parameters nor MACs: kept dense",
+                )
+            )
+            continue
+        fact = handler.factorize(module, rank)
+        replace_module(model, fqn, fact.module)
+        plan_layers[fqn] = LayerPlan(handler.name, rank, ltype, tuple(module.weight.shape))
+        rows.append(LayerReport(fqn, ltype, handler.name, rank, before[fqn], before[fqn], fact.rel_error))
+    for fqn, reason in selection.skipped.items():
+        rows.append(
+            LayerReport(
+                fqn, type(model.get_submodule(fqn)).__name__, None, None, before[fqn], before[fqn], None, reason
+            )
+        )
+    # Costs after, measured on the compressed model by the same counter as before.
+    after_costs = layer_costs(model, example, [r.name for r in rows])
+    for r in rows:
+        r.after = after_costs[r.name]
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    rows.sort(key=lambda r: order.get(r.name, 0))
+    plan = Plan(
+        plan_layers,
+        model_spec,
+        tuple(example.shape[1:]),
+        {"method": config.method, "policy": policy_to_dict(config.rank)},
+    )
+    return CompressResult(model, plan, rows)

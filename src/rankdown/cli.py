@@ -1,0 +1,279 @@
+"""``rankdown`` command line: thin wrappers over rankdown.pipeline."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from rankdown.errors import RankdownError
+
+
+def _shape(_ctx, _param, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        shape = tuple(int(v) for v in value.replace("x", ",").split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected sizes like 3,224,224, got {value!r}") from None
+    if not shape or any(d <= 0 for d in shape):
+        raise click.BadParameter(f"sizes must be positive, got {value!r}")
+    return shape
+
+
+def _batches(_ctx, _param, value: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(v) for v in value.split(",") if v)
+    except ValueError:
+        raise click.BadParameter(f"expected batch sizes like 1,64, got {value!r}") from None
+    if not sizes or any(b <= 0 for b in sizes):
+        raise click.BadParameter(f"batch sizes must be positive, got {value!r}")
+    return sizes
+
+
+def _measure_options(f):
+    opts = [
+        click.option(
+            "--data-dir",
+            type=click.Path(file_okay=False),
+            default=None,
+            help="Folder with the dataset's files (default: the Debian package's, or $RANKDOWN_DATA_DIR).",
+        ),
+        click.option(
+            "--eval-limit",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Score accuracy on the first N test examples only (default: all).",
+        ),
+        click.option(
+            "--batch-sizes",
+            default="1,64",
+            show_default=True,
+            callback=_batches,
+            help="Batch sizes at which latency is measured.",
+        ),
+        click.option(
+            "--latency-runs",
+            type=click.IntRange(min=1),
+            default=30,
+            show_default=True,
+            help="Timed runs per measurement (median reported).",
+        ),
+        click.option(
+            "--threads", type=click.IntRange(min=1), default=2, show_default=True, help="CPU threads for latency."
+        ),
+        click.option("--no-latency", is_flag=True, help="Skip latency measurement."),
+        click.option(
+            "--no-guard",
+            is_flag=True,
+            help="Do not discard timing windows during which other processes loaded the CPU.",
+        ),
+        click.option(
+            "--json",
+            "json_out",
+            type=click.Path(dir_okay=False),
+            default=None,
+            help="Also write the report to this file.",
+        ),
+        click.option("-q", "--quiet", is_flag=True, help="No progress bars."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _opts(data_dir, eval_limit, batch_sizes, latency_runs, threads, no_latency, no_guard):
+    from rankdown.pipeline import MeasureOptions
+
+    return MeasureOptions(
+        data_dir=data_dir,
+        eval_limit=eval_limit,
+        batch_sizes=batch_sizes,
+        latency_runs=latency_runs,
+        threads=threads,
+        guard=not no_guard,
+        measure_latency=not no_latency,
+    )
+
+
+def _finish(report: dict, json_out: str | None) -> None:
+    from rankdown.report import render
+
+    render(report)
+    if json_out:
+        from pathlib import Path
+
+        from rankdown.plan import atomic_write_text
+
+        atomic_write_text(Path(json_out), json.dumps(report, indent=2) + "\n")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="rankdown")
+def main() -> None:
+    """Make trained PyTorch networks faster and smaller by low-rank factorization."""
+
+
+@main.command()
+@click.option(
+    "--model",
+    "model_spec",
+    default="fashion-vgg",
+    show_default=True,
+    help="A bundled model name or package.module:factory for your own nn.Module.",
+)
+@click.option(
+    "--weights",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="State dict for the model (.safetensors, or a torch file read with weights_only=True).",
+)
+@click.option(
+    "--input-shape",
+    callback=_shape,
+    default=None,
+    help="One example's shape without the batch, e.g. 3,224,224 (bundled models know theirs).",
+)
+@click.option(
+    "--method",
+    default="tucker2",
+    show_default=True,
+    help="Conv method (tucker2, channel-svd); Linear layers use truncated SVD (svd).",
+)
+@click.option("--rank", "fixed_rank", type=int, default=None, help="The same integer rank for every layer.")
+@click.option(
+    "--params",
+    "params_fraction",
+    type=float,
+    default=None,
+    help="Keep at most this fraction (0, 1] of each layer's parameters.",
+)
+@click.option(
+    "--macs", "macs_fraction", type=float, default=None, help="Keep at most this fraction (0, 1] of each layer's MACs."
+)
+@click.option(
+    "--energy", type=float, default=None, help="Smallest rank keeping this share (0, 1] of the squared singular values."
+)
+@click.option("--layers", multiple=True, help="Only these layers (name, or re:PATTERN); repeatable.")
+@click.option("--skip", multiple=True, help="Leave these layers dense (name, or re:PATTERN); repeatable.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    required=True,
+    help="Output folder for plan.json, model.safetensors and report.json.",
+)
+@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@_measure_options
+def compress(
+    model_spec,
+    weights,
+    input_shape,
+    method,
+    fixed_rank,
+    params_fraction,
+    macs_fraction,
+    energy,
+    layers,
+    skip,
+    out,
+    force,
+    data_dir,
+    eval_limit,
+    batch_sizes,
+    latency_runs,
+    threads,
+    no_latency,
+    no_guard,
+    json_out,
+    quiet,
+):
+    """Compress a model, measure it before and after, and save plan + weights + report."""
+    from rankdown.api import CompressConfig
+    from rankdown.pipeline import run_compress
+    from rankdown.progress import set_quiet
+    from rankdown.rank import Energy, FixedRank, MacFraction, ParamFraction
+
+    set_quiet(quiet)
+    given = {
+        k: v
+        for k, v in {
+            "--rank": fixed_rank,
+            "--params": params_fraction,
+            "--macs": macs_fraction,
+            "--energy": energy,
+        }.items()
+        if v is not None
+    }
+    if len(given) > 1:
+        raise click.UsageError(f"give one rank policy, not {' and '.join(given)}")
+    if fixed_rank is not None:
+        policy = FixedRank(fixed_rank)
+    elif macs_fraction is not None:
+        policy = MacFraction(macs_fraction)
+    elif energy is not None:
+        policy = Energy(energy)
+    else:
+        policy = ParamFraction(params_fraction if params_fraction is not None else 0.5)
+    config = CompressConfig(method, policy, tuple(layers) or None, tuple(skip))
+    _, report = run_compress(
+        model_spec,
+        config,
+        weights=weights,
+        input_shape=input_shape,
+        out=out,
+        force=force,
+        opts=_opts(data_dir, eval_limit, batch_sizes, latency_runs, threads, no_latency, no_guard),
+        argv=["rankdown", *sys.argv[1:]],
+    )
+    _finish(report, json_out)
+    click.echo(f"wrote {out}/plan.json, {out}/model.safetensors, {out}/report.json")
+
+
+@main.command("eval")
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option(
+    "--weights",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="The dense original's weights, to measure it beside the compressed model.",
+)
+@_measure_options
+def eval_cmd(
+    folder, weights, data_dir, eval_limit, batch_sizes, latency_runs, threads, no_latency, no_guard, json_out, quiet
+):
+    """Rebuild a saved compressed model from its plan and measure it again."""
+    from rankdown.pipeline import run_eval
+    from rankdown.progress import set_quiet
+
+    set_quiet(quiet)
+    report = run_eval(
+        folder,
+        weights=weights,
+        opts=_opts(data_dir, eval_limit, batch_sizes, latency_runs, threads, no_latency, no_guard),
+        argv=["rankdown", *sys.argv[1:]],
+    )
+    _finish(report, json_out)
+
+
+@main.command()
+def methods() -> None:
+    """List the registered methods and the layer types they handle."""
+    from rankdown.methods import METHODS
+
+    for (name, ltype), handler in sorted(METHODS.items(), key=lambda kv: kv[0][0]):
+        click.echo(f"{name:12s} {ltype.__name__:8s} {(handler.__doc__ or '').strip().splitlines()[0]}")
+
+
+def run() -> None:
+    try:
+        main.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except RankdownError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)

@@ -1,0 +1,30 @@
+"""Exceptions users see; each message names the layer or argument at fault."""
+
+from __future__ import annotations
+
+
+class RankdownError(Exception):
+    """Base class: the CLI prints these as one-line errors, without a traceback."""
+
+
+class UnsupportedLayerError(RankdownError):
+    def __init__(self, fqn: str, module_type: str, reason: str) -> None:
+        self.fqn, self.reason = fqn, reason
+        super().__init__(f"layer {fqn!r} ({module_type}) cannot be factorized exactly: {reason}")
+
+
+class LayerNotFoundError(RankdownError, KeyError):
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class RankError(RankdownError, ValueError):
+    pass
+
+
+class PlanError(RankdownError, ValueError):
+    pass
+
+
+class OutputExistsError(RankdownError, FileExistsError):
+    pass

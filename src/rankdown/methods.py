@@ -1,0 +1,238 @@
+"""Method handlers and their registry.
+
+A handler knows, for one method and one layer type: whether a layer can be represented exactly,
+its rank space, how to build the factorized module (shapes only, for loading a plan) and how to
+factorize a trained layer. Later methods plug in with ``@register`` without touching the core.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from rankdown import decompose
+from rankdown.errors import RankError, UnsupportedLayerError
+from rankdown.layers import ChannelSVDConv2d, LowRankLinear, Tucker2Conv2d
+
+Rank = int | tuple[int, ...]
+
+
+@dataclass
+class Factorized:
+    module: nn.Module
+    rel_error: float  # ||W - W_hat||_F / ||W||_F of the weight the new module computes
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Method(ABC):
+    """One factorization of one layer type."""
+
+    name: ClassVar[str]
+    layer_type: ClassVar[type[nn.Module]]
+
+    def check(self, fqn: str, module: nn.Module) -> None:
+        """Raise UnsupportedLayerError unless the layer can be represented exactly."""
+        if type(module) is not self.layer_type:
+            raise UnsupportedLayerError(
+                fqn,
+                type(module).__name__,
+                f"method {self.name!r} handles plain {self.layer_type.__name__} only"
+                + (" (a subclass may change forward)" if isinstance(module, self.layer_type) else ""),
+            )
+        if hasattr(module, "parametrizations"):
+            raise UnsupportedLayerError(fqn, type(module).__name__, "its weight is parametrized (e.g. weight_norm)")
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or isinstance(weight, nn.parameter.UninitializedParameter):
+            raise UnsupportedLayerError(fqn, type(module).__name__, "its weight is not initialized")
+
+    @abstractmethod
+    def max_rank(self, module: nn.Module) -> int:
+        """Largest meaningful integer rank (what ``--rank`` is checked against)."""
+
+    @abstractmethod
+    def rank_from_int(self, module: nn.Module, rank: int) -> Rank: ...
+
+    @abstractmethod
+    def candidates(self, module: nn.Module) -> Sequence[Rank]:
+        """Ranks in increasing cost, the last one exact."""
+
+    @abstractmethod
+    def energy_rank(self, module: nn.Module, energy: float) -> Rank: ...
+
+    @abstractmethod
+    def build(self, module: nn.Module, rank: Rank) -> nn.Module:
+        """The factorized module's structure (weights uninitialised), e.g. to load a saved plan."""
+
+    @abstractmethod
+    def factorize(self, module: nn.Module, rank: Rank) -> Factorized: ...
+
+    # Plans store ranks as JSON; these keep the representation in one place.
+    def rank_to_json(self, rank: Rank) -> Any:
+        return list(rank) if isinstance(rank, tuple) else int(rank)
+
+    def rank_from_json(self, value: Any) -> Rank:
+        return tuple(int(v) for v in value) if isinstance(value, list) else int(value)
+
+
+METHODS: dict[tuple[str, type[nn.Module]], Method] = {}
+# The method a layer type falls back to when the requested one has no handler for it
+# (e.g. ``--method tucker2`` factorizes Linear layers by truncated SVD).
+DEFAULT_FOR_TYPE: dict[type[nn.Module], str] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    METHODS[(cls.name, cls.layer_type)] = cls()
+    DEFAULT_FOR_TYPE.setdefault(cls.layer_type, cls.name)
+    return cls
+
+
+def method_names() -> list[str]:
+    return sorted({name for name, _ in METHODS})
+
+
+def get_method(name: str, layer_type: type[nn.Module]) -> Method:
+    try:
+        return METHODS[(name, layer_type)]
+    except KeyError:
+        raise RankError(
+            f"unknown method {name!r} for {layer_type.__name__}; known: {', '.join(method_names())}"
+        ) from None
+
+
+def resolve_method(name: str, module: nn.Module) -> Method | None:
+    """The handler for ``module`` under the requested method name (with the type's fallback)."""
+    if name not in method_names():
+        raise RankError(f"unknown method {name!r}; known: {', '.join(method_names())}")
+    for (mname, ltype), handler in METHODS.items():
+        if mname == name and type(module) is ltype:
+            return handler
+    fallback = DEFAULT_FOR_TYPE.get(type(module))
+    return METHODS[(fallback, type(module))] if fallback else None
+
+
+def _rel_error(dense_weight: torch.Tensor, approx: torch.Tensor) -> float:
+    w = dense_weight.detach().double()
+    denom = float(torch.linalg.vector_norm(w)) or 1.0
+    return float(torch.linalg.vector_norm(approx.detach().double() - w)) / denom
+
+
+def _check_int_rank(method: Method, module: nn.Module, rank: int) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise RankError(f"rank must be a positive integer, got {rank!r}")
+    if rank > method.max_rank(module):
+        raise RankError(f"rank {rank} exceeds the largest rank {method.max_rank(module)} of this layer")
+
+
+@register
+class LinearSVD(Method):
+    """Truncated SVD of a Linear weight: two Linear layers through a rank-r bottleneck."""
+
+    name = "svd"
+    layer_type = nn.Linear
+
+    def max_rank(self, module: nn.Module) -> int:
+        return min(module.weight.shape)
+
+    def rank_from_int(self, module: nn.Module, rank: int) -> Rank:
+        _check_int_rank(self, module, rank)
+        return rank
+
+    def candidates(self, module: nn.Module) -> Sequence[Rank]:
+        return range(1, self.max_rank(module) + 1)
+
+    def energy_rank(self, module: nn.Module, energy: float) -> Rank:
+        return decompose.energy_rank(decompose.singular_values(module.weight), energy)
+
+    def build(self, module: nn.Module, rank: Rank) -> nn.Module:
+        return LowRankLinear.build(module, int(rank))
+
+    def factorize(self, module: nn.Module, rank: Rank) -> Factorized:
+        a, b = decompose.truncated_svd(module.weight, int(rank))
+        layer = LowRankLinear.from_factors(module, a, b)
+        return Factorized(layer, _rel_error(module.weight, layer.reconstruct_weight()))
+
+
+class _ConvMethod(Method):
+    layer_type = nn.Conv2d
+
+    def check(self, fqn: str, module: nn.Module) -> None:
+        super().check(fqn, module)
+        if module.groups != 1:
+            raise UnsupportedLayerError(fqn, "Conv2d", f"grouped convolution (groups={module.groups})")
+
+
+@register
+class ChannelSVD(_ConvMethod):
+    """k×k conv to r channels then 1×1 conv (SVD of the N × C·kh·kw unfolding)."""
+
+    name = "channel-svd"
+
+    def max_rank(self, module: nn.Module) -> int:
+        return min(module.weight.shape[0], module.weight[0].numel())
+
+    def rank_from_int(self, module: nn.Module, rank: int) -> Rank:
+        _check_int_rank(self, module, rank)
+        return rank
+
+    def candidates(self, module: nn.Module) -> Sequence[Rank]:
+        return range(1, self.max_rank(module) + 1)
+
+    def energy_rank(self, module: nn.Module, energy: float) -> Rank:
+        w = module.weight
+        return decompose.energy_rank(decompose.singular_values(w.reshape(w.shape[0], -1)), energy)
+
+    def build(self, module: nn.Module, rank: Rank) -> nn.Module:
+        return ChannelSVDConv2d.build(module, int(rank))
+
+    def factorize(self, module: nn.Module, rank: Rank) -> Factorized:
+        w = module.weight
+        a, b = decompose.truncated_svd(w.reshape(w.shape[0], -1), int(rank))
+        layer = ChannelSVDConv2d.from_factors(module, a, b)
+        return Factorized(layer, _rel_error(w, layer.reconstruct_weight()))
+
+
+@register
+class Tucker2(_ConvMethod):
+    """Tucker-2 (HOSVD + HOOI): 1×1 → k×k core → 1×1. Ranks are (r_out, r_in)."""
+
+    name = "tucker2"
+
+    def max_rank(self, module: nn.Module) -> int:
+        return max(module.out_channels, module.in_channels)
+
+    def rank_from_int(self, module: nn.Module, rank: int) -> Rank:
+        _check_int_rank(self, module, rank)
+        return (min(rank, module.out_channels), min(rank, module.in_channels))
+
+    def candidates(self, module: nn.Module) -> Sequence[Rank]:
+        # Both modes shrink in proportion, so one scalar orders the candidates by cost.
+        n, c = module.out_channels, module.in_channels
+        out: list[Rank] = []
+        for r_out in range(1, n + 1):
+            r_in = min(c, max(1, round(r_out * c / n)))
+            if not out or out[-1] != (r_out, r_in):
+                out.append((r_out, r_in))
+        if out[-1] != (n, c):
+            out.append((n, c))
+        return out
+
+    def energy_rank(self, module: nn.Module, energy: float) -> Rank:
+        w = module.weight
+        s_out = decompose.singular_values(w.reshape(w.shape[0], -1))
+        s_in = decompose.singular_values(w.transpose(0, 1).reshape(w.shape[1], -1))
+        return (decompose.energy_rank(s_out, energy), decompose.energy_rank(s_in, energy))
+
+    def build(self, module: nn.Module, rank: Rank) -> nn.Module:
+        return Tucker2Conv2d.build(module, tuple(rank))
+
+    def factorize(self, module: nn.Module, rank: Rank) -> Factorized:
+        f = decompose.tucker2(module.weight, tuple(rank))
+        layer = Tucker2Conv2d.from_factors(module, f.core, f.u_out, f.u_in)
+        return Factorized(
+            layer, _rel_error(module.weight, layer.reconstruct_weight()), {"hooi_iterations": f.iterations}
+        )

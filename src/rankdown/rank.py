@@ -1,0 +1,126 @@
+"""Rank policies: how one number from the user becomes a rank per layer.
+
+Each policy is its own type, so a rank (an integer) can never be confused with a fraction:
+``FixedRank(1)`` and ``ParamFraction(1.0)`` are different things, spelled differently
+(``--rank 1`` vs ``--params 1.0``).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rankdown.bench import Cost, module_cost
+from rankdown.errors import RankError
+from rankdown.methods import Method, Rank
+
+
+def _fraction(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
+        raise RankError(f"{name} must be a fraction in (0, 1], got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class FixedRank:
+    """The same integer rank for every layer (clipped per mode for Tucker-2)."""
+
+    rank: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise RankError(f"rank must be a positive integer, got {self.rank!r}")
+
+    def describe(self) -> str:
+        return f"rank {self.rank}"
+
+
+@dataclass(frozen=True)
+class ParamFraction:
+    """Keep at most this fraction of each layer's parameters."""
+
+    fraction: float
+
+    def __post_init__(self) -> None:
+        _fraction("params fraction", self.fraction)
+
+    def describe(self) -> str:
+        return f"params <= {self.fraction:g} per layer"
+
+
+@dataclass(frozen=True)
+class MacFraction:
+    """Keep at most this fraction of each layer's MACs (at the probed input size)."""
+
+    fraction: float
+
+    def __post_init__(self) -> None:
+        _fraction("MACs fraction", self.fraction)
+
+    def describe(self) -> str:
+        return f"MACs <= {self.fraction:g} per layer"
+
+
+@dataclass(frozen=True)
+class Energy:
+    """Smallest rank keeping this share of the squared singular values (per unfolding)."""
+
+    energy: float
+
+    def __post_init__(self) -> None:
+        _fraction("energy", self.energy)
+
+    def describe(self) -> str:
+        return f"energy >= {self.energy:g}"
+
+
+RankPolicy = FixedRank | ParamFraction | MacFraction | Energy
+
+
+def policy_to_dict(policy: RankPolicy) -> dict:
+    key = {FixedRank: "rank", ParamFraction: "params", MacFraction: "macs", Energy: "energy"}[type(policy)]
+    return {key: next(iter(vars(policy).values()))}
+
+
+def candidate_cost(method: Method, module: nn.Module, rank: Rank, example: torch.Tensor) -> Cost:
+    """Cost of the factorized form, built on the meta device (no allocation, no decomposition)."""
+    meta_module = method.build(_meta_copy(module), rank)
+    return module_cost(meta_module, example.to("meta"))
+
+
+def _meta_copy(module: nn.Module) -> nn.Module:
+    # A shallow stand-in with meta weights so that ``build`` copies geometry but allocates nothing.
+    clone = copy.copy(module)
+    clone._parameters = {
+        k: (None if v is None else nn.Parameter(torch.empty_like(v, device="meta")))
+        for k, v in module._parameters.items()
+    }
+    return clone
+
+
+def choose_rank(
+    method: Method, module: nn.Module, policy: RankPolicy, example: torch.Tensor, dense: Cost
+) -> Rank | None:
+    """The rank for ``module`` under ``policy``; None when no rank meets a fraction budget.
+
+    ``example`` is one input of this layer (batch 1), as seen by the probe forward pass.
+    """
+    if isinstance(policy, FixedRank):
+        return method.rank_from_int(module, policy.rank)
+    if isinstance(policy, Energy):
+        return method.energy_rank(module, policy.energy)
+    budget_attr = "params" if isinstance(policy, ParamFraction) else "macs"
+    budget = policy.fraction * getattr(dense, budget_attr)
+    cands = list(method.candidates(module))
+    # Costs grow with rank: bisect for the largest candidate within budget.
+    lo, hi, best = 0, len(cands) - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if getattr(candidate_cost(method, module, cands[mid], example), budget_attr) <= budget:
+            best, lo = cands[mid], mid + 1
+        else:
+            hi = mid - 1
+    return best

@@ -1,0 +1,150 @@
+"""Reports: one JSON-able dict per run, and its rendering as terminal tables."""
+
+from __future__ import annotations
+
+import datetime
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from rankdown import __version__
+from rankdown.api import CompressResult
+from rankdown.bench import Cost, environment
+
+
+def _fmt_int(n: int) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def build_report(
+    result: CompressResult,
+    *,
+    model_spec: str | None,
+    model_before: Cost,
+    model_after: Cost,
+    accuracy: dict | None,
+    latency: dict | None,
+    output_rel_error: float | None,
+    argv: list[str] | None = None,
+) -> dict:
+    """Totals are whole-model: all parameters, and the MACs of every Conv2d/Linear."""
+    before, after = model_before, model_after
+    totals = {
+        "params_before": before.params,
+        "params_after": after.params,
+        "macs_before": before.macs,
+        "macs_after": after.macs,
+        "params_reduction": before.params / max(after.params, 1),
+        "macs_reduction": before.macs / max(after.macs, 1),
+    }
+    if latency:
+        for row in latency.values():
+            if "speedup" in row:
+                row["theoretical_speedup"] = totals["macs_reduction"]
+                row["measured_over_theoretical"] = row["speedup"] / totals["macs_reduction"]
+    return {
+        "rankdown": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": argv,
+        "model": model_spec,
+        "plan_meta": result.plan.meta,
+        "layers": [r.to_dict() for r in result.layers],
+        "totals": totals,
+        "accuracy": accuracy,
+        "output_rel_error": output_rel_error,
+        "latency": latency,
+        "environment": environment(),
+        "notes": "totals: all parameters of the model and the MACs of all its Conv2d/Linear layers, per example; "
+        "latency: median ms in the faster of NCHW and channels_last, guarded against foreign CPU load.",
+    }
+
+
+def _rank_str(rank) -> str:
+    if rank is None:
+        return "-"
+    return "×".join(str(r) for r in rank) if isinstance(rank, (list, tuple)) else str(rank)
+
+
+def render(report: dict, console: Console | None = None) -> None:
+    if console is None:
+        console = Console(file=sys.stdout)
+        if not console.is_terminal:  # logs and pipes: do not squeeze the table into 80 columns
+            console = Console(file=sys.stdout, width=150)
+    t = Table(
+        title=f"rankdown {report.get('model') or ''} — {report['plan_meta'].get('method', '')}, "
+        f"{report['plan_meta'].get('policy', '')}",
+        title_justify="left",
+    )
+    for col, just in (
+        ("layer", "left"),
+        ("type", "left"),
+        ("method", "left"),
+        ("rank", "right"),
+        ("params", "right"),
+        ("→ params", "right"),
+        ("MACs", "right"),
+        ("→ MACs", "right"),
+        ("rel. err", "right"),
+        ("note", "left"),
+    ):
+        t.add_column(col, justify=just, overflow="fold")
+    for r in report["layers"]:
+        t.add_row(
+            r["name"],
+            r["layer_type"],
+            r["method"] or "dense",
+            _rank_str(r["rank"]),
+            _fmt_int(r["before"]["params"]),
+            _fmt_int(r["after"]["params"]),
+            _fmt_int(r["before"]["macs"]),
+            _fmt_int(r["after"]["macs"]),
+            "-" if r["rel_error"] is None else f"{r['rel_error']:.3f}",
+            r["note"],
+        )
+    tot = report["totals"]
+    t.add_section()
+    t.add_row(
+        "model total",
+        "",
+        "",
+        "",
+        _fmt_int(tot["params_before"]),
+        _fmt_int(tot["params_after"]),
+        _fmt_int(tot["macs_before"]),
+        _fmt_int(tot["macs_after"]),
+        "",
+        f"params ÷{tot['params_reduction']:.2f}, MACs ÷{tot['macs_reduction']:.2f}",
+    )
+    console.print(t)
+    s = Table(title="before → after", title_justify="left")
+    s.add_column("measure")
+    s.add_column("dense", justify="right")
+    s.add_column("compressed", justify="right")
+    s.add_column("change", justify="right")
+    acc = report.get("accuracy")
+    if acc:
+        b, a = acc.get("before"), acc["after"]
+        s.add_row(
+            f"accuracy ({acc['dataset']}, n={acc['n']})",
+            "-" if b is None else f"{100 * b:.2f}%",
+            f"{100 * a:.2f}%",
+            "" if b is None else f"{100 * (a - b):+.2f} pts",
+        )
+    if report.get("output_rel_error") is not None:
+        s.add_row("output rel. error vs dense", "", f"{report['output_rel_error']:.4f}", "")
+    for key, row in (report.get("latency") or {}).items():
+        comp = row["compressed"]
+        dense = row.get("dense")
+        layout = lambda lat: "NHWC" if lat["channels_last"] else "NCHW"  # noqa: E731
+        flag = " (contended!)" if comp["contended"] or (dense and dense["contended"]) else ""
+        s.add_row(
+            f"latency {key.replace('_', ' ')}, {comp['threads']} threads{flag}",
+            "-" if dense is None else f"{dense['median_ms']:.2f} ms {layout(dense)}",
+            f"{comp['median_ms']:.2f} ms {layout(comp)}",
+            "" if dense is None else f"×{row['speedup']:.2f} (theory ×{row['theoretical_speedup']:.2f})",
+        )
+    console.print(s)

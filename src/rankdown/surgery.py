@@ -1,0 +1,143 @@
+"""Find target layers and swap modules in place, by fully qualified name.
+
+Selection is by a filter function ``(module, fqn) -> bool``, by exact names, or by regular
+expressions written ``re:PATTERN`` (full match). A name that matches nothing raises and names it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rankdown.errors import LayerNotFoundError, UnsupportedLayerError
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+def get_module(model: nn.Module, fqn: str) -> nn.Module:
+    """``model.get_submodule(fqn)`` with an error that names the layer and suggests close names."""
+    try:
+        return model.get_submodule(fqn)
+    except AttributeError:
+        names = [n for n, _ in model.named_modules() if n]
+        close = difflib.get_close_matches(fqn, names, n=3)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise LayerNotFoundError(f"no layer named {fqn!r} in {type(model).__name__}{hint}") from None
+
+
+def replace_module(model: nn.Module, fqn: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at ``fqn`` (through the parent's attribute); returns the old module."""
+    if not fqn:
+        raise LayerNotFoundError("cannot replace the root module")
+    old = get_module(model, fqn)
+    parent_name, _, child = fqn.rpartition(".")
+    parent = get_module(model, parent_name) if parent_name else model
+    setattr(parent, child, new)
+    return old
+
+
+def shared_modules(model: nn.Module) -> dict[str, list[str]]:
+    """fqn -> every other fqn at which the same module object is reachable."""
+    seen: dict[int, list[str]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        seen.setdefault(id(mod), []).append(name)
+    return {n: names for names in seen.values() if len(names) > 1 for n in names}
+
+
+def _matches(fqn: str, selectors: Iterable[str]) -> bool:
+    for sel in selectors:
+        if sel.startswith("re:"):
+            if re.fullmatch(sel[3:], fqn):
+                return True
+        elif sel == fqn:
+            return True
+    return False
+
+
+@dataclass
+class Selection:
+    targets: list[str]  # layers to factorize, in model order
+    skipped: dict[str, str]  # layer -> why it stays dense (only layers of a factorizable type)
+
+
+def select_layers(
+    model: nn.Module,
+    *,
+    is_candidate: Callable[[str, nn.Module], None],
+    layers: Iterable[str] | None = None,
+    skip: Iterable[str] = (),
+    filter_fn: FilterFn | None = None,
+) -> Selection:
+    """Pick the layers to factorize.
+
+    ``is_candidate(fqn, module)`` raises UnsupportedLayerError for a layer it cannot handle.
+    With ``layers`` given, every selector must match something and every matched layer must be
+    supported (an explicit request for an unsupported layer is an error, never a silent skip).
+    Without it, every Conv2d/Linear is considered and unsupported ones are reported as skipped.
+    """
+    layers = list(layers) if layers is not None else None
+    skip = list(skip)
+    for sel in skip:
+        if sel.startswith("re:"):
+            re.compile(sel[3:])
+    shared = shared_modules(model)
+    named = [(n, m) for n, m in model.named_modules() if n]
+    if layers is not None:
+        for sel in layers:
+            if sel.startswith("re:"):
+                if not any(re.fullmatch(sel[3:], n) for n, _ in named):
+                    raise LayerNotFoundError(f"pattern {sel!r} matches no layer of {type(model).__name__}")
+            else:
+                get_module(model, sel)
+    targets, skipped = [], {}
+    for name, mod in named:
+        explicit = layers is not None and _matches(name, layers)
+        if layers is not None and not explicit:
+            continue
+        if not explicit and not isinstance(mod, (nn.Conv2d, nn.Linear, nn.modules.conv._ConvNd)):
+            continue
+        if filter_fn is not None and not filter_fn(mod, name):
+            continue
+        if _matches(name, skip):
+            skipped[name] = "skipped by request"
+            continue
+        try:
+            if name in shared:
+                others = [o for o in shared[name] if o != name]
+                raise UnsupportedLayerError(name, type(mod).__name__, f"the same module is also used as {others}")
+            is_candidate(name, mod)
+        except UnsupportedLayerError as exc:
+            if explicit:
+                raise
+            skipped[name] = exc.reason
+            continue
+        targets.append(name)
+    return Selection(targets, skipped)
+
+
+def record_inputs(model: nn.Module, example: torch.Tensor, fqns: list[str]) -> dict[str, torch.Tensor]:
+    """One example of each layer's input (batch 1, on the meta device), from a probe forward.
+
+    Rank policies that budget MACs need the spatial size each layer really sees.
+    """
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+    for fqn in fqns:
+
+        def hook(_m, args, fqn=fqn):
+            if fqn not in seen and args and isinstance(args[0], torch.Tensor):
+                seen[fqn] = torch.empty((1, *args[0].shape[1:]), device="meta", dtype=args[0].dtype)
+
+        handles.append(get_module(model, fqn).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
