@@ -1,6 +1,6 @@
 """Retrain the bundled Fashion-MNIST model and write its safetensors weights.
 
-python scripts/train_fashion_vgg.py --epochs 12 --out src/rankdown/weights/fashion_vgg.safetensors
+python scripts/train_fashion_vgg.py --epochs 10 --out src/rankdown/weights/fashion_vgg.safetensors
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from rankdown.train import evaluate, train_classifier
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)

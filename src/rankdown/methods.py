@@ -37,6 +37,8 @@ class Method(ABC):
 
     def check(self, fqn: str, module: nn.Module) -> None:
         """Raise UnsupportedLayerError unless the layer can be represented exactly."""
+        if hasattr(module, "parametrizations"):
+            raise UnsupportedLayerError(fqn, type(module).__name__, "its weight is parametrized (e.g. weight_norm)")
         if type(module) is not self.layer_type:
             raise UnsupportedLayerError(
                 fqn,
@@ -44,8 +46,6 @@ class Method(ABC):
                 f"method {self.name!r} handles plain {self.layer_type.__name__} only"
                 + (" (a subclass may change forward)" if isinstance(module, self.layer_type) else ""),
             )
-        if hasattr(module, "parametrizations"):
-            raise UnsupportedLayerError(fqn, type(module).__name__, "its weight is parametrized (e.g. weight_norm)")
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor) or isinstance(weight, nn.parameter.UninitializedParameter):
             raise UnsupportedLayerError(fqn, type(module).__name__, "its weight is not initialized")
@@ -108,11 +108,14 @@ def resolve_method(name: str, module: nn.Module) -> Method | None:
     """The handler for ``module`` under the requested method name (with the type's fallback)."""
     if name not in method_names():
         raise RankError(f"unknown method {name!r}; known: {', '.join(method_names())}")
-    for (mname, ltype), handler in METHODS.items():
-        if mname == name and type(module) is ltype:
-            return handler
-    fallback = DEFAULT_FOR_TYPE.get(type(module))
-    return METHODS[(fallback, type(module))] if fallback else None
+    # isinstance, not type equality: a subclass reaches its handler's check(), which refuses it
+    # with the reason, instead of a vague "no method".
+    for ltype in type(module).__mro__:
+        if (name, ltype) in METHODS:
+            return METHODS[(name, ltype)]
+        if ltype in DEFAULT_FOR_TYPE:
+            return METHODS[(DEFAULT_FOR_TYPE[ltype], ltype)]
+    return None
 
 
 def _rel_error(dense_weight: torch.Tensor, approx: torch.Tensor) -> float:

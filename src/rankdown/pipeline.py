@@ -50,26 +50,34 @@ def output_rel_error(dense: nn.Module, compressed: nn.Module, input_shape: tuple
     return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(a).clamp_min(1e-30))
 
 
-def accuracy(spec: str, models: dict[str, nn.Module | None], opts: MeasureOptions) -> dict | None:
+def load_test_split(spec: str, opts: MeasureOptions):
+    """The bundled model's test split, or None. Loaded before any compression work, so that a
+    missing dataset fails in a second, not after minutes."""
     dataset = BUNDLED[spec].dataset if spec in BUNDLED else None
     if dataset is None:
         return None
-    test = DATASETS[dataset]("test", opts.data_dir, limit=opts.eval_limit)
-    res: dict = {"dataset": f"{dataset} test", "n": len(test)}
+    return dataset, DATASETS[dataset]("test", opts.data_dir, limit=opts.eval_limit)
+
+
+def accuracy(test, models: dict[str, nn.Module | None]) -> dict | None:
+    if test is None:
+        return None
+    name, split = test
+    res: dict = {"dataset": f"{name} test", "n": len(split)}
     for key, m in models.items():
         res[key] = (
             None
             if m is None
-            else evaluate(m, test.batches(500), total=math.ceil(len(test) / 500), desc=f"accuracy ({key})")
+            else evaluate(m, split.batches(500), total=math.ceil(len(split) / 500), desc=f"accuracy ({key})")
         )
     return res
 
 
 def measure(
-    spec: str, dense: nn.Module | None, compressed: nn.Module, input_shape: tuple[int, ...], opts: MeasureOptions
+    test, dense: nn.Module | None, compressed: nn.Module, input_shape: tuple[int, ...], opts: MeasureOptions
 ) -> dict:
     return {
-        "accuracy": accuracy(spec, {"before": dense, "after": compressed}, opts),
+        "accuracy": accuracy(test, {"before": dense, "after": compressed}),
         "output_rel_error": None if dense is None else output_rel_error(dense, compressed, input_shape),
         "latency": compare_latency(
             dense,
@@ -102,14 +110,15 @@ def run_compress(
         # Checked first so that minutes of work are not thrown away at the end.
         raise RankdownError(f"output folder {out} is not empty; pass --force to replace it")
     shape = input_shape_for(spec, input_shape)
+    test = load_test_split(spec, opts)
     dense = build_model(spec, weights)
     if spec in BUNDLED and config.layers is None and not config.skip:
         config = CompressConfig(config.method, config.rank, None, BUNDLED[spec].default_skip, config.filter_fn)
     example = torch.zeros((1, *shape))
     result = compress(dense, config, example, model_spec=spec)
-    if weights is not None:
-        result.plan.meta["source_weights"] = str(weights)
-    measured = measure(spec, dense, result.model, shape, opts)
+    # None: the factory's (or the bundled model's) own weights are the original.
+    result.plan.meta["source_weights"] = None if weights is None else str(Path(weights).resolve())
+    measured = measure(test, dense, result.model, shape, opts)
     report = build_report(
         result,
         model_spec=spec,
@@ -133,10 +142,11 @@ def run_eval(
     if not plan.model:
         raise RankdownError(f"{folder}/plan.json does not say which model it was made from ('model' is empty)")
     shape = input_shape_for(plan.model, plan.input_shape)
+    test = load_test_split(plan.model, opts)
     compressed = load_compressed(folder, build_model(plan.model, pretrained=False))
     dense_weights = weights or plan.meta.get("source_weights")
     dense = None
-    if plan.model in BUNDLED or (dense_weights and Path(dense_weights).is_file()):
+    if dense_weights is None or Path(dense_weights).is_file():
         dense = build_model(plan.model, dense_weights)
     example = torch.zeros((1, *shape))
     from rankdown.api import LayerReport  # local: only eval rebuilds rows from a plan
@@ -149,11 +159,11 @@ def run_eval(
         LayerReport(n, lp.layer_type, lp.method, lp.rank, before[n], after[n], None) for n, lp in plan.layers.items()
     ]
     result = CompressResult(compressed, plan, rows)
-    measured = measure(plan.model, dense, compressed, shape, opts)
+    measured = measure(test, dense, compressed, shape, opts)
     return build_report(
         result,
         model_spec=plan.model,
-        model_before=model_cost(dense if dense is not None else compressed, example),
+        model_before=None if dense is None else model_cost(dense, example),
         model_after=model_cost(compressed, example),
         argv=argv,
         **measured,

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rankdown.errors import OutputExistsError, PlanError
+from rankdown.errors import OutputExistsError, PlanError, RankError
 from rankdown.methods import Rank, get_method
 from rankdown.surgery import get_module, replace_module
 
@@ -78,7 +78,10 @@ class Plan:
             for fqn, e in d["layers"].items():
                 if e["layer_type"] not in ("Conv2d", "Linear"):
                     raise PlanError(f"plan layer {fqn!r}: unknown layer type {e['layer_type']!r}")
-                method = get_method(e["method"], getattr(nn, e["layer_type"]))
+                try:
+                    method = get_method(e["method"], getattr(nn, e["layer_type"]))
+                except RankError as exc:
+                    raise PlanError(f"plan layer {fqn!r}: {exc}") from None
                 layers[fqn] = LayerPlan(
                     e["method"],
                     method.rank_from_json(e["rank"]),

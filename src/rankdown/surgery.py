@@ -76,7 +76,7 @@ def select_layers(
     """Pick the layers to factorize.
 
     ``is_candidate(fqn, module)`` raises UnsupportedLayerError for a layer it cannot handle.
-    With ``layers`` given, every selector must match something and every matched layer must be
+    With ``layers`` given, every selector must match something, and a layer named exactly must be
     supported (an explicit request for an unsupported layer is an error, never a silent skip).
     Without it, every Conv2d/Linear is considered and unsupported ones are reported as skipped.
     """
@@ -95,11 +95,14 @@ def select_layers(
             else:
                 get_module(model, sel)
     targets, skipped = [], {}
+    exact = {sel for sel in layers or () if not sel.startswith("re:")}
     for name, mod in named:
-        explicit = layers is not None and _matches(name, layers)
-        if layers is not None and not explicit:
+        # An exact name is a demand: an unsupported layer is an error. A pattern is a broad brush:
+        # it picks among conv/linear layers and reports the unsupported ones as skipped.
+        explicit = name in exact
+        if layers is not None and not (explicit or _matches(name, layers)):
             continue
-        if not explicit and not isinstance(mod, (nn.Conv2d, nn.Linear, nn.modules.conv._ConvNd)):
+        if not explicit and not isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)):
             continue
         if filter_fn is not None and not filter_fn(mod, name):
             continue

@@ -1,0 +1,3 @@
+from rankdown.cli import run
+
+run()

@@ -1,0 +1,209 @@
+"""The command line end to end, on a small slice of data."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from nets import tiny_vgg  # noqa: F401  (model spec nets:tiny_vgg below)
+from rankdown.cli import main
+
+FAST = ["--latency-runs", "2", "--batch-sizes", "1,4", "--no-guard", "-q"]
+
+
+def run(args, **kw):
+    res = CliRunner().invoke(main, args, catch_exceptions=False, standalone_mode=False, **kw)
+    return res
+
+
+def cli(args, tmp_path):
+    """Through the real entry point, as a user runs it (exit codes, stderr)."""
+    return subprocess.run(
+        [sys.executable, "-c", "from rankdown.cli import run; run()", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=_env(),
+    )
+
+
+def _env():
+    import os
+    from pathlib import Path
+
+    env = dict(os.environ, RANKDOWN_QUIET="1")
+    env["PYTHONPATH"] = str(Path(__file__).parent) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def test_compress_user_model_then_eval(tmp_path):
+    out = tmp_path / "out"
+    p = cli(
+        [
+            "compress",
+            "--model",
+            "nets:tiny_vgg",
+            "--input-shape",
+            "3,16,16",
+            "--method",
+            "channel-svd",
+            "--params",
+            "0.5",
+            "--out",
+            str(out),
+            *FAST,
+        ],
+        tmp_path,
+    )
+    assert p.returncode == 0, p.stderr
+    assert "model total" in p.stdout and "latency batch 1" in p.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["totals"]["params_reduction"] > 1.5
+    assert {r["name"] for r in report["layers"] if r["method"]} >= {"features.3", "classifier.1"}
+    assert report["latency"]["batch_4"]["speedup"] > 0 and report["accuracy"] is None
+    assert report["environment"]["torch"]
+    p = cli(["eval", str(out), "--json", str(tmp_path / "again.json"), *FAST], tmp_path)
+    assert p.returncode == 0, p.stderr
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["totals"] == report["totals"]
+
+
+def test_compress_bundled_model_on_data_slice(tmp_path, fake_fashion, has_bundled_weights):
+    if not has_bundled_weights:
+        pytest.skip("bundled weights not built yet")
+    out = tmp_path / "out"
+    p = cli(
+        [
+            "compress",
+            "--model",
+            "fashion-vgg",
+            "--method",
+            "tucker2",
+            "--params",
+            "0.5",
+            "--out",
+            str(out),
+            "--data-dir",
+            str(fake_fashion),
+            "--eval-limit",
+            "32",
+            *FAST,
+        ],
+        tmp_path,
+    )
+    assert p.returncode == 0, p.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["accuracy"]["n"] == 32 and 0 <= report["accuracy"]["after"] <= 1
+    skipped = {r["name"]: r["note"] for r in report["layers"] if not r["method"]}
+    assert set(skipped) == {"features.0", "classifier.5"}
+    p = cli(["eval", str(out), "--data-dir", str(fake_fashion), "--eval-limit", "16", *FAST], tmp_path)
+    assert p.returncode == 0, p.stderr and "n=16" in p.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--rank", "0"], "rank must be a positive integer"),
+        (["--rank", "100000"], "exceeds the largest rank"),
+        (["--params", "1.5"], "params fraction must be a fraction in (0, 1]"),
+        (["--params", "0.5", "--rank", "3"], "give one rank policy"),
+        (["--layers", "features.99"], "no layer named 'features.99'"),
+        (["--layers", "features.2"], "no method handles ReLU"),
+        (["--method", "cp"], "unknown method 'cp'"),
+    ],
+)
+def test_bad_arguments_fail_clearly_and_write_nothing(tmp_path, args, message):
+    out = tmp_path / "out"
+    p = cli(
+        [
+            "compress",
+            "--model",
+            "nets:tiny_vgg",
+            "--input-shape",
+            "3,16,16",
+            "--out",
+            str(out),
+            "--no-latency",
+            "-q",
+            *args,
+        ],
+        tmp_path,
+    )
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert message in p.stderr
+    assert "Traceback" not in p.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_bad_files_fail_clearly(tmp_path):
+    (tmp_path / "bad.safetensors").write_bytes(b"junk")
+    for args, message in (
+        (["--weights", str(tmp_path / "missing.pt")], "does not exist"),
+        (["--weights", str(tmp_path / "bad.safetensors")], "could not be read"),
+        (["--model", "nets:nope"], "has no attribute 'nope'"),
+        (["--model", "fashion-vgg", "--data-dir", str(tmp_path / "nodata")], "apt-get install dataset-fashion-mnist"),
+    ):
+        base = ["compress", "--model", "nets:tiny_vgg", "--input-shape", "3,16,16"]
+        if args[0] == "--model":
+            base = ["compress", "--input-shape", "1,28,28"]
+        p = cli([*base, "--out", str(tmp_path / "o"), "--no-latency", "-q", *args], tmp_path)
+        assert p.returncode == 2 and message in p.stderr, (args, p.stderr)
+        assert not (tmp_path / "o").exists()
+
+
+def test_non_empty_output_needs_force(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    base = ["compress", "--model", "nets:tiny_vgg", "--input-shape", "3,16,16", "--out", str(out), "--no-latency", "-q"]
+    p = cli(base, tmp_path)
+    assert p.returncode == 2 and "not empty" in p.stderr and "--force" in p.stderr
+    assert [f.name for f in out.iterdir()] == ["keep.txt"]
+    p = cli([*base, "--force"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert sorted(f.name for f in out.iterdir()) == ["model.safetensors", "plan.json", "report.json"]
+
+
+def test_user_weights_and_eval_of_broken_folder(tmp_path):
+    import torch
+
+    from rankdown.models import build_model
+
+    m = build_model("nets:tiny_vgg")
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    out = tmp_path / "out"
+    p = cli(
+        [
+            "compress",
+            "--model",
+            "nets:tiny_vgg",
+            "--weights",
+            str(tmp_path / "w.safetensors"),
+            "--input-shape",
+            "3,16,16",
+            "--energy",
+            "0.9",
+            "--out",
+            str(out),
+            "--no-latency",
+            "-q",
+        ],
+        tmp_path,
+    )
+    assert p.returncode == 0, p.stderr
+    assert json.loads((out / "plan.json").read_text())["meta"]["source_weights"].endswith("w.safetensors")
+    (out / "model.safetensors").write_bytes(b"corrupt")
+    p = cli(["eval", str(out), "--no-latency", "-q"], tmp_path)
+    assert p.returncode == 2 and "could not be read" in p.stderr
+    p = cli(["eval", str(tmp_path), "--no-latency", "-q"], tmp_path)
+    assert p.returncode == 2 and "no plan.json" in p.stderr
+    assert torch.is_tensor(next(iter(m.state_dict().values())))
+
+
+def test_methods_and_help():
+    assert "tucker2" in run(["methods"]).output
+    p = subprocess.run([sys.executable, "-m", "rankdown", "--help"], capture_output=True, text=True)
+    assert p.returncode == 0 and "compress" in p.stdout
