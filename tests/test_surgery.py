@@ -129,3 +129,21 @@ def test_compressed_model_exports():
     x = torch.randn(2, 3, 16, 16)
     exported = torch.export.export(res.model, (x,))
     assert torch.allclose(exported.module()(x), res.model(x), atol=1e-6)
+
+
+def test_bundled_model_full_rank_swap_and_compress(has_bundled_weights):
+    if not has_bundled_weights:
+        pytest.skip("bundled weights not built yet")
+    from rankdown import build_model
+
+    model = build_model("fashion-vgg").double()
+    x = torch.randn(3, 1, 28, 28, dtype=torch.float64)
+    full = copy.deepcopy(model)
+    for name in ("features.3", "features.7", "features.10", "classifier.2"):
+        dense = get_module(full, name)
+        handler = resolve_method("tucker2", dense)
+        replace_module(full, name, handler.factorize(dense, handler.candidates(dense)[-1]).module)
+    with torch.no_grad():
+        assert rel(full(x), model(x)) < 1e-5
+    res = compress(model, CompressConfig("tucker2", ParamFraction(0.5)), x[:1])
+    assert isinstance(res.model.features[3], Tucker2Conv2d) and isinstance(res.model.classifier[2], LowRankLinear)
