@@ -19,6 +19,7 @@ _EXPORTS = {
     "ParamFraction": "rankdown.rank",
     "MacFraction": "rankdown.rank",
     "Energy": "rankdown.rank",
+    "Evbmf": "rankdown.rank",
     "Plan": "rankdown.plan",
     "apply_plan": "rankdown.plan",
     "save_compressed": "rankdown.plan",
@@ -47,4 +48,4 @@ if TYPE_CHECKING:
     from rankdown.models import build_model
     from rankdown.pipeline import MeasureOptions, run_compress
     from rankdown.plan import Plan, apply_plan, load_compressed, save_compressed
-    from rankdown.rank import Energy, FixedRank, MacFraction, ParamFraction
+    from rankdown.rank import Energy, Evbmf, FixedRank, MacFraction, ParamFraction

@@ -154,6 +154,13 @@ def compress(
             )
             continue
         fact = handler.factorize(module, rank)
+        if fact.failure is not None:
+            rows.append(
+                LayerReport(
+                    fqn, ltype, None, None, before[fqn], before[fqn], fact.rel_error, f"{fact.failure}: kept dense"
+                )
+            )
+            continue
         replace_module(model, fqn, fact.module)
         plan_layers[fqn] = LayerPlan(handler.name, rank, ltype, tuple(module.weight.shape))
         rows.append(LayerReport(fqn, ltype, handler.name, rank, before[fqn], before[fqn], fact.rel_error))

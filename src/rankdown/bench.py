@@ -37,6 +37,8 @@ def _leaf_macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
         return per_out * (module.in_channels // module.groups) * kh * kw
     if isinstance(module, nn.Linear):
         return per_out * module.in_features
+    if hasattr(module, "macs_per_position"):  # layers that declare their own cost (e.g. TTLinear)
+        return per_out // module.out_features * module.macs_per_position()
     return 0
 
 
@@ -45,7 +47,7 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
     macs: dict[str, int] = {}
     handles = []
     for name, mod in model.named_modules():
-        if isinstance(mod, (nn.Conv2d, nn.Linear)):
+        if isinstance(mod, (nn.Conv2d, nn.Linear)) or hasattr(mod, "macs_per_position"):
 
             def hook(m, args, out, name=name):
                 macs[name] = macs.get(name, 0) + _leaf_macs(m, args[0], out)

@@ -155,6 +155,16 @@ def main() -> None:
 @click.option(
     "--energy", type=float, default=None, help="Smallest rank keeping this share (0, 1] of the squared singular values."
 )
+@click.option(
+    "--evbmf",
+    "evbmf_weakening",
+    type=float,
+    default=None,
+    is_flag=False,
+    flag_value=1.0,
+    help="Ranks by EVBMF (Kim et al.); an optional value in [0, 1] weakens them toward full rank "
+    "(MUSCO: 1 = plain EVBMF).",
+)
 @click.option("--layers", multiple=True, help="Only these layers (name, or re:PATTERN); repeatable.")
 @click.option("--skip", multiple=True, help="Leave these layers dense (name, or re:PATTERN); repeatable.")
 @click.option(
@@ -174,6 +184,7 @@ def compress(
     params_fraction,
     macs_fraction,
     energy,
+    evbmf_weakening,
     layers,
     skip,
     out,
@@ -192,7 +203,7 @@ def compress(
     from rankdown.api import CompressConfig
     from rankdown.pipeline import run_compress
     from rankdown.progress import set_quiet
-    from rankdown.rank import Energy, FixedRank, MacFraction, ParamFraction
+    from rankdown.rank import Energy, Evbmf, FixedRank, MacFraction, ParamFraction
 
     set_quiet(quiet)
     given = {
@@ -202,6 +213,7 @@ def compress(
             "--params": params_fraction,
             "--macs": macs_fraction,
             "--energy": energy,
+            "--evbmf": evbmf_weakening,
         }.items()
         if v is not None
     }
@@ -213,6 +225,8 @@ def compress(
         policy = MacFraction(macs_fraction)
     elif energy is not None:
         policy = Energy(energy)
+    elif evbmf_weakening is not None:
+        policy = Evbmf(evbmf_weakening)
     else:
         policy = ParamFraction(params_fraction if params_fraction is not None else 0.5)
     config = CompressConfig(method, policy, tuple(layers) or None, tuple(skip))

@@ -119,3 +119,111 @@ class Tucker2Conv2d(nn.Sequential):
 
     def reconstruct_weight(self) -> torch.Tensor:
         return torch.einsum("abij,na,bc->ncij", self[1].weight, self[2].weight[:, :, 0, 0], self[0].weight[:, :, 0, 0])
+
+
+class CPConv2d(nn.Sequential):
+    """CP (Lebedev et al.): ``1×1 C→R`` → depthwise ``kh×1`` → depthwise ``1×kw`` → ``1×1 R→N``.
+
+    Stride, padding and dilation split by axis between the two depthwise convs; reflect, replicate
+    and circular padding are separable by axis, so every padding mode is carried exactly.
+    """
+
+    @classmethod
+    def build(cls, dense: nn.Conv2d, rank: int) -> CPConv2d:
+        kw = {"device": dense.weight.device, "dtype": dense.weight.dtype, "padding_mode": dense.padding_mode}
+        if isinstance(dense.padding, str):
+            raise ValueError("string padding ('same'/'valid') must be resolved before building a CP layer")
+        (kh, kw_), (sh, sw), (dh, dw), (ph, pw) = dense.kernel_size, dense.stride, dense.dilation, dense.padding
+        first = _pointwise(dense.in_channels, rank, False, dense)
+        vert = nn.Conv2d(
+            rank, rank, (kh, 1), stride=(sh, 1), padding=(ph, 0), dilation=(dh, 1), groups=rank, bias=False, **kw
+        )
+        horz = nn.Conv2d(
+            rank, rank, (1, kw_), stride=(1, sw), padding=(0, pw), dilation=(1, dw), groups=rank, bias=False, **kw
+        )
+        last = _pointwise(rank, dense.out_channels, dense.bias is not None, dense)
+        return cls(first, vert, horz, last)
+
+    @classmethod
+    def from_factors(cls, dense: nn.Conv2d, weights: torch.Tensor, factors: tuple[torch.Tensor, ...]) -> CPConv2d:
+        a, b, c, d = factors  # (N,R), (C,R), (kh,R), (kw,R)
+        layer = cls.build(dense, weights.numel())
+        with torch.no_grad():
+            layer[0].weight.copy_(b.T[:, :, None, None])
+            layer[1].weight.copy_(c.T[:, None, :, None])
+            layer[2].weight.copy_((d * weights).T[:, None, None, :])
+            layer[3].weight.copy_(a[:, :, None, None])
+            if dense.bias is not None:
+                layer[3].bias.copy_(dense.bias)
+        return layer
+
+    @property
+    def rank(self) -> int:
+        return self[0].out_channels
+
+    def reconstruct_weight(self) -> torch.Tensor:
+        a, b = self[3].weight[:, :, 0, 0], self[0].weight[:, :, 0, 0]
+        c, d = self[1].weight[:, 0, :, 0], self[2].weight[:, 0, 0, :]
+        return torch.einsum("nr,rc,ri,rj->ncij", a, b, c, d)
+
+
+class TTLinear(nn.Module):
+    """A Linear layer whose weight is a tensor-train matrix (Novikov et al.), applied core by core.
+
+    Not a chain of stock layers: the contraction has no stock-module equivalent. It declares its
+    own MAC count (``macs_per_position``) for rankdown.bench.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        out_modes: tuple[int, ...],
+        in_modes: tuple[int, ...],
+        ranks: tuple[int, ...],
+        bias: bool,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.out_modes, self.in_modes = tuple(out_modes), tuple(in_modes)
+        full_ranks = (*ranks, 1)
+        self.cores = nn.ParameterList(
+            nn.Parameter(torch.empty(full_ranks[k], m, n, full_ranks[k + 1], device=device, dtype=dtype))
+            for k, (m, n) in enumerate(zip(out_modes, in_modes, strict=True))
+        )
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return tuple(int(c.shape[0]) for c in self.cores)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        b = x.reshape(-1, self.in_features).shape[0]
+        state = x.reshape(b, 1, 1, self.in_features)  # (batch, outputs so far, rank, inputs left)
+        for core in self.cores:
+            r, m, n, s = core.shape
+            o, rest = state.shape[1], state.shape[3] // n
+            state = torch.einsum("bornq,rmns->bomsq", state.reshape(b, o, r, n, rest), core)
+            state = state.reshape(b, o * m, s, rest)
+        y = state.reshape(*lead, self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def macs_per_position(self) -> int:
+        total, o, rest = 0, 1, self.in_features
+        for core in self.cores:
+            r, m, n, s = core.shape
+            rest //= n
+            total += o * r * n * rest * m * s
+            o *= m
+        return total
+
+    def reconstruct_weight(self) -> torch.Tensor:
+        from rankdown.decompose.tt import TTMatrix
+
+        return TTMatrix(tuple(c for c in self.cores), self.out_modes, self.in_modes).to_matrix()
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, modes {self.out_modes}x{self.in_modes}, ranks {self.ranks}"

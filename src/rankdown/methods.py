@@ -7,6 +7,8 @@ factorize a trained layer. Later methods plug in with ``@register`` without touc
 
 from __future__ import annotations
 
+import copy
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,16 +19,26 @@ from torch import nn
 
 from rankdown import decompose
 from rankdown.errors import RankError, UnsupportedLayerError
-from rankdown.layers import ChannelSVDConv2d, LowRankLinear, Tucker2Conv2d
+from rankdown.layers import ChannelSVDConv2d, CPConv2d, LowRankLinear, TTLinear, Tucker2Conv2d
 
 Rank = int | tuple[int, ...]
 
 
 @dataclass
 class Factorized:
-    module: nn.Module
+    module: nn.Module | None  # None when the fit failed (see ``failure``)
     rel_error: float  # ||W - W_hat||_F / ||W||_F of the weight the new module computes
     info: dict[str, Any] = field(default_factory=dict)
+    failure: str | None = None  # why the fit must not be used (e.g. a degenerate CP)
+
+
+def _weakened(full: int, found: int, weakening: float) -> int:
+    """MUSCO's weakening: rank = full - w * (full - EVBMF rank); w = 1 is plain EVBMF."""
+    return max(1, min(full, round(full - weakening * (full - found))))
+
+
+def _evbmf(matrix: torch.Tensor, weakening: float) -> int:
+    return _weakened(min(matrix.shape), decompose.evbmf(matrix).rank, weakening)
 
 
 class Method(ABC):
@@ -63,6 +75,9 @@ class Method(ABC):
 
     @abstractmethod
     def energy_rank(self, module: nn.Module, energy: float) -> Rank: ...
+
+    def evbmf_rank(self, module: nn.Module, weakening: float) -> Rank:
+        raise RankError(f"EVBMF ranks are not defined for method {self.name!r}")
 
     @abstractmethod
     def build(self, module: nn.Module, rank: Rank) -> nn.Module:
@@ -151,6 +166,9 @@ class LinearSVD(Method):
     def energy_rank(self, module: nn.Module, energy: float) -> Rank:
         return decompose.energy_rank(decompose.singular_values(module.weight), energy)
 
+    def evbmf_rank(self, module: nn.Module, weakening: float) -> Rank:
+        return _evbmf(module.weight, weakening)
+
     def build(self, module: nn.Module, rank: Rank) -> nn.Module:
         return LowRankLinear.build(module, int(rank))
 
@@ -188,6 +206,9 @@ class ChannelSVD(_ConvMethod):
     def energy_rank(self, module: nn.Module, energy: float) -> Rank:
         w = module.weight
         return decompose.energy_rank(decompose.singular_values(w.reshape(w.shape[0], -1)), energy)
+
+    def evbmf_rank(self, module: nn.Module, weakening: float) -> Rank:
+        return _evbmf(module.weight.reshape(module.weight.shape[0], -1), weakening)
 
     def build(self, module: nn.Module, rank: Rank) -> nn.Module:
         return ChannelSVDConv2d.build(module, int(rank))
@@ -230,6 +251,14 @@ class Tucker2(_ConvMethod):
         s_in = decompose.singular_values(w.transpose(0, 1).reshape(w.shape[1], -1))
         return (decompose.energy_rank(s_out, energy), decompose.energy_rank(s_in, energy))
 
+    def evbmf_rank(self, module: nn.Module, weakening: float) -> Rank:
+        """Kim et al. 2016: EVBMF on the output- and input-mode unfoldings."""
+        w = module.weight
+        return (
+            _evbmf(w.reshape(w.shape[0], -1), weakening),
+            _evbmf(w.transpose(0, 1).reshape(w.shape[1], -1), weakening),
+        )
+
     def build(self, module: nn.Module, rank: Rank) -> nn.Module:
         return Tucker2Conv2d.build(module, tuple(rank))
 
@@ -239,3 +268,123 @@ class Tucker2(_ConvMethod):
         return Factorized(
             layer, _rel_error(module.weight, layer.reconstruct_weight()), {"hooi_iterations": f.iterations}
         )
+
+
+def _resolved_padding(fqn: str, module: nn.Conv2d) -> tuple[int, int]:
+    if not isinstance(module.padding, str):
+        return module.padding
+    if module.padding == "valid":
+        return (0, 0)
+    total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size, strict=True)]
+    if any(t % 2 for t in total) or any(st != 1 for st in module.stride):
+        raise UnsupportedLayerError(fqn, "Conv2d", "padding='same' with an even effective kernel pads unevenly")
+    return (total[0] // 2, total[1] // 2)
+
+
+@register
+class CP(_ConvMethod):
+    """CP (Lebedev 2015): 1×1 → depthwise kh×1 → depthwise 1×kw → 1×1, by damped ALS."""
+
+    name = "cp"
+
+    def check(self, fqn: str, module: nn.Module) -> None:
+        super().check(fqn, module)
+        _resolved_padding(fqn, module)
+
+    def max_rank(self, module: nn.Module) -> int:
+        # Past this rank a CP layer holds more parameters than the dense kernel.
+        n, c, kh, kw = module.weight.shape
+        return max(1, math.ceil(n * c * kh * kw / (n + c + kh + kw)))
+
+    def rank_from_int(self, module: nn.Module, rank: int) -> Rank:
+        _check_int_rank(self, module, rank)
+        return rank
+
+    def candidates(self, module: nn.Module) -> Sequence[Rank]:
+        return range(1, self.max_rank(module) + 1)
+
+    def energy_rank(self, module: nn.Module, energy: float) -> Rank:
+        raise RankError("an energy threshold has no meaning for CP ranks; use --rank, --params or --macs")
+
+    def build(self, module: nn.Module, rank: Rank) -> nn.Module:
+        return CPConv2d.build(_with_padding(module), int(rank))
+
+    def factorize(self, module: nn.Module, rank: Rank) -> Factorized:
+        fit = decompose.cp(module.weight, int(rank))
+        if fit.degenerate:  # one retry, damped hard, before giving up
+            fit = decompose.cp(module.weight, int(rank), damping=0.1)
+        info = {
+            "cp_iterations": fit.iterations,
+            "cp_converged": fit.converged,
+            "cp_min_congruence": round(fit.min_congruence, 4),
+        }
+        if fit.degenerate:
+            return Factorized(
+                None, fit.rel_error, info, f"CP fit degenerated (component congruence {fit.min_congruence:.2f})"
+            )
+        layer = CPConv2d.from_factors(_with_padding(module), fit.weights, fit.factors)
+        return Factorized(layer, _rel_error(module.weight, layer.reconstruct_weight()), info)
+
+
+def _with_padding(module: nn.Conv2d) -> nn.Conv2d:
+    """A shallow copy whose string padding ('same'/'valid') is resolved to numbers."""
+    if not isinstance(module.padding, str):
+        return module
+    clone = copy.copy(module)
+    clone.padding = _resolved_padding("", module)
+    return clone
+
+
+@register
+class TensorTrain(Method):
+    """Tensor-train matrix (Novikov 2015) for Linear, by TT-SVD; the rank caps every TT rank."""
+
+    name = "tt"
+    layer_type = nn.Linear
+    n_modes = 3
+
+    def modes(self, module: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (
+            decompose.factorize_dim(module.out_features, self.n_modes),
+            decompose.factorize_dim(module.in_features, self.n_modes),
+        )
+
+    def max_rank(self, module: nn.Module) -> int:
+        return max(decompose.tt_full_ranks(*self.modes(module)))
+
+    def rank_from_int(self, module: nn.Module, rank: int) -> Rank:
+        _check_int_rank(self, module, rank)
+        return rank
+
+    def candidates(self, module: nn.Module) -> Sequence[Rank]:
+        return range(1, self.max_rank(module) + 1)
+
+    def energy_rank(self, module: nn.Module, energy: float) -> Rank:
+        raise RankError("an energy threshold is not implemented for TT ranks; use --rank, --params or --macs")
+
+    def _ranks(self, module: nn.Module, rank: int) -> tuple[int, ...]:
+        return (1, *(min(rank, f) for f in decompose.tt_full_ranks(*self.modes(module))))
+
+    def build(self, module: nn.Module, rank: Rank) -> nn.Module:
+        out_modes, in_modes = self.modes(module)
+        return TTLinear(
+            module.in_features,
+            module.out_features,
+            out_modes,
+            in_modes,
+            self._ranks(module, int(rank)),
+            module.bias is not None,
+            device=module.weight.device,
+            dtype=module.weight.dtype,
+        )
+
+    def factorize(self, module: nn.Module, rank: Rank) -> Factorized:
+        out_modes, in_modes = self.modes(module)
+        tt = decompose.tt_matrix(module.weight, out_modes, in_modes, int(rank))
+        layer = self.build(module, rank)
+        with torch.no_grad():
+            for dst, src in zip(layer.cores, tt.cores, strict=True):
+                dst.copy_(src)
+            if module.bias is not None:
+                layer.bias.copy_(module.bias)
+        return Factorized(layer, _rel_error(module.weight, layer.reconstruct_weight()), {"tt_ranks": list(tt.ranks)})

@@ -77,11 +77,28 @@ class Energy:
         return f"energy >= {self.energy:g}"
 
 
-RankPolicy = FixedRank | ParamFraction | MacFraction | Energy
+@dataclass(frozen=True)
+class Evbmf:
+    """Ranks from empirical variational Bayes (Nakajima 2013; Kim et al. 2016), optionally
+    weakened toward full rank as MUSCO does: rank = full − weakening·(full − EVBMF rank)."""
+
+    weakening: float = 1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.weakening, bool) or not 0.0 <= float(self.weakening) <= 1.0:
+            raise RankError(f"EVBMF weakening must be in [0, 1], got {self.weakening!r}")
+
+    def describe(self) -> str:
+        return f"EVBMF (weakening {self.weakening:g})"
+
+
+RankPolicy = FixedRank | ParamFraction | MacFraction | Energy | Evbmf
 
 
 def policy_to_dict(policy: RankPolicy) -> dict:
-    key = {FixedRank: "rank", ParamFraction: "params", MacFraction: "macs", Energy: "energy"}[type(policy)]
+    key = {FixedRank: "rank", ParamFraction: "params", MacFraction: "macs", Energy: "energy", Evbmf: "evbmf"}[
+        type(policy)
+    ]
     return {key: next(iter(vars(policy).values()))}
 
 
@@ -112,6 +129,8 @@ def choose_rank(
         return method.rank_from_int(module, policy.rank)
     if isinstance(policy, Energy):
         return method.energy_rank(module, policy.energy)
+    if isinstance(policy, Evbmf):
+        return method.evbmf_rank(module, policy.weakening)
     budget_attr = "params" if isinstance(policy, ParamFraction) else "macs"
     budget = policy.fraction * getattr(dense, budget_attr)
     cands = list(method.candidates(module))

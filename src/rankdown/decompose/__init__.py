@@ -2,7 +2,25 @@
 of conv/linear layers are small enough that accuracy is worth more than the time) and returns
 factors in the caller's dtype."""
 
-from rankdown.decompose.svd import energy_rank, singular_values, truncated_svd
+from rankdown.decompose.cp import CPFactors, cp
+from rankdown.decompose.evbmf import EVBMFResult, evbmf
+from rankdown.decompose.svd import energy_rank, randomized_svd, singular_values, truncated_svd
+from rankdown.decompose.tt import TTMatrix, factorize_dim, tt_full_ranks, tt_matrix
 from rankdown.decompose.tucker import Tucker2Factors, tucker2
 
-__all__ = ["Tucker2Factors", "energy_rank", "singular_values", "truncated_svd", "tucker2"]
+__all__ = [
+    "CPFactors",
+    "EVBMFResult",
+    "TTMatrix",
+    "Tucker2Factors",
+    "cp",
+    "energy_rank",
+    "evbmf",
+    "factorize_dim",
+    "randomized_svd",
+    "singular_values",
+    "truncated_svd",
+    "tt_full_ranks",
+    "tt_matrix",
+    "tucker2",
+]
