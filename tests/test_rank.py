@@ -38,8 +38,8 @@ def test_rank_too_large_names_the_layer():
 
 
 def test_unknown_method_is_refused():
-    with pytest.raises(RankdownError, match="unknown method 'cp'.*channel-svd"):
-        CompressConfig("cp")
+    with pytest.raises(RankdownError, match="unknown method 'pca'.*channel-svd"):
+        CompressConfig("pca")
 
 
 @pytest.mark.parametrize("method", ["channel-svd", "tucker2"])
