@@ -112,7 +112,7 @@ def test_compress_bundled_model_on_data_slice(tmp_path, fake_fashion, has_bundle
         (["--params", "0.5", "--rank", "3"], "give one rank policy"),
         (["--layers", "features.99"], "no layer named 'features.99'"),
         (["--layers", "features.2"], "no method handles ReLU"),
-        (["--method", "cp"], "unknown method 'cp'"),
+        (["--method", "pca"], "unknown method 'pca'"),
     ],
 )
 def test_bad_arguments_fail_clearly_and_write_nothing(tmp_path, args, message):
