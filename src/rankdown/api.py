@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from rankdown.allocate import Budget
 from rankdown.bench import Cost, layer_costs
 from rankdown.errors import RankdownError, UnsupportedLayerError
 from rankdown.methods import Method, Rank, method_names, resolve_method
 from rankdown.plan import LayerPlan, Plan
 from rankdown.progress import progress
-from rankdown.rank import ParamFraction, RankPolicy, candidate_cost, choose_rank, policy_to_dict
+from rankdown.rank import LayerRanks, ParamFraction, RankPolicy, candidate_cost, choose_rank, policy_to_dict
 from rankdown.surgery import FilterFn, record_inputs, replace_module, select_layers
 
 
@@ -121,7 +123,7 @@ def compress(
             )
             continue
         try:
-            rank = choose_rank(handler, module, config.rank, inputs[fqn], before[fqn])
+            rank = choose_rank(handler, module, config.rank, inputs[fqn], before[fqn], fqn)
         except RankdownError as exc:
             raise type(exc)(f"layer {fqn!r} ({ltype} {tuple(module.weight.shape)}): {exc}") from None
         if rank is None:
@@ -183,3 +185,49 @@ def compress(
         {"method": config.method, "policy": policy_to_dict(config.rank)},
     )
     return CompressResult(model, plan, rows)
+
+
+def allocate_ranks(
+    model: nn.Module,
+    config: CompressConfig,
+    calibration: torch.Tensor,
+    budget: Budget,
+    *,
+    criterion: str = "layer",
+    points: int = 12,
+    round_to: int = 1,
+    cache_dir: str | Path | None = None,
+) -> LayerRanks:
+    """Spend one whole-model ``budget`` across the layers ``config`` selects (see rankdown.allocate).
+
+    Returns a LayerRanks policy: ``compress(model, replace(config, rank=policy), ...)`` applies it.
+    """
+    from rankdown.allocate import allocate, rank_ladders, sensitivity
+    from rankdown.bench import model_cost
+
+    model = model.eval()
+    selection = select_layers(
+        model,
+        is_candidate=lambda n, m: _handler(config, n, m),
+        layers=config.layers,
+        skip=config.skip,
+        filter_fn=config.filter_fn,
+    )
+    example = calibration[:1]
+    inputs = record_inputs(model, example, selection.targets)
+    targets = {n: _handler(config, n, model.get_submodule(n)) for n in selection.targets if n in inputs}
+    curves = sensitivity(
+        model,
+        targets,
+        calibration,
+        criterion=criterion,
+        points=points,
+        round_to=round_to,
+        cache_dir=Path(cache_dir) if cache_dir else None,
+    )
+    kind = budget.kind
+    total = getattr(model_cost(model, example), kind)
+    fixed = total - sum(c.options[-1].__dict__[kind] for c in curves.values())
+    ladders = rank_ladders(model, targets, inputs, kind, round_to)
+    ranks = allocate(curves, budget, total, fixed, ladders)
+    return LayerRanks(ranks, source=f"allocated: {kind} x{budget.fraction:.3g}, {criterion} sensitivity")

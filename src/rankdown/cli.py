@@ -165,6 +165,49 @@ def main() -> None:
     help="Ranks by EVBMF (Kim et al.); an optional value in [0, 1] weakens them toward full rank "
     "(MUSCO: 1 = plain EVBMF).",
 )
+@click.option(
+    "--target-macs",
+    type=float,
+    default=None,
+    help="Global budget: keep this fraction (0, 1) of the model's MACs, spread by sensitivity.",
+)
+@click.option(
+    "--target-params",
+    type=float,
+    default=None,
+    help="Global budget: keep this fraction (0, 1) of the model's parameters.",
+)
+@click.option(
+    "--speedup", type=float, default=None, help="Global budget: this theoretical speedup (MAC reduction factor, > 1)."
+)
+@click.option(
+    "--sensitivity",
+    type=click.Choice(["model", "layer"]),
+    default="model",
+    show_default=True,
+    help="For global budgets: error of the model's output (model) or of each layer's own output "
+    "(layer, faster) at candidate ranks.",
+)
+@click.option(
+    "--calibration",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Examples used to measure sensitivity (bundled models: training images).",
+)
+@click.option(
+    "--round-to",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="For global budgets: ranks are multiples of this (e.g. 8 for vector units).",
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where sensitivity sweeps are cached (default ~/.cache/rankdown or $RANKDOWN_CACHE_DIR).",
+)
 @click.option("--layers", multiple=True, help="Only these layers (name, or re:PATTERN); repeatable.")
 @click.option("--skip", multiple=True, help="Leave these layers dense (name, or re:PATTERN); repeatable.")
 @click.option(
@@ -185,6 +228,13 @@ def compress(
     macs_fraction,
     energy,
     evbmf_weakening,
+    target_macs,
+    target_params,
+    speedup,
+    sensitivity,
+    calibration,
+    round_to,
+    cache_dir,
     layers,
     skip,
     out,
@@ -214,6 +264,9 @@ def compress(
             "--macs": macs_fraction,
             "--energy": energy,
             "--evbmf": evbmf_weakening,
+            "--target-macs": target_macs,
+            "--target-params": target_params,
+            "--speedup": speedup,
         }.items()
         if v is not None
     }
@@ -230,6 +283,13 @@ def compress(
     else:
         policy = ParamFraction(params_fraction if params_fraction is not None else 0.5)
     config = CompressConfig(method, policy, tuple(layers) or None, tuple(skip))
+    allocation = None
+    if target_macs is not None or target_params is not None or speedup is not None:
+        from rankdown.allocate import Budget
+        from rankdown.pipeline import AllocationOptions
+
+        budget = Budget(macs=target_macs, params=target_params, speedup=speedup)
+        allocation = AllocationOptions(budget, sensitivity, calibration, round_to, cache_dir)
     _, report = run_compress(
         model_spec,
         config,
@@ -239,6 +299,7 @@ def compress(
         force=force,
         opts=_opts(data_dir, eval_limit, batch_sizes, latency_runs, threads, no_latency, no_guard),
         argv=["rankdown", *sys.argv[1:]],
+        allocation=allocation,
     )
     _finish(report, json_out)
     click.echo(f"wrote {out}/plan.json, {out}/model.safetensors, {out}/report.json")

@@ -3,6 +3,7 @@ measure → save. Each step is a library call; this module only strings them tog
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rankdown.api import CompressConfig, CompressResult, compress
+from rankdown.allocate import Budget
+from rankdown.api import CompressConfig, CompressResult, allocate_ranks, compress
 from rankdown.bench import compare_latency, model_cost
 from rankdown.data import load_fashion_mnist
 from rankdown.errors import RankdownError
@@ -31,6 +33,31 @@ class MeasureOptions:
     threads: int | None = 2
     guard: bool = True
     measure_latency: bool = True
+
+
+@dataclass
+class AllocationOptions:
+    budget: Budget
+    criterion: str = "model"
+    calibration: int = 256  # examples
+    round_to: int = 1
+    cache_dir: str | None = None
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["budget"] = {k: v for k, v in dataclasses.asdict(self.budget).items() if v is not None}
+        return d
+
+
+def calibration_inputs(spec: str, shape: tuple[int, ...], n: int, data_dir: str | None) -> torch.Tensor:
+    """The first ``n`` training images for a bundled model; seeded Gaussian inputs otherwise (a
+    user model's data is not known here: the sensitivity is then that of the layers' weights
+    under white-noise inputs, which the report says)."""
+    if n < 1:
+        raise RankdownError(f"--calibration must be >= 1 example, got {n}")
+    if spec in BUNDLED and BUNDLED[spec].dataset:
+        return DATASETS[BUNDLED[spec].dataset]("train", data_dir, limit=n).images
+    return torch.randn((n, *shape), generator=torch.Generator().manual_seed(0))
 
 
 def input_shape_for(spec: str, input_shape: tuple[int, ...] | None) -> tuple[int, ...]:
@@ -103,8 +130,12 @@ def run_compress(
     force: bool = False,
     opts: MeasureOptions | None = None,
     argv: list[str] | None = None,
+    allocation: AllocationOptions | None = None,
 ) -> tuple[CompressResult, dict]:
-    """Compress ``spec`` (bundled name or package.module:factory), measure, and save to ``out``."""
+    """Compress ``spec`` (bundled name or package.module:factory), measure, and save to ``out``.
+
+    With ``allocation``, ranks come from the global allocator under its whole-model budget, and
+    ``config.rank`` is ignored."""
     opts = opts or MeasureOptions()
     if out is not None and Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())) and not force:
         # Checked first so that minutes of work are not thrown away at the end.
@@ -115,7 +146,21 @@ def run_compress(
     if spec in BUNDLED and config.layers is None and not config.skip:
         config = CompressConfig(config.method, config.rank, None, BUNDLED[spec].default_skip, config.filter_fn)
     example = torch.zeros((1, *shape))
+    if allocation is not None:
+        calib = calibration_inputs(spec, shape, allocation.calibration, opts.data_dir)
+        policy = allocate_ranks(
+            dense,
+            config,
+            calib,
+            allocation.budget,
+            criterion=allocation.criterion,
+            round_to=allocation.round_to,
+            cache_dir=allocation.cache_dir,
+        )
+        config = dataclasses.replace(config, rank=policy)
     result = compress(dense, config, example, model_spec=spec)
+    if allocation is not None:
+        result.plan.meta["allocation"] = allocation.to_dict()
     # None: the factory's (or the bundled model's) own weights are the original.
     result.plan.meta["source_weights"] = None if weights is None else str(Path(weights).resolve())
     measured = measure(test, dense, result.model, shape, opts)

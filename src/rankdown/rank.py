@@ -92,10 +92,24 @@ class Evbmf:
         return f"EVBMF (weakening {self.weakening:g})"
 
 
-RankPolicy = FixedRank | ParamFraction | MacFraction | Energy | Evbmf
+@dataclass(frozen=True)
+class LayerRanks:
+    """An explicit rank per layer (e.g. from the global allocator); a layer mapped to None or
+    absent stays dense."""
+
+    ranks: dict
+    source: str = "given"
+
+    def describe(self) -> str:
+        return f"per-layer ranks ({self.source})"
+
+
+RankPolicy = FixedRank | ParamFraction | MacFraction | Energy | Evbmf | LayerRanks
 
 
 def policy_to_dict(policy: RankPolicy) -> dict:
+    if isinstance(policy, LayerRanks):
+        return {"layer_ranks": policy.source}
     key = {FixedRank: "rank", ParamFraction: "params", MacFraction: "macs", Energy: "energy", Evbmf: "evbmf"}[
         type(policy)
     ]
@@ -119,7 +133,7 @@ def _meta_copy(module: nn.Module) -> nn.Module:
 
 
 def choose_rank(
-    method: Method, module: nn.Module, policy: RankPolicy, example: torch.Tensor, dense: Cost
+    method: Method, module: nn.Module, policy: RankPolicy, example: torch.Tensor, dense: Cost, fqn: str = ""
 ) -> Rank | None:
     """The rank for ``module`` under ``policy``; None when no rank meets a fraction budget.
 
@@ -127,6 +141,8 @@ def choose_rank(
     """
     if isinstance(policy, FixedRank):
         return method.rank_from_int(module, policy.rank)
+    if isinstance(policy, LayerRanks):
+        return policy.ranks.get(fqn)
     if isinstance(policy, Energy):
         return method.energy_rank(module, policy.energy)
     if isinstance(policy, Evbmf):

@@ -1,0 +1,309 @@
+"""Global rank allocation: one target for the whole model (MACs, parameters or a speedup factor),
+spent across layers by equalising their measured sensitivity.
+
+1. Sensitivity sweep: for each layer and a grid of candidate ranks, an error measured on
+   calibration data — either layer-local (relative error of the layer's output on its recorded
+   inputs: no extra forward passes of the model) or model-level (relative error of the model's
+   output with only that layer factorized, as AIMET's greedy search does). Cached on disk, keyed
+   by the model's weights, the data and the settings, so other targets reuse it.
+2. Allocation: bisect an error threshold τ; each layer takes its cheapest option with error <= τ
+   (staying dense is always an option, with error 0). The smallest τ that meets the budget wins.
+3. Fill: leftover budget goes, one rank step at a time, to the layer with the largest error, so
+   the result is within one rank step of the target and never over it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rankdown import __version__
+from rankdown.bench import Cost, count_macs, n_params
+from rankdown.errors import RankdownError
+from rankdown.methods import Method, Rank
+from rankdown.progress import progress
+from rankdown.rank import candidate_cost
+from rankdown.surgery import get_module, replace_module
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Exactly one of: keep this fraction of the model's MACs, or of its parameters, or reach this
+    theoretical speedup (MAC reduction factor)."""
+
+    macs: float | None = None
+    params: float | None = None
+    speedup: float | None = None
+
+    def __post_init__(self) -> None:
+        given = [k for k, v in asdict(self).items() if v is not None]
+        if len(given) != 1:
+            raise RankdownError(f"give exactly one budget (macs, params or speedup), got {given or 'none'}")
+        if self.speedup is not None and not self.speedup > 1.0:
+            raise RankdownError(f"speedup must be > 1, got {self.speedup}")
+        for k in ("macs", "params"):
+            v = getattr(self, k)
+            if v is not None and not 0.0 < v < 1.0:
+                raise RankdownError(f"{k} budget must be a fraction in (0, 1), got {v}")
+
+    @property
+    def kind(self) -> str:
+        return "params" if self.params is not None else "macs"
+
+    @property
+    def fraction(self) -> float:
+        if self.speedup is not None:
+            return 1.0 / self.speedup
+        return self.params if self.params is not None else self.macs  # type: ignore[return-value]
+
+
+@dataclass
+class Option:
+    rank: Rank | None  # None: stay dense
+    params: int
+    macs: int
+    error: float
+
+
+@dataclass
+class LayerCurve:
+    name: str
+    method: str
+    options: list[Option] = field(default_factory=list)  # ascending cost, dense last
+
+    def cost(self, i: int, kind: str) -> int:
+        return getattr(self.options[i], kind)
+
+
+def _grid(cands: list[Rank], points: int, round_to: int) -> list[Rank]:
+    if round_to > 1:
+        primary = [c[0] if isinstance(c, tuple) else c for c in cands]
+        kept = [c for c, p in zip(cands, primary, strict=True) if p % round_to == 0]
+        cands = kept or cands[-1:]
+    if len(cands) <= points:
+        return list(cands)
+    idx = sorted({round(i * (len(cands) - 1) / (points - 1)) for i in range(points)})
+    return [cands[i] for i in idx]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-30))
+
+
+def fingerprint(model: nn.Module, calib: torch.Tensor, settings: dict) -> str:
+    """Hash of everything the sweep depends on: weights, architecture, data and settings."""
+    h = hashlib.sha256()
+    h.update(json.dumps({**settings, "rankdown": __version__}, sort_keys=True, default=str).encode())
+    h.update(str(model).encode())
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    h.update(calib.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("RANKDOWN_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "rankdown"
+    )
+    return Path(base)
+
+
+def sensitivity(
+    model: nn.Module,
+    targets: dict[str, Method],
+    calib: torch.Tensor,
+    *,
+    criterion: str = "layer",
+    points: int = 12,
+    round_to: int = 1,
+    cache_dir: Path | None = None,
+    on_compute: Callable[[str], None] | None = None,
+) -> dict[str, LayerCurve]:
+    """Error at a grid of ranks for each target layer (see the module docstring)."""
+    if criterion not in ("layer", "model"):
+        raise RankdownError(f"sensitivity criterion must be 'layer' or 'model', got {criterion!r}")
+    settings = {
+        "criterion": criterion,
+        "points": points,
+        "round_to": round_to,
+        "targets": {k: v.name for k, v in targets.items()},
+    }
+    key = fingerprint(model, calib, settings)
+    path = (cache_dir or default_cache_dir()) / f"sensitivity-{key}.json"
+    if path.is_file():
+        try:
+            return _load_curves(json.loads(path.read_text()), targets)
+        except (ValueError, KeyError, TypeError):
+            pass  # a damaged cache file is recomputed, never trusted
+    if on_compute:
+        on_compute(key)
+    model = model.eval()
+    example = calib[:1]
+    inputs: dict[str, torch.Tensor] = {}
+    handles = []
+    for fqn in targets:
+
+        def hook(_m, args, fqn=fqn):
+            inputs[fqn] = args[0].detach()
+
+        handles.append(get_module(model, fqn).register_forward_pre_hook(hook))
+    with torch.no_grad():
+        reference = model(calib)
+    for h in handles:
+        h.remove()
+    per_example = {k: v[:1].to("meta") for k, v in inputs.items()}
+    macs = count_macs(model, example)
+    curves: dict[str, LayerCurve] = {}
+    for fqn, method in progress(targets.items(), total=len(targets), desc=f"sensitivity ({criterion})"):
+        module = get_module(model, fqn)
+        dense_cost = Cost(n_params(module), sum(v for k, v in macs.items() if k == fqn or k.startswith(fqn + ".")))
+        curve = LayerCurve(fqn, method.name)
+        with torch.no_grad():
+            dense_out = module(inputs[fqn]) if criterion == "layer" else None
+        for rank in _grid(list(method.candidates(module)), points, round_to):
+            cost = candidate_cost(method, module, rank, per_example[fqn])
+            if cost.params >= dense_cost.params and cost.macs >= dense_cost.macs:
+                continue  # never pays: staying dense is cheaper
+            fact = method.factorize(module, rank)
+            if fact.module is None:
+                continue
+            with torch.no_grad():
+                if criterion == "layer":
+                    err = _rel(fact.module(inputs[fqn]), dense_out)
+                else:
+                    replace_module(model, fqn, fact.module)
+                    try:
+                        err = _rel(model(calib), reference)
+                    finally:
+                        replace_module(model, fqn, module)
+            curve.options.append(Option(rank, cost.params, cost.macs, err))
+        curve.options.append(Option(None, dense_cost.params, dense_cost.macs, 0.0))
+        curves[fqn] = curve
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from rankdown.plan import atomic_write_text
+
+    atomic_write_text(path, json.dumps({"key": key, "curves": _dump_curves(curves)}, indent=1))
+    return curves
+
+
+def _dump_curves(curves: dict[str, LayerCurve]) -> dict:
+    return {
+        k: {
+            "method": c.method,
+            "options": [
+                {**asdict(o), "rank": list(o.rank) if isinstance(o.rank, tuple) else o.rank} for o in c.options
+            ],
+        }
+        for k, c in curves.items()
+    }
+
+
+def _load_curves(d: dict, targets: dict[str, Method]) -> dict[str, LayerCurve]:
+    curves = {}
+    for k, c in d["curves"].items():
+        m = targets[k]
+        opts = [
+            Option(
+                None if o["rank"] is None else m.rank_from_json(o["rank"]),
+                int(o["params"]),
+                int(o["macs"]),
+                float(o["error"]),
+            )
+            for o in c["options"]
+        ]
+        curves[k] = LayerCurve(k, c["method"], opts)
+    if set(curves) != set(targets):
+        raise KeyError("cached curves are for other layers")
+    return curves
+
+
+def allocate(
+    curves: dict[str, LayerCurve],
+    budget: Budget,
+    total: int,
+    fixed: int,
+    step_options: dict[str, list[tuple[Rank, int]]] | None = None,
+) -> dict[str, Rank | None]:
+    """Choose one option per layer so that fixed + Σ cost <= budget.fraction × total.
+
+    ``total`` is the dense model's cost (MACs or params, per ``budget.kind``), ``fixed`` the part
+    no target layer touches. ``step_options`` (every rank with its cost, ascending) enables the
+    final one-rank-step fill; without it the fill moves along the sweep's grid.
+    """
+    kind = budget.kind
+    limit = budget.fraction * total
+    cheapest = fixed + sum(min(o.__dict__[kind] for o in c.options) for c in curves.values())
+    if cheapest > limit:
+        raise RankdownError(
+            f"target unreachable: keeping {budget.fraction:.3g} of the {kind} needs <= {limit:,.0f}, but the "
+            f"smallest ranks still cost {cheapest:,.0f} ({cheapest / total:.3f} of the dense model)"
+        )
+
+    def pick(tau: float) -> dict[str, int]:
+        out = {}
+        for name, c in curves.items():
+            ok = [i for i, o in enumerate(c.options) if o.error <= tau]
+            out[name] = min(ok, key=lambda i: c.options[i].__dict__[kind])
+        return out
+
+    def spent(choice: dict[str, int]) -> int:
+        return fixed + sum(curves[n].options[i].__dict__[kind] for n, i in choice.items())
+
+    taus = sorted({o.error for c in curves.values() for o in c.options})
+    lo, hi = 0, len(taus) - 1  # spent(pick(taus[hi])) is the cheapest choice, within budget
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if spent(pick(taus[mid])) <= limit:
+            hi = mid
+        else:
+            lo = mid + 1
+    choice = pick(taus[lo])
+    ranks: dict[str, Rank | None] = {n: curves[n].options[i].rank for n, i in choice.items()}
+    costs = {n: curves[n].options[i].__dict__[kind] for n, i in choice.items()}
+    errors = {n: curves[n].options[i].error for n, i in choice.items()}
+    # Fill: give spare budget, one step at a time, to the worst layer that can take it.
+    spare = limit - (fixed + sum(costs.values()))
+    steps = step_options or {
+        n: [(o.rank, o.__dict__[kind]) for o in c.options if o.rank is not None] for n, c in curves.items()
+    }
+    # Never step up to a rank that costs as much as the dense layer.
+    steps = {n: [(r, c) for r, c in ladder if c < curves[n].options[-1].__dict__[kind]] for n, ladder in steps.items()}
+    stuck: set[str] = set()
+    while True:
+        movable = [n for n in curves if n not in stuck and ranks[n] is not None]
+        if not movable:
+            break
+        n = max(movable, key=lambda k: errors[k])
+        ladder = steps[n]
+        pos = next((i for i, (r, _) in enumerate(ladder) if r == ranks[n]), None)
+        if pos is None or pos + 1 >= len(ladder) or ladder[pos + 1][1] - costs[n] > spare:
+            stuck.add(n)
+            continue
+        spare -= ladder[pos + 1][1] - costs[n]
+        ranks[n], costs[n] = ladder[pos + 1]
+        # Interpolate the error between grid points: only the order of layers matters here.
+        grid = [o for o in curves[n].options if o.rank is not None]
+        below = [o.error for o in grid if o.__dict__[kind] <= costs[n]]
+        errors[n] = below[-1] if below else errors[n]
+        errors[n] *= 0.999  # move on to other layers when the grid cannot tell them apart
+    return ranks
+
+
+def rank_ladders(
+    model: nn.Module, targets: dict[str, Method], example_inputs: dict[str, torch.Tensor], kind: str, round_to: int = 1
+) -> dict[str, list[tuple[Rank, int]]]:
+    """Every candidate rank of each layer with its cost, for the one-rank-step fill."""
+    out = {}
+    for fqn, method in targets.items():
+        module = get_module(model, fqn)
+        cands = _grid(list(method.candidates(module)), 10**9, round_to)
+        out[fqn] = [(r, getattr(candidate_cost(method, module, r, example_inputs[fqn]), kind)) for r in cands]
+    return out

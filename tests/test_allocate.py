@@ -1,0 +1,122 @@
+"""Global allocation: meets the target, never exceeds it, stays within one rank step; cached sweeps."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from nets import randomize_bn, tiny_resnet, tiny_vgg
+from rankdown import CompressConfig, compress
+from rankdown.allocate import Budget, LayerCurve, Option, allocate
+from rankdown.api import allocate_ranks
+from rankdown.bench import layer_costs, model_cost
+from rankdown.errors import RankdownError
+
+
+def test_budget_validation():
+    with pytest.raises(RankdownError, match="exactly one"):
+        Budget()
+    with pytest.raises(RankdownError, match="exactly one"):
+        Budget(macs=0.5, params=0.5)
+    with pytest.raises(RankdownError, match="> 1"):
+        Budget(speedup=1.0)
+    with pytest.raises(RankdownError, match=r"\(0, 1\)"):
+        Budget(macs=1.0)
+    assert Budget(speedup=4).fraction == 0.25 and Budget(speedup=4).kind == "macs"
+
+
+def test_allocate_equalizes_error_on_synthetic_curves():
+    # Layer a is cheap to compress (errors grow slowly), b is sensitive.
+    a = LayerCurve(
+        "a", "svd", [Option(r, 0, 10 * r, (10 - r) * 0.01) for r in range(1, 10)] + [Option(None, 0, 100, 0)]
+    )
+    b = LayerCurve("b", "svd", [Option(r, 0, 10 * r, (10 - r) * 0.1) for r in range(1, 10)] + [Option(None, 0, 100, 0)])
+    ranks = allocate({"a": a, "b": b}, Budget(macs=0.5), total=200, fixed=0)
+    spent = sum(10 * r for r in ranks.values())
+    assert spent <= 100 and spent >= 100 - 10  # within one rank step
+    assert ranks["b"] > ranks["a"]  # the sensitive layer keeps more
+    with pytest.raises(RankdownError, match="unreachable"):
+        allocate({"a": a, "b": b}, Budget(macs=0.05), total=200, fixed=0)
+
+
+@pytest.mark.parametrize("criterion", ["layer", "model"])
+@pytest.mark.parametrize("budget", [Budget(speedup=2.0), Budget(params=0.3)])
+def test_allocation_on_resnet_meets_target_within_one_step(tmp_path, criterion, budget):
+    model = randomize_bn(tiny_resnet()).eval()
+    calib = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    cfg = CompressConfig("tucker2", skip=("stem.0", "fc"))
+    policy = allocate_ranks(model, cfg, calib, budget, criterion=criterion, points=6, cache_dir=tmp_path)
+    res = compress(model, dataclasses.replace(cfg, rank=policy), calib[:1])
+    kind = budget.kind
+    total = getattr(model_cost(model, calib[:1]), kind)
+    after = getattr(model_cost(res.model, calib[:1]), kind)
+    limit = budget.fraction * total
+    assert after <= limit
+    # Within one rank step: no factorized layer could take its next rank without breaking the budget.
+    from rankdown.methods import get_method
+
+    for name, rank in policy.ranks.items():
+        if rank is None:
+            continue
+        dense = model.get_submodule(name)
+        method = get_method("tucker2", type(dense))
+        cands = list(method.candidates(dense))
+        nxt = cands[cands.index(rank) + 1] if cands.index(rank) + 1 < len(cands) else None
+        if nxt is None:
+            continue
+        grown = compress(
+            model,
+            dataclasses.replace(cfg, rank=dataclasses.replace(policy, ranks={**policy.ranks, name: nxt})),
+            calib[:1],
+        ).model
+        grown_cost = getattr(model_cost(grown, calib[:1]), kind)
+        layer_grown = getattr(layer_costs(grown, calib[:1], [name])[name], kind)
+        layer_dense = getattr(layer_costs(model, calib[:1], [name])[name], kind)
+        # Either the next rank breaks the budget, or it would cost as much as the dense layer.
+        assert grown_cost > limit or layer_grown >= layer_dense, name
+
+
+def test_sweep_cache_reused_and_invalidated(tmp_path, monkeypatch):
+    import rankdown.allocate as alloc
+
+    computed = []
+    real = alloc.sensitivity
+
+    def spy(*a, **k):
+        return real(*a, on_compute=computed.append, **k)
+
+    monkeypatch.setattr(alloc, "sensitivity", spy)
+    model = tiny_vgg().eval()
+    calib = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    cfg = CompressConfig("channel-svd")
+    allocate_ranks(model, cfg, calib, Budget(speedup=2.0), criterion="layer", points=4, cache_dir=tmp_path)
+    assert len(computed) == 1
+    allocate_ranks(model, cfg, calib, Budget(speedup=3.0), criterion="layer", points=4, cache_dir=tmp_path)
+    assert len(computed) == 1  # another target, same sweep: from the cache
+    calib2 = calib.clone()
+    calib2[0, 0, 0, 0] += 1
+    allocate_ranks(model, cfg, calib2, Budget(speedup=2.0), criterion="layer", points=4, cache_dir=tmp_path)
+    assert len(computed) == 2  # data changed
+    with torch.no_grad():
+        model.features[3].weight[0, 0, 0, 0] += 1
+    allocate_ranks(model, cfg, calib, Budget(speedup=2.0), criterion="layer", points=4, cache_dir=tmp_path)
+    assert len(computed) == 3  # model changed
+    for f in tmp_path.iterdir():
+        f.write_text("{broken")
+    allocate_ranks(model, cfg, calib, Budget(speedup=2.0), criterion="layer", points=4, cache_dir=tmp_path)
+    assert len(computed) == 4  # a damaged cache is recomputed
+
+
+def test_round_to_multiple(tmp_path):
+    model = tiny_vgg().eval()
+    calib = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    policy = allocate_ranks(
+        model,
+        CompressConfig("channel-svd", layers=("features.3", "features.7", "features.9")),
+        calib,
+        Budget(speedup=2.0),
+        criterion="layer",
+        round_to=4,
+        cache_dir=tmp_path,
+    )
+    assert all(r is None or r % 4 == 0 for r in policy.ranks.values())
