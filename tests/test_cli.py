@@ -207,3 +207,75 @@ def test_methods_and_help():
     assert "tucker2" in run(["methods"]).output
     p = subprocess.run([sys.executable, "-m", "rankdown", "--help"], capture_output=True, text=True)
     assert p.returncode == 0 and "compress" in p.stdout
+
+
+def test_analyze_and_global_budget(tmp_path):
+    out = tmp_path / "an"
+    p = cli(
+        [
+            "analyze",
+            "nets:tiny_vgg",
+            "--input-shape",
+            "3,16,16",
+            "--calibration",
+            "8",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--out",
+            str(out),
+        ],
+        tmp_path,
+    )
+    assert p.returncode == 0, p.stderr
+    assert sorted(f.name for f in out.iterdir()) == ["analysis.json", "energy.png", "sensitivity.png", "spectra.png"]
+    assert "EVBMF" in p.stdout
+    result = json.loads((out / "analysis.json").read_text())
+    assert {r["name"] for r in result["layers"]} >= {"features.3", "classifier.1"}
+    comp = tmp_path / "comp"
+    p = cli(
+        [
+            "compress",
+            "--model",
+            "nets:tiny_vgg",
+            "--input-shape",
+            "3,16,16",
+            "--speedup",
+            "2",
+            "--calibration",
+            "8",
+            "--sensitivity",
+            "layer",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--out",
+            str(comp),
+            "--no-latency",
+            "-q",
+        ],
+        tmp_path,
+    )
+    assert p.returncode == 0, p.stderr
+    report = json.loads((comp / "report.json").read_text())
+    assert 2.0 <= report["totals"]["macs_reduction"] < 2.3
+    assert json.loads((comp / "plan.json").read_text())["meta"]["allocation"]["budget"] == {"speedup": 2.0}
+    p = cli(
+        [
+            "compress",
+            "--model",
+            "nets:tiny_vgg",
+            "--input-shape",
+            "3,16,16",
+            "--speedup",
+            "200",
+            "--calibration",
+            "8",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--out",
+            str(tmp_path / "x"),
+            "--no-latency",
+            "-q",
+        ],
+        tmp_path,
+    )
+    assert p.returncode == 2 and "target unreachable" in p.stderr

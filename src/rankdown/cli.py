@@ -332,6 +332,48 @@ def eval_cmd(
 
 
 @main.command()
+@click.argument("model_spec", default="fashion-vgg")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None, help="State dict for the model.")
+@click.option("--input-shape", callback=_shape, default=None, help="One example's shape without the batch.")
+@click.option("--method", default="tucker2", show_default=True, help="Method whose sensitivity is measured.")
+@click.option("--sensitivity", type=click.Choice(["model", "layer"]), default="layer", show_default=True)
+@click.option("--calibration", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None)
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    required=True,
+    help="Folder for analysis.json, spectra.png, energy.png and sensitivity.png.",
+)
+@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def analyze(model_spec, weights, input_shape, method, sensitivity, calibration, data_dir, cache_dir, out, force, quiet):
+    """Per-layer spectra, EVBMF ranks, energy and sensitivity curves: look before choosing a budget."""
+    from pathlib import Path
+
+    from rankdown.analyze import analyze_model, render_analysis, save_analysis
+    from rankdown.api import CompressConfig
+    from rankdown.errors import OutputExistsError
+    from rankdown.models import BUNDLED, build_model
+    from rankdown.pipeline import calibration_inputs, input_shape_for
+    from rankdown.progress import set_quiet
+
+    set_quiet(quiet)
+    if Path(out).exists() and any(Path(out).iterdir()) and not force:
+        raise OutputExistsError(f"output folder {out} is not empty; pass --force to replace it")
+    shape = input_shape_for(model_spec, input_shape)
+    model = build_model(model_spec, weights)
+    skip = BUNDLED[model_spec].default_skip if model_spec in BUNDLED else ()
+    calib = calibration_inputs(model_spec, shape, calibration, data_dir)
+    result = analyze_model(model, CompressConfig(method, skip=skip), calib, criterion=sensitivity, cache_dir=cache_dir)
+    result["model"] = model_spec
+    save_analysis(result, out, force=force)
+    render_analysis(result)
+    click.echo(f"wrote {out}/analysis.json, spectra.png, energy.png, sensitivity.png")
+
+
+@main.command()
 def methods() -> None:
     """List the registered methods and the layer types they handle."""
     from rankdown.methods import METHODS
