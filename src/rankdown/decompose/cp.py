@@ -60,8 +60,9 @@ def _congruence(factors: list[torch.Tensor]) -> float:
     rank = factors[0].shape[1]
     if rank < 2:
         return 1.0
-    prod = torch.ones(rank, rank, dtype=factors[0].dtype)
+    prod = torch.ones(rank, rank, dtype=torch.float64)
     for f in factors:
+        f = f.double()
         n = f / f.norm(dim=0).clamp_min(1e-300)
         prod = prod * (n.T @ n)
     prod.fill_diagonal_(1.0)
@@ -71,21 +72,23 @@ def _congruence(factors: list[torch.Tensor]) -> float:
 def cp(
     tensor: torch.Tensor, rank: int, *, n_iter: int = 300, tol: float = 1e-6, damping: float = 1e-3, seed: int = 0
 ) -> CPFactors:
-    """Rank-``rank`` CP of a 4-way tensor (N, C, kh, kw) by damped ALS, computed in float64."""
+    """Rank-``rank`` CP of a 4-way tensor (N, C, kh, kw) by damped ALS, in the tensor's precision
+    (at least float32; float64 tensors get float64 maths)."""
     if tensor.ndim != 4:
         raise ValueError(f"cp expects a 4-way tensor, got shape {tuple(tensor.shape)}")
     if rank < 1:
         raise ValueError(f"CP rank must be >= 1, got {rank}")
-    x = tensor.detach().to(torch.float64)
+    work = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    x = tensor.detach().to(work)
     t, s, kh, kw = x.shape
-    norm2 = float((x * x).sum())
+    norm2 = float((x.double() ** 2).sum())
     if norm2 == 0.0:
         zeros = tuple(torch.zeros(d, rank, dtype=tensor.dtype) for d in x.shape)
         return CPFactors(torch.zeros(rank, dtype=tensor.dtype), zeros, 0, 0.0, True, False, 1.0)
     g = torch.Generator().manual_seed(seed)
     a, b, c, d = _init(x, rank, g)
     x0 = x.reshape(t, -1)  # mode-0 unfolding, shared by both GEMMs of a sweep
-    eye = torch.eye(rank, dtype=torch.float64)
+    eye = torch.eye(rank, dtype=work)
 
     def sweep(a, b, c, d, lam):
         # Mode 0: MTTKRP through the Khatri-Rao product of (b, c, d): (s*kh*kw) x R, small.
@@ -106,8 +109,8 @@ def cp(
         mu = lam * float(v.diagonal().mean())
         m3 = torch.einsum("sijr,sr,ir->jr", w, b, c)
         d = torch.linalg.solve(v + mu * eye, (m3 + mu * d).T).T
-        inner = float((m3 * d).sum())
-        model2 = float((v * (d.T @ d)).sum())
+        inner = float((m3 * d).double().sum())
+        model2 = float((v * (d.T @ d)).double().sum())
         err = math.sqrt(max(norm2 - 2 * inner + model2, 0.0) / norm2)
         return a, b, c, d, err
 
@@ -132,7 +135,7 @@ def cp(
     congr = _congruence(factors)
     norms = [f.norm(dim=0) for f in factors]
     weights = norms[0] * norms[1] * norms[2] * norms[3]
-    unit = [f / n.clamp_min(1e-300) for f, n in zip(factors, norms, strict=True)]
+    unit = [f / n.clamp_min(torch.finfo(f.dtype).tiny) for f, n in zip(factors, norms, strict=True)]
     finite = all(bool(torch.isfinite(f).all()) for f in factors)
     # Two-factor degeneracy: nearly opposite components whose weights dwarf the tensor itself.
     degenerate = (not finite) or (congr < -0.8 and float(weights.max()) > 2 * math.sqrt(norm2))
