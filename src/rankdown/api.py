@@ -45,6 +45,7 @@ class LayerReport:
     after: Cost
     rel_error: float | None
     note: str = ""
+    info: dict = field(default_factory=dict)  # method diagnostics (iterations, convergence, ...)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -165,7 +166,9 @@ def compress(
             continue
         replace_module(model, fqn, fact.module)
         plan_layers[fqn] = LayerPlan(handler.name, rank, ltype, tuple(module.weight.shape))
-        rows.append(LayerReport(fqn, ltype, handler.name, rank, before[fqn], before[fqn], fact.rel_error))
+        rows.append(
+            LayerReport(fqn, ltype, handler.name, rank, before[fqn], before[fqn], fact.rel_error, info=fact.info)
+        )
     for fqn, reason in selection.skipped.items():
         rows.append(
             LayerReport(

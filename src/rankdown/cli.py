@@ -6,6 +6,7 @@ import json
 import sys
 
 import click
+import torch
 
 from rankdown.errors import RankdownError
 
@@ -107,6 +108,44 @@ def _finish(report: dict, json_out: str | None) -> None:
         from rankdown.plan import atomic_write_text
 
         atomic_write_text(Path(json_out), json.dumps(report, indent=2) + "\n")
+
+
+def _train_options(f):
+    opts = [
+        click.option("--lr", type=float, default=1e-3, show_default=True, help="AdamW peak learning rate."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True),
+        click.option("--weight-decay", type=float, default=1e-4, show_default=True),
+        click.option(
+            "--distill",
+            type=click.FloatRange(0, 1),
+            default=0.0,
+            show_default=True,
+            help="Weight of distillation from the dense model (KL on logits, T=4) against the task loss.",
+        ),
+        click.option("--freeze-dense", is_flag=True, help="Train only the factorized layers."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option(
+            "--train-limit", type=click.IntRange(min=1), default=None, help="Use the first N training examples only."
+        ),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _train_config(epochs, lr, batch_size, weight_decay, distill, freeze_dense, seed, **extra):
+    from rankdown.train import TrainConfig
+
+    return TrainConfig(
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        weight_decay=weight_decay,
+        distill=distill,
+        freeze_dense=freeze_dense,
+        seed=seed,
+        **extra,
+    )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -211,6 +250,14 @@ def main() -> None:
 @click.option("--layers", multiple=True, help="Only these layers (name, or re:PATTERN); repeatable.")
 @click.option("--skip", multiple=True, help="Leave these layers dense (name, or re:PATTERN); repeatable.")
 @click.option(
+    "--finetune-epochs",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Fine-tune the compressed model for this many epochs before measuring it.",
+)
+@_train_options
+@click.option(
     "--out",
     type=click.Path(file_okay=False),
     required=True,
@@ -237,6 +284,14 @@ def compress(
     cache_dir,
     layers,
     skip,
+    finetune_epochs,
+    lr,
+    batch_size,
+    weight_decay,
+    distill,
+    freeze_dense,
+    seed,
+    train_limit,
     out,
     force,
     data_dir,
@@ -300,6 +355,10 @@ def compress(
         opts=_opts(data_dir, eval_limit, batch_sizes, latency_runs, threads, no_latency, no_guard),
         argv=["rankdown", *sys.argv[1:]],
         allocation=allocation,
+        finetune_config=_train_config(finetune_epochs, lr, batch_size, weight_decay, distill, freeze_dense, seed)
+        if finetune_epochs
+        else None,
+        train_limit=train_limit,
     )
     _finish(report, json_out)
     click.echo(f"wrote {out}/plan.json, {out}/model.safetensors, {out}/report.json")
@@ -329,6 +388,132 @@ def eval_cmd(
         argv=["rankdown", *sys.argv[1:]],
     )
     _finish(report, json_out)
+
+
+@main.command()
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--epochs", type=click.IntRange(min=1), default=2, show_default=True)
+@_train_options
+@click.option("--resume", is_flag=True, help="Continue from FOLDER/checkpoints/last.")
+@_measure_options
+def finetune(
+    folder,
+    epochs,
+    lr,
+    batch_size,
+    weight_decay,
+    distill,
+    freeze_dense,
+    seed,
+    train_limit,
+    resume,
+    data_dir,
+    eval_limit,
+    batch_sizes,
+    latency_runs,
+    threads,
+    no_latency,
+    no_guard,
+    json_out,
+    quiet,
+):
+    """Fine-tune a saved compressed model in place (checkpoints at each epoch end), then re-measure it."""
+    from rankdown.pipeline import run_finetune
+    from rankdown.progress import set_quiet
+
+    set_quiet(quiet)
+    config = _train_config(epochs, lr, batch_size, weight_decay, distill, freeze_dense, seed)
+    report = run_finetune(
+        folder,
+        config,
+        resume=resume,
+        train_limit=train_limit,
+        opts=_opts(data_dir, eval_limit, batch_sizes, latency_runs, threads, no_latency, no_guard),
+        argv=["rankdown", *sys.argv[1:]],
+    )
+    _finish(report, json_out)
+    before = report["finetune"]["accuracy_before_finetune"]
+    if before is not None and report.get("accuracy"):
+        click.echo(f"accuracy before fine-tuning {100 * before:.2f}% -> after {100 * report['accuracy']['after']:.2f}%")
+
+
+@main.command()
+@click.option("--model", "model_spec", default="fashion-vgg", show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option(
+    "--force-reg",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Force Regularization strength λ (Wen 2017): pulls each layer's filters toward low rank.",
+)
+@click.option("--force-kind", type=click.Choice(["l2", "l1"]), default="l2", show_default=True)
+@click.option("--from-scratch", is_flag=True, help="Start from random weights instead of the model's own.")
+@_train_options
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None)
+@click.option(
+    "--out", type=click.Path(dir_okay=False), required=True, help="Where to write the weights (.safetensors)."
+)
+@click.option("--force", is_flag=True, help="Replace an existing output file.")
+@click.option("-q", "--quiet", is_flag=True)
+def train(
+    model_spec,
+    epochs,
+    force_reg,
+    force_kind,
+    from_scratch,
+    lr,
+    batch_size,
+    weight_decay,
+    distill,
+    freeze_dense,
+    seed,
+    train_limit,
+    data_dir,
+    out,
+    force,
+    quiet,
+):
+    """Train a dense bundled model (e.g. with Force Regularization before decomposing it); writes safetensors."""
+    import os
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from rankdown.errors import OutputExistsError, RankdownError
+    from rankdown.models import BUNDLED, build_model
+    from rankdown.pipeline import DATASETS, train_split_for
+    from rankdown.progress import set_quiet
+    from rankdown.train import finetune as run_training
+
+    set_quiet(quiet)
+    if Path(out).exists() and not force:
+        raise OutputExistsError(f"{out} exists; pass --force to replace it")
+    if distill or freeze_dense:
+        raise RankdownError("--distill and --freeze-dense apply to compressed models (rankdown finetune)")
+    split = train_split_for(model_spec, data_dir, train_limit)
+    model = build_model(model_spec, pretrained=not from_scratch)
+    test = DATASETS[BUNDLED[model_spec].dataset]("test", data_dir)
+    skip = set(BUNDLED[model_spec].default_skip)
+    layers = {
+        n: m for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and n not in skip
+    }
+    config = _train_config(
+        epochs, lr, batch_size, weight_decay, 0.0, False, seed, force_reg=force_reg, force_kind=force_kind
+    )
+    history = run_training(model, split, config, regularized=layers, test_split=test)
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(tmp),
+        metadata={"history": json.dumps(history), "command": " ".join(["rankdown", *sys.argv[1:]])},
+    )
+    os.replace(tmp, out_path)
+    for row in history:
+        click.echo(json.dumps(row))
+    click.echo(f"wrote {out}")
 
 
 @main.command()

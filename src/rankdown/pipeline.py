@@ -4,7 +4,9 @@ measure → save. Each step is a library call; this module only strings them tog
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from rankdown.errors import RankdownError
 from rankdown.models import BUNDLED, build_model
 from rankdown.plan import load_compressed, read_plan, save_compressed
 from rankdown.report import build_report
-from rankdown.train import evaluate
+from rankdown.train import TrainConfig, evaluate, finetune
 
 DATASETS = {"fashion-mnist": load_fashion_mnist}
 
@@ -131,6 +133,8 @@ def run_compress(
     opts: MeasureOptions | None = None,
     argv: list[str] | None = None,
     allocation: AllocationOptions | None = None,
+    finetune_config: TrainConfig | None = None,
+    train_limit: int | None = None,
 ) -> tuple[CompressResult, dict]:
     """Compress ``spec`` (bundled name or package.module:factory), measure, and save to ``out``.
 
@@ -161,6 +165,23 @@ def run_compress(
     result = compress(dense, config, example, model_spec=spec)
     if allocation is not None:
         result.plan.meta["allocation"] = allocation.to_dict()
+    ft = None
+    if finetune_config is not None:
+        acc0 = accuracy(test, {"after": result.model})
+        history = finetune_compressed(
+            result.model,
+            dense,
+            list(result.plan.layers),
+            spec,
+            finetune_config,
+            data_dir=opts.data_dir,
+            train_limit=train_limit,
+        )
+        ft = {
+            "config": dataclasses.asdict(finetune_config),
+            "history": history,
+            "accuracy_before_finetune": (acc0 or {}).get("after"),
+        }
     # None: the factory's (or the bundled model's) own weights are the original.
     result.plan.meta["source_weights"] = None if weights is None else str(Path(weights).resolve())
     measured = measure(test, dense, result.model, shape, opts)
@@ -172,44 +193,146 @@ def run_compress(
         argv=argv,
         **measured,
     )
+    if ft is not None:
+        report["finetune"] = ft
     if out is not None:
         save_compressed(out, result.model, result.plan, report, force=force)
     return result, report
 
 
-def run_eval(
-    folder: str | Path, *, weights: str | None = None, opts: MeasureOptions | None = None, argv: list[str] | None = None
-) -> dict:
-    """Rebuild a saved compressed model from its plan and re-measure it (and its dense original
-    when that can be rebuilt: a bundled model, or the plan's recorded weights file)."""
-    opts = opts or MeasureOptions()
+@dataclass
+class Saved:
+    """A saved compressed model rebuilt from its folder, with its dense original where possible."""
+
+    plan: object
+    shape: tuple[int, ...]
+    test: object
+    model: nn.Module
+    dense: nn.Module | None
+
+
+def open_saved(folder: str | Path, opts: MeasureOptions, weights: str | None = None) -> Saved:
+    """The dense original is rebuilt when it can be: a bundled model, a factory's own weights, or
+    the weights file recorded in the plan (or given) if it still exists."""
     plan = read_plan(folder)
     if not plan.model:
         raise RankdownError(f"{folder}/plan.json does not say which model it was made from ('model' is empty)")
     shape = input_shape_for(plan.model, plan.input_shape)
     test = load_test_split(plan.model, opts)
-    compressed = load_compressed(folder, build_model(plan.model, pretrained=False))
+    model = load_compressed(folder, build_model(plan.model, pretrained=False))
     dense_weights = weights or plan.meta.get("source_weights")
-    dense = None
-    if dense_weights is None or Path(dense_weights).is_file():
-        dense = build_model(plan.model, dense_weights)
-    example = torch.zeros((1, *shape))
-    from rankdown.api import LayerReport  # local: only eval rebuilds rows from a plan
+    dense = build_model(plan.model, dense_weights) if dense_weights is None or Path(dense_weights).is_file() else None
+    return Saved(plan, shape, test, model, dense)
+
+
+def remeasure(saved: Saved, opts: MeasureOptions, argv: list[str] | None) -> dict:
+    from rankdown.api import LayerReport
     from rankdown.bench import layer_costs
 
-    names = list(plan.layers)
-    after = layer_costs(compressed, example, names)
-    before = layer_costs(dense, example, names) if dense is not None else after
+    example = torch.zeros((1, *saved.shape))
+    names = list(saved.plan.layers)
+    after = layer_costs(saved.model, example, names)
+    before = layer_costs(saved.dense, example, names) if saved.dense is not None else after
     rows = [
-        LayerReport(n, lp.layer_type, lp.method, lp.rank, before[n], after[n], None) for n, lp in plan.layers.items()
+        LayerReport(n, lp.layer_type, lp.method, lp.rank, before[n], after[n], None)
+        for n, lp in saved.plan.layers.items()
     ]
-    result = CompressResult(compressed, plan, rows)
-    measured = measure(test, dense, compressed, shape, opts)
+    measured = measure(saved.test, saved.dense, saved.model, saved.shape, opts)
     return build_report(
-        result,
-        model_spec=plan.model,
-        model_before=None if dense is None else model_cost(dense, example),
-        model_after=model_cost(compressed, example),
+        CompressResult(saved.model, saved.plan, rows),
+        model_spec=saved.plan.model,
+        model_before=None if saved.dense is None else model_cost(saved.dense, example),
+        model_after=model_cost(saved.model, example),
         argv=argv,
         **measured,
     )
+
+
+def run_eval(
+    folder: str | Path, *, weights: str | None = None, opts: MeasureOptions | None = None, argv: list[str] | None = None
+) -> dict:
+    """Rebuild a saved compressed model from its plan and measure it again."""
+    opts = opts or MeasureOptions()
+    return remeasure(open_saved(folder, opts, weights), opts, argv)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train_split_for(spec: str, data_dir: str | None, limit: int | None = None):
+    if spec not in BUNDLED or not BUNDLED[spec].dataset:
+        raise RankdownError(
+            f"fine-tuning needs training data: model {spec!r} has no bundled dataset (use the Python API, "
+            "rankdown.train.finetune, with your own data)"
+        )
+    return DATASETS[BUNDLED[spec].dataset]("train", data_dir, limit=limit)
+
+
+def finetune_compressed(
+    result_model: nn.Module,
+    dense: nn.Module,
+    plan_layers: list[str],
+    spec: str,
+    config: TrainConfig,
+    *,
+    data_dir: str | None = None,
+    train_limit: int | None = None,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+) -> list[dict]:
+    split = train_split_for(spec, data_dir, train_limit)
+    teacher = dense if config.distill > 0 else None
+    return finetune(
+        result_model,
+        split,
+        config,
+        teacher=teacher,
+        trainable=plan_layers,
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+    )
+
+
+def run_finetune(
+    folder: str | Path,
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    train_limit: int | None = None,
+    opts: MeasureOptions | None = None,
+    argv: list[str] | None = None,
+) -> dict:
+    """Fine-tune a saved compressed model in place: model.safetensors and report.json are replaced
+    atomically at the end; epoch checkpoints go to FOLDER/checkpoints (``resume`` continues them)."""
+    from safetensors.torch import save_file
+
+    from rankdown.plan import WEIGHTS_FILE, atomic_write_text
+
+    opts = opts or MeasureOptions()
+    folder = Path(folder)
+    saved = open_saved(folder, opts)
+    if config.distill > 0 and saved.dense is None:
+        raise RankdownError("distillation needs the dense original, whose weights file is gone")
+    before_acc = accuracy(saved.test, {"before_finetune": saved.model})
+    history = finetune_compressed(
+        saved.model,
+        saved.dense,
+        list(saved.plan.layers),
+        saved.plan.model,
+        config,
+        data_dir=opts.data_dir,
+        train_limit=train_limit,
+        checkpoint_dir=folder / "checkpoints",
+        resume=resume,
+    )
+    tmp = folder / f".{WEIGHTS_FILE}.tmp"
+    save_file({k: v.detach().contiguous() for k, v in saved.model.state_dict().items()}, str(tmp))
+    os.replace(tmp, folder / WEIGHTS_FILE)
+    report = remeasure(saved, opts, argv)
+    report["finetune"] = {
+        "config": dataclasses.asdict(config),
+        "history": history,
+        "accuracy_before_finetune": (before_acc or {}).get("before_finetune"),
+    }
+    atomic_write_text(folder / "report.json", json.dumps(report, indent=2) + "\n")
+    return report
