@@ -118,11 +118,11 @@ def test_force_regularization_in_training_lowers_rank():
         torch.manual_seed(0)
         for p in model.parameters():
             nn.init.normal_(p, std=0.2)
-        cfg = TrainConfig(epochs=3, batch_size=32, lr=3e-3, force_reg=strength, augment=False)
+        cfg = TrainConfig(epochs=3, batch_size=32, lr=3e-3, force_reg=strength, augment=False, weight_decay=0.0)
         finetune(model, synthetic(512), cfg, regularized={"1": model[1]})
         return energy_rank(singular_values(model[1].weight), 0.95)
 
-    assert run(1e-3) < run(0.0)
+    assert run(0.1) < run(0.0)
 
 
 def _free_port() -> int:
@@ -168,6 +168,9 @@ def test_ddp_two_processes_stay_identical_and_resume_after_a_killed_worker(tmp_p
     assert p.returncode == 0, p.stderr[-3000:]
     resumed = json.loads((tmp_path / "b/result.json").read_text())
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3, 4]
-    assert resumed["history"][:2] == res["history"][:2]
+    def strip(rows):  # throughput is a timing, not a result
+        return [{k: v for k, v in r.items() if k != "examples_per_s"} for r in rows]
+
+    assert strip(resumed["history"]) == strip(res["history"])
     assert resumed["sums"][0] == resumed["sums"][1]
     assert resumed["sums"][0] == pytest.approx(res["sums"][0], rel=1e-5)

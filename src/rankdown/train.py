@@ -118,6 +118,7 @@ class TrainConfig:
     seed: int = 0
     force_reg: float = 0.0
     force_kind: str = "l2"
+    optimizer: str = "adamw"  # or "sgd" (momentum 0.9, as Wen et al. trained with Force Regularization)
     max_steps_per_epoch: int | None = None  # for tests and smoke runs
 
     def validate(self) -> None:
@@ -125,6 +126,8 @@ class TrainConfig:
             raise RankdownError(f"epochs and batch size must be >= 1, got {self.epochs} and {self.batch_size}")
         if not self.lr > 0:
             raise RankdownError(f"learning rate must be > 0, got {self.lr}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise RankdownError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
         if not 0.0 <= self.distill <= 1.0:
             raise RankdownError(f"distillation weight must be in [0, 1], got {self.distill}")
 
@@ -219,7 +222,10 @@ def finetune(
     net: nn.Module = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model)
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     per_rank = math.ceil(len(train_split) / world)
     steps = math.ceil(per_rank / config.batch_size)
     if config.max_steps_per_epoch:
