@@ -213,7 +213,12 @@ def markdown(result: dict) -> str:
             f"| {e['device']} | {e['net']} | {'Tucker-2' if e['family'] == 'tucker' else 'CP'} | "
             f"{cell(ours)} | {cell(tl_)} | {cell(tlt)} | {speed} |"
         )
-    lines.append("")
+    worst = max(v["max_foreign"] for e in result["summary"] for v in e.values() if isinstance(v, dict))
+    lines += [
+        "",
+        f"Largest share of the CPUs used by other processes during any accepted call: {100 * worst:.1f}%.",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -154,3 +154,21 @@ def test_truncated_svd_auto_uses_randomized_for_large_low_rank(monkeypatch):
     truncated_svd(w, 400)
     truncated_svd(torch.randn(100, 100), 5)
     assert not calls
+
+
+def test_separable_closed_form_beats_any_factorization_of_that_rank():
+    from rankdown.decompose import separable
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(12, 8, 3, 3, generator=g, dtype=torch.float64)
+    v, h = separable(w, 5)
+    best = rel(torch.einsum("kci,nkj->ncij", v[..., 0], h[:, :, 0, :]), w)
+    for seed in range(20):  # random factorizations, and a few least-squares refinements of them
+        gs = torch.Generator().manual_seed(seed)
+        vr = torch.randn(5, 8, 3, generator=gs, dtype=torch.float64)
+        hr = torch.randn(12, 5, 3, generator=gs, dtype=torch.float64)
+        # Refine the horizontal half by least squares: still never better than the closed form.
+        m = w.permute(1, 2, 0, 3).reshape(24, 36)
+        b = torch.linalg.lstsq(vr.reshape(5, 24).T, m).solution
+        hr = b.reshape(5, 12, 3).permute(1, 0, 2)
+        assert rel(torch.einsum("kci,nkj->ncij", vr, hr), w) >= best - 1e-12

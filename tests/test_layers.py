@@ -67,7 +67,7 @@ def dense_with(conv: nn.Conv2d, weight: torch.Tensor, x: torch.Tensor) -> torch.
 
 
 @settings(max_examples=60, deadline=None)
-@given(p=conv_params, method=st.sampled_from(["channel-svd", "tucker2", "cp"]), frac=st.floats(0.1, 1.0))
+@given(p=conv_params, method=st.sampled_from(["channel-svd", "tucker2", "cp", "separable"]), frac=st.floats(0.1, 1.0))
 def test_conv_methods_match_dense_with_reconstructed_weight(p, method, frac):
     conv, x = make_conv(p)
     handler = get_method(method, nn.Conv2d)
@@ -140,7 +140,7 @@ def test_build_gives_same_structure_as_factorize():
     ],
 )
 def test_conv_methods_refuse_layers_they_cannot_represent(layer, reason):
-    for method in ("channel-svd", "tucker2", "cp"):
+    for method in ("channel-svd", "tucker2", "cp", "separable"):
         with pytest.raises(UnsupportedLayerError, match=reason) as info:
             get_method(method, nn.Conv2d).check("blocks.3.conv", layer)
         assert "blocks.3.conv" in str(info.value)

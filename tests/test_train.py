@@ -168,6 +168,7 @@ def test_ddp_two_processes_stay_identical_and_resume_after_a_killed_worker(tmp_p
     assert p.returncode == 0, p.stderr[-3000:]
     resumed = json.loads((tmp_path / "b/result.json").read_text())
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3, 4]
+
     def strip(rows):  # throughput is a timing, not a result
         return [{k: v for k, v in r.items() if k != "examples_per_s"} for r in rows]
 

@@ -227,3 +227,52 @@ class TTLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, modes {self.out_modes}x{self.in_modes}, ranks {self.ranks}"
+
+
+class SeparableConv2d(nn.Sequential):
+    """Jaderberg et al. 2014 scheme 2: vertical ``kh×1`` conv C→K, then horizontal ``1×kw`` conv K→N.
+
+    Stride, padding and dilation split by axis (vertical part first); every padding mode is
+    separable by axis, so it is carried exactly. With ``batch_norm`` (low-rank training from
+    scratch, Tai et al. 2016) a BatchNorm2d sits between the two convs.
+    """
+
+    @classmethod
+    def build(cls, dense: nn.Conv2d, rank: int, batch_norm: bool = False) -> SeparableConv2d:
+        if isinstance(dense.padding, str):
+            raise ValueError("string padding ('same'/'valid') must be resolved before building a separable layer")
+        kw = {"device": dense.weight.device, "dtype": dense.weight.dtype, "padding_mode": dense.padding_mode}
+        (kh, kw_), (sh, sw), (dh, dw), (ph, pw) = dense.kernel_size, dense.stride, dense.dilation, dense.padding
+        vert = nn.Conv2d(
+            dense.in_channels, rank, (kh, 1), stride=(sh, 1), padding=(ph, 0), dilation=(dh, 1), bias=False, **kw
+        )
+        horz = nn.Conv2d(
+            rank,
+            dense.out_channels,
+            (1, kw_),
+            stride=(1, sw),
+            padding=(0, pw),
+            dilation=(1, dw),
+            bias=dense.bias is not None,
+            **kw,
+        )
+        mid = [nn.BatchNorm2d(rank, device=dense.weight.device, dtype=dense.weight.dtype)] if batch_norm else []
+        return cls(vert, *mid, horz)
+
+    @classmethod
+    def from_factors(cls, dense: nn.Conv2d, vertical: torch.Tensor, horizontal: torch.Tensor) -> SeparableConv2d:
+        layer = cls.build(dense, vertical.shape[0])
+        with torch.no_grad():
+            layer[0].weight.copy_(vertical)
+            layer[1].weight.copy_(horizontal)
+            if dense.bias is not None:
+                layer[1].bias.copy_(dense.bias)
+        return layer
+
+    @property
+    def rank(self) -> int:
+        return self[0].out_channels
+
+    def reconstruct_weight(self) -> torch.Tensor:
+        v, h = self[0].weight[:, :, :, 0], self[-1].weight[:, :, 0, :]  # (K, C, kh), (N, K, kw)
+        return torch.einsum("kci,nkj->ncij", v, h)

@@ -19,7 +19,7 @@ from torch import nn
 
 from rankdown import decompose
 from rankdown.errors import RankError, UnsupportedLayerError
-from rankdown.layers import ChannelSVDConv2d, CPConv2d, LowRankLinear, TTLinear, Tucker2Conv2d
+from rankdown.layers import ChannelSVDConv2d, CPConv2d, LowRankLinear, SeparableConv2d, TTLinear, Tucker2Conv2d
 
 Rank = int | tuple[int, ...]
 
@@ -333,6 +333,41 @@ def _with_padding(module: nn.Conv2d) -> nn.Conv2d:
     clone = copy.copy(module)
     clone.padding = _resolved_padding("", module)
     return clone
+
+
+@register
+class Separable(_ConvMethod):
+    """Jaderberg 2014 scheme 2: kh×1 conv to K channels, then 1×kw; closed-form optimum (Tai 2016)."""
+
+    name = "separable"
+
+    def check(self, fqn: str, module: nn.Module) -> None:
+        super().check(fqn, module)
+        _resolved_padding(fqn, module)
+
+    def max_rank(self, module: nn.Module) -> int:
+        return min(decompose.separable_unfolding(module.weight).shape)
+
+    def rank_from_int(self, module: nn.Module, rank: int) -> Rank:
+        _check_int_rank(self, module, rank)
+        return rank
+
+    def candidates(self, module: nn.Module) -> Sequence[Rank]:
+        return range(1, self.max_rank(module) + 1)
+
+    def energy_rank(self, module: nn.Module, energy: float) -> Rank:
+        return decompose.energy_rank(decompose.singular_values(decompose.separable_unfolding(module.weight)), energy)
+
+    def evbmf_rank(self, module: nn.Module, weakening: float) -> Rank:
+        return _evbmf(decompose.separable_unfolding(module.weight), weakening)
+
+    def build(self, module: nn.Module, rank: Rank) -> nn.Module:
+        return SeparableConv2d.build(_with_padding(module), int(rank))
+
+    def factorize(self, module: nn.Module, rank: Rank) -> Factorized:
+        v, h = decompose.separable(module.weight, int(rank))
+        layer = SeparableConv2d.from_factors(_with_padding(module), v, h)
+        return Factorized(layer, _rel_error(module.weight, layer.reconstruct_weight()))
 
 
 @register

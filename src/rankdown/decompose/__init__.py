@@ -4,7 +4,14 @@ factors in the caller's dtype."""
 
 from rankdown.decompose.cp import CPFactors, cp
 from rankdown.decompose.evbmf import EVBMFResult, evbmf
-from rankdown.decompose.svd import energy_rank, randomized_svd, singular_values, truncated_svd
+from rankdown.decompose.svd import (
+    energy_rank,
+    randomized_svd,
+    separable,
+    separable_unfolding,
+    singular_values,
+    truncated_svd,
+)
 from rankdown.decompose.tt import TTMatrix, factorize_dim, tt_full_ranks, tt_matrix
 from rankdown.decompose.tucker import Tucker2Factors, tucker2
 
@@ -18,6 +25,8 @@ __all__ = [
     "evbmf",
     "factorize_dim",
     "randomized_svd",
+    "separable",
+    "separable_unfolding",
     "singular_values",
     "truncated_svd",
     "tt_full_ranks",

@@ -98,3 +98,19 @@ def energy_rank(singular: torch.Tensor, energy: float) -> int:
     kept = torch.cumsum(power, 0) / total
     # A small tolerance so that energy=1.0 does not demand rounding noise in the tail.
     return int(torch.searchsorted(kept, torch.tensor(energy - 1e-12, dtype=kept.dtype)).item()) + 1
+
+
+def separable_unfolding(weight: torch.Tensor) -> torch.Tensor:
+    """The (C·kh) × (N·kw) matrix whose rank-K SVD is the optimal scheme-2 factorization
+    (Jaderberg 2014 scheme 2; closed form by Tai et al. 2016)."""
+    n, c, kh, kw = weight.shape
+    return weight.permute(1, 2, 0, 3).reshape(c * kh, n * kw)
+
+
+def separable(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vertical (K, C, kh, 1) and horizontal (N, K, 1, kw) filters minimising ‖W − Ŵ‖_F (global optimum)."""
+    n, c, kh, kw = weight.shape
+    a, b = truncated_svd(separable_unfolding(weight), rank)  # (C·kh, K), (K, N·kw)
+    vertical = a.T.reshape(rank, c, kh)[..., None]
+    horizontal = b.reshape(rank, n, kw).permute(1, 0, 2)[:, :, None, :]
+    return vertical.contiguous(), horizontal.contiguous()
