@@ -279,3 +279,118 @@ def test_analyze_and_global_budget(tmp_path):
         tmp_path,
     )
     assert p.returncode == 2 and "target unreachable" in p.stderr
+
+
+def test_finetune_train_and_resume_on_data_slice(tmp_path, fake_fashion, has_bundled_weights):
+    if not has_bundled_weights:
+        pytest.skip("bundled weights not built yet")
+    data = ["--data-dir", str(fake_fashion), "--eval-limit", "16"]
+    out = tmp_path / "out"
+    p = cli(
+        [
+            "compress",
+            "--method",
+            "tucker2",
+            "--params",
+            "0.5",
+            "--out",
+            str(out),
+            "--finetune-epochs",
+            "1",
+            "--train-limit",
+            "32",
+            "--batch-size",
+            "16",
+            "--distill",
+            "0.5",
+            "--no-latency",
+            "-q",
+            *data,
+        ],
+        tmp_path,
+    )
+    assert p.returncode == 0, p.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["finetune"]["history"][0]["epoch"] == 1 and report["finetune"]["config"]["distill"] == 0.5
+    p = cli(
+        [
+            "finetune",
+            str(out),
+            "--epochs",
+            "2",
+            "--train-limit",
+            "32",
+            "--batch-size",
+            "16",
+            "--freeze-dense",
+            "--no-latency",
+            "-q",
+            *data,
+        ],
+        tmp_path,
+    )
+    assert p.returncode == 0, p.stderr
+    assert "accuracy before fine-tuning" in p.stdout
+    assert json.loads((out / "checkpoints/last/meta.json").read_text())["epoch"] == 2
+    p = cli(
+        [
+            "finetune",
+            str(out),
+            "--epochs",
+            "2",
+            "--train-limit",
+            "32",
+            "--batch-size",
+            "16",
+            "--freeze-dense",
+            "--resume",
+            "--no-latency",
+            "-q",
+            *data,
+        ],
+        tmp_path,
+    )
+    assert p.returncode == 0, p.stderr
+    assert [h["epoch"] for h in json.loads((out / "report.json").read_text())["finetune"]["history"]] == [1, 2]
+    p = cli(
+        [
+            "finetune",
+            str(out),
+            "--epochs",
+            "3",
+            "--train-limit",
+            "32",
+            "--batch-size",
+            "16",
+            "--freeze-dense",
+            "--resume",
+            "--no-latency",
+            "-q",
+            *data,
+        ],
+        tmp_path,
+    )
+    assert p.returncode == 2 and "epochs (2 -> 3)" in p.stderr
+    # Dense training with Force Regularization writes safetensors, and will not overwrite without --force.
+    w = tmp_path / "fr.safetensors"
+    args = [
+        "train",
+        "--force-reg",
+        "1e-3",
+        "--train-limit",
+        "32",
+        "--batch-size",
+        "16",
+        "--data-dir",
+        str(fake_fashion),
+        "--out",
+        str(w),
+        "-q",
+    ]
+    p = cli(args, tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert w.is_file()
+    p = cli(args, tmp_path)
+    assert p.returncode == 2 and "--force" in p.stderr
+    p = cli(["train", "--model", "nets:tiny_vgg", "--out", str(tmp_path / "x.safetensors"), "-q"], tmp_path)
+    assert p.returncode == 2 and "no bundled dataset" in p.stderr

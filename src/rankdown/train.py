@@ -10,6 +10,7 @@ augmentation and dropout draws, hence the same weights as an uninterrupted run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -151,7 +152,7 @@ CKPT_MODEL, CKPT_STATE, CKPT_META = "model.safetensors", "state.pt", "meta.json"
 
 
 def _save_checkpoint(
-    folder: Path, model: nn.Module, opt, sched, epoch: int, gen: torch.Generator, history: list[dict]
+    folder: Path, model: nn.Module, opt, sched, epoch: int, gen: torch.Generator, history: list[dict], config: dict
 ) -> None:
     from rankdown.plan import _atomic_write_dir
 
@@ -166,7 +167,7 @@ def _save_checkpoint(
             },
             tmp / CKPT_STATE,
         )
-        (tmp / CKPT_META).write_text(json.dumps({"epoch": epoch, "history": history}, indent=1))
+        (tmp / CKPT_META).write_text(json.dumps({"epoch": epoch, "history": history, "config": config}, indent=1))
 
     _atomic_write_dir(folder / "last", write, force=True)
 
@@ -249,8 +250,18 @@ def finetune(
         if loaded is None:
             raise RankdownError(f"no checkpoint to resume from in {ckpt}")
         meta, weights, state = loaded
-        model.load_state_dict(weights)
-        opt.load_state_dict(state["optimizer"])
+        saved = meta.get("config", {})
+        changed = sorted(k for k, v in dataclasses.asdict(config).items() if k in saved and saved[k] != v)
+        if changed:
+            raise RankdownError(
+                "resume continues an interrupted run with the same settings; these differ from the checkpoint's: "
+                + ", ".join(f"{k} ({saved[k]!r} -> {getattr(config, k)!r})" for k in changed)
+            )
+        try:
+            model.load_state_dict(weights)
+            opt.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError) as exc:
+            raise RankdownError(f"checkpoint in {ckpt} does not fit this model: {exc}") from exc
         sched.load_state_dict(state["scheduler"])
         gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
@@ -313,7 +324,7 @@ def finetune(
             row["test_acc"] = evaluate(model, test_split.batches(500), total=math.ceil(len(test_split) / 500))
         history.append(row)
         if ckpt is not None and rank == 0:
-            _save_checkpoint(ckpt, model, opt, sched, epoch + 1, gen, history)
+            _save_checkpoint(ckpt, model, opt, sched, epoch + 1, gen, history, dataclasses.asdict(config))
         if world > 1:
             torch.distributed.barrier()
     model.eval()
