@@ -12,7 +12,7 @@ from torch import nn
 from rankdown.allocate import Budget
 from rankdown.bench import Cost, layer_costs
 from rankdown.errors import RankdownError, UnsupportedLayerError
-from rankdown.methods import Method, Rank, method_names, resolve_method
+from rankdown.methods import Method, Rank, get_method, method_names, resolve_method
 from rankdown.plan import LayerPlan, Plan
 from rankdown.progress import progress
 from rankdown.rank import LayerRanks, ParamFraction, RankPolicy, candidate_cost, choose_rank, policy_to_dict
@@ -108,6 +108,10 @@ def compress(
     for fqn in progress(selection.targets, total=len(selection.targets), desc=f"factorize ({config.method})"):
         module = model.get_submodule(fqn)
         handler = _handler(config, fqn, module)
+        choice = config.rank.ranks.get(fqn) if isinstance(config.rank, LayerRanks) else None
+        if hasattr(choice, "method"):  # a per-layer method (latency-aware plans)
+            handler = get_method(choice.method, type(module))
+            handler.check(fqn, module)
         ltype = type(module).__name__
         if fqn not in inputs:
             rows.append(
@@ -142,7 +146,9 @@ def compress(
             )
             continue
         cost = candidate_cost(handler, module, rank, inputs[fqn])
-        if cost.params >= before[fqn].params and cost.macs >= before[fqn].macs:
+        # A latency-aware choice was made on measured time, which is what counts; otherwise a form
+        # that saves neither parameters nor MACs is not worth having.
+        if not hasattr(choice, "method") and cost.params >= before[fqn].params and cost.macs >= before[fqn].macs:
             rows.append(
                 LayerReport(
                     fqn,

@@ -250,6 +250,33 @@ def main() -> None:
 @click.option("--layers", multiple=True, help="Only these layers (name, or re:PATTERN); repeatable.")
 @click.option("--skip", multiple=True, help="Leave these layers dense (name, or re:PATTERN); repeatable.")
 @click.option(
+    "--latency-aware",
+    is_flag=True,
+    help="Choose each layer's method and rank by measured CPU time (cached per device), under "
+    "--max-error; layers where nothing is faster stay dense.",
+)
+@click.option(
+    "--max-error",
+    type=float,
+    default=0.3,
+    show_default=True,
+    help="With --latency-aware: largest relative output error allowed per layer.",
+)
+@click.option(
+    "--methods",
+    "method_list",
+    default="tucker2,channel-svd,separable,cp,svd",
+    show_default=True,
+    help="With --latency-aware: the methods to consider.",
+)
+@click.option(
+    "--latency-batch",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="With --latency-aware: the batch size to optimise for.",
+)
+@click.option(
     "--finetune-epochs",
     type=click.IntRange(min=0),
     default=0,
@@ -284,6 +311,10 @@ def compress(
     cache_dir,
     layers,
     skip,
+    latency_aware,
+    max_error,
+    method_list,
+    latency_batch,
     finetune_epochs,
     lr,
     batch_size,
@@ -338,6 +369,10 @@ def compress(
     else:
         policy = ParamFraction(params_fraction if params_fraction is not None else 0.5)
     config = CompressConfig(method, policy, tuple(layers) or None, tuple(skip))
+    from rankdown.pipeline import LatencyOptions
+
+    if latency_aware and (given or target_macs or target_params or speedup):
+        raise click.UsageError("--latency-aware chooses ranks itself: give no other rank policy or budget")
     allocation = None
     if target_macs is not None or target_params is not None or speedup is not None:
         from rankdown.allocate import Budget
@@ -359,6 +394,11 @@ def compress(
         if finetune_epochs
         else None,
         train_limit=train_limit,
+        latency_aware=LatencyOptions(
+            max_error, method_list.split(","), latency_batch, calibration=min(calibration, 64), cache_dir=cache_dir
+        )
+        if latency_aware
+        else None,
     )
     _finish(report, json_out)
     click.echo(f"wrote {out}/plan.json, {out}/model.safetensors, {out}/report.json")
@@ -556,6 +596,58 @@ def analyze(model_spec, weights, input_shape, method, sensitivity, calibration, 
     save_analysis(result, out, force=force)
     render_analysis(result)
     click.echo(f"wrote {out}/analysis.json, spectra.png, energy.png, sensitivity.png")
+
+
+@main.command("bench")
+@click.argument("target")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None)
+@click.option("--input-shape", callback=_shape, default=None)
+@click.option("--batch-sizes", default="1,64", show_default=True, callback=_batches)
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--runs", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--compile", "use_compile", is_flag=True, help="torch.compile the models (compile time excluded).")
+@click.option("--cuda-graphs", is_flag=True, help="Replay captured CUDA graphs (CUDA only).")
+@click.option("--fold-bn", is_flag=True, help="Fold batch norms into the preceding convs first.")
+@click.option("--per-layer", is_flag=True, help="Also time every factorized layer beside its dense original.")
+@click.option("--no-guard", is_flag=True)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
+@click.option("-q", "--quiet", is_flag=True)
+def bench_cmd(
+    target,
+    weights,
+    input_shape,
+    batch_sizes,
+    threads,
+    device,
+    dtype,
+    runs,
+    use_compile,
+    cuda_graphs,
+    fold_bn,
+    per_layer,
+    no_guard,
+    json_out,
+    quiet,
+):
+    """Latency of a saved compressed model beside its dense original (or of one model): measured
+    speedup next to the theoretical MAC reduction, end to end and per layer."""
+    from pathlib import Path
+
+    from rankdown.pipeline import BenchOptions, run_bench
+    from rankdown.plan import atomic_write_text
+    from rankdown.progress import set_quiet
+    from rankdown.report import render_bench
+
+    set_quiet(quiet)
+    opts = BenchOptions(
+        batch_sizes, threads, device, dtype, runs, use_compile, cuda_graphs, fold_bn, per_layer, not no_guard
+    )
+    result = run_bench(target, weights=weights, input_shape=input_shape, bench=opts)
+    render_bench(result)
+    if json_out:
+        atomic_write_text(Path(json_out), json.dumps(result, indent=2) + "\n")
 
 
 @main.command()

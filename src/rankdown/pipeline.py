@@ -3,6 +3,7 @@ measure → save. Each step is a library call; this module only strings them tog
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -49,6 +50,16 @@ class AllocationOptions:
         d = dataclasses.asdict(self)
         d["budget"] = {k: v for k, v in dataclasses.asdict(self.budget).items() if v is not None}
         return d
+
+
+@dataclass
+class LatencyOptions:
+    max_error: float = 0.3  # per-layer relative output error on the calibration data
+    methods: list[str] = dataclasses.field(default_factory=lambda: ["tucker2", "channel-svd", "separable", "cp", "svd"])
+    batch: int = 1
+    channels_last: bool = False
+    calibration: int = 64
+    cache_dir: str | None = None
 
 
 def calibration_inputs(spec: str, shape: tuple[int, ...], n: int, data_dir: str | None) -> torch.Tensor:
@@ -135,6 +146,7 @@ def run_compress(
     allocation: AllocationOptions | None = None,
     finetune_config: TrainConfig | None = None,
     train_limit: int | None = None,
+    latency_aware: LatencyOptions | None = None,
 ) -> tuple[CompressResult, dict]:
     """Compress ``spec`` (bundled name or package.module:factory), measure, and save to ``out``.
 
@@ -150,6 +162,24 @@ def run_compress(
     if spec in BUNDLED and config.layers is None and not config.skip:
         config = CompressConfig(config.method, config.rank, None, BUNDLED[spec].default_skip, config.filter_fn)
     example = torch.zeros((1, *shape))
+    if latency_aware is not None:
+        from rankdown.latency import DeviceKey, latency_ranks
+
+        calib = calibration_inputs(spec, shape, latency_aware.calibration, opts.data_dir)
+        key = DeviceKey.current(
+            "cpu", batch=latency_aware.batch, threads=opts.threads, channels_last=latency_aware.channels_last
+        )
+        policy, _ = latency_ranks(
+            dense,
+            config,
+            calib,
+            key,
+            max_error=latency_aware.max_error,
+            methods=latency_aware.methods,
+            cache_dir=latency_aware.cache_dir,
+            guard=opts.guard,
+        )
+        config = dataclasses.replace(config, rank=policy)
     if allocation is not None:
         calib = calibration_inputs(spec, shape, allocation.calibration, opts.data_dir)
         policy = allocate_ranks(
@@ -336,3 +366,125 @@ def run_finetune(
     }
     atomic_write_text(folder / "report.json", json.dumps(report, indent=2) + "\n")
     return report
+
+
+# --------------------------------------------------------------------------- bench
+
+
+@dataclass
+class BenchOptions:
+    batch_sizes: tuple[int, ...] = (1, 64)
+    threads: int = 2
+    device: str = "cpu"
+    dtype: str = "float32"
+    runs: int = 30
+    compile: bool = False
+    cuda_graphs: bool = False
+    fold_bn: bool = False
+    per_layer: bool = False
+    guard: bool = True
+
+
+def _e2e(model: nn.Module, shape: tuple[int, ...], b: int, o: BenchOptions) -> dict:
+    from rankdown.bench import best_latency
+    from rankdown.latency import cuda_latency
+
+    dtype = getattr(torch, o.dtype)
+    m = model.to(device=o.device, dtype=dtype).eval()
+    if o.compile:
+        m = torch.compile(m)
+    x = torch.randn((b, *shape), device=o.device, dtype=dtype)
+    if o.device == "cuda":
+        runs = {
+            cl: cuda_latency(m, x, runs=o.runs, channels_last=cl, cuda_graph=o.cuda_graphs)
+            for cl in ((False, True) if x.ndim == 4 else (False,))
+        }
+        cl = min(runs, key=runs.get)
+        return {"median_ms": runs[cl], "channels_last": cl}
+    lat = best_latency(
+        m, x, runs=o.runs if b <= 8 else max(5, o.runs // 3), threads=o.threads, guard=o.guard, desc=f"bench b{b}"
+    )
+    return lat.to_dict()
+
+
+def run_bench(
+    target: str,
+    *,
+    weights: str | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    bench: BenchOptions | None = None,
+) -> dict:
+    """End-to-end (and optionally per-layer) latency of a saved compressed model beside its dense
+    original, or of one model; each in its fastest layout; with the theoretical MAC reduction."""
+    from rankdown.bench import environment
+    from rankdown.deploy import fold_batchnorm
+    from rankdown.latency import DeviceKey, LatencyTable
+    from rankdown.surgery import record_inputs
+
+    o = bench or BenchOptions()
+    if o.device == "cuda" and not torch.cuda.is_available():
+        raise RankdownError("--device cuda: no CUDA device is available here")
+    if o.device == "cpu" and o.dtype != "float32":
+        raise RankdownError("on CPU rankdown benchmarks float32 only (bf16/fp16 CPU kernels are not the fast path)")
+    models: dict[str, nn.Module] = {}
+    plan = None
+    if (Path(target) / "plan.json").is_file():
+        saved = open_saved(target, MeasureOptions(), weights)
+        plan, shape = saved.plan, saved.shape
+        models["compressed"] = saved.model
+        if saved.dense is not None:
+            models["dense"] = saved.dense
+    else:
+        shape = input_shape_for(target, input_shape)
+        models["model"] = build_model(target, weights)
+    if o.fold_bn:
+        for m in models.values():
+            fold_batchnorm(m)
+    example = torch.zeros((1, *shape))
+    costs = {k: model_cost(m, example).macs for k, m in models.items()}
+    if o.threads:
+        torch.set_num_threads(o.threads)
+    rows = []
+    for b in o.batch_sizes:
+        row: dict = {"batch": b}
+        for k, m in models.items():
+            row[k] = _e2e(m, shape, b, o)
+        if "dense" in row and "compressed" in row:
+            row["speedup"] = row["dense"]["median_ms"] / row["compressed"]["median_ms"]
+            row["theoretical"] = costs["dense"] / costs["compressed"]
+            row["ratio"] = row["speedup"] / row["theoretical"]
+        rows.append(row)
+    layers = []
+    if o.per_layer and plan is not None and "dense" in models:
+        key = DeviceKey.current(o.device, getattr(torch, o.dtype), o.batch_sizes[0], o.threads)
+        table = LatencyTable(key, runs=o.runs, guard=o.guard)
+        names = list(plan.layers)
+        ins = record_inputs(models["dense"].cpu().float(), example, names)
+        for n in names:
+            dense_l, comp_l = models["dense"].get_submodule(n), models["compressed"].get_submodule(n)
+            in_shape = tuple(ins[n].shape[1:])
+            dm, cm = table.time(copy.deepcopy(dense_l), in_shape), table.time(copy.deepcopy(comp_l), in_shape)
+            from rankdown.bench import module_cost
+
+            mac_d = module_cost(dense_l.cpu().float(), torch.zeros((1, *in_shape))).macs
+            mac_c = module_cost(comp_l.cpu().float(), torch.zeros((1, *in_shape))).macs
+            layers.append(
+                {
+                    "name": n,
+                    "method": plan.layers[n].method,
+                    "dense_ms": dm,
+                    "compressed_ms": cm,
+                    "speedup": dm / cm,
+                    "theoretical": mac_d / max(mac_c, 1),
+                    "ratio": dm / cm / (mac_d / max(mac_c, 1)),
+                }
+            )
+        table.save()
+    return {
+        "target": target,
+        "options": dataclasses.asdict(o),
+        "macs": costs,
+        "end_to_end": rows,
+        "layers": layers,
+        "environment": environment(),
+    }

@@ -142,7 +142,8 @@ def choose_rank(
     if isinstance(policy, FixedRank):
         return method.rank_from_int(module, policy.rank)
     if isinstance(policy, LayerRanks):
-        return policy.ranks.get(fqn)
+        value = policy.ranks.get(fqn)
+        return value.rank if hasattr(value, "method") else value  # a latency Choice carries its method
     if isinstance(policy, Energy):
         return method.energy_rank(module, policy.energy)
     if isinstance(policy, Evbmf):

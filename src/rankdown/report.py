@@ -148,3 +148,48 @@ def render(report: dict, console: Console | None = None) -> None:
             "" if dense is None else f"×{row['speedup']:.2f} (theory ×{row['theoretical_speedup']:.2f})",
         )
     console.print(s)
+
+
+def render_bench(result: dict, console: Console | None = None) -> None:
+    if console is None:
+        console = Console(file=sys.stdout)
+        if not console.is_terminal:
+            console = Console(file=sys.stdout, width=150)
+    o = result["options"]
+    t = Table(
+        title=f"rankdown bench {result['target']} — {o['device']} {o['dtype']}, {o['threads']} threads"
+        + (", torch.compile" if o["compile"] else "")
+        + (", BN folded" if o["fold_bn"] else ""),
+        title_justify="left",
+    )
+    keys = [k for k in ("dense", "compressed", "model") if k in result["macs"]]
+    t.add_column("batch", justify="right")
+    for k in keys:
+        t.add_column(f"{k} ms", justify="right")
+    if "compressed" in keys and "dense" in keys:
+        for col in ("measured speedup", "theoretical (MACs)", "measured / theoretical"):
+            t.add_column(col, justify="right")
+    for row in result["end_to_end"]:
+        cells = [str(row["batch"])]
+        for k in keys:
+            lat = row[k]
+            cells.append(f"{lat['median_ms']:.3f} {'NHWC' if lat['channels_last'] else 'NCHW'}")
+        if "speedup" in row:
+            cells += [f"×{row['speedup']:.2f}", f"×{row['theoretical']:.2f}", f"{row['ratio']:.2f}"]
+        t.add_row(*cells)
+    console.print(t)
+    if result["layers"]:
+        lt = Table(title=f"per layer, batch {o['batch_sizes'][0]}", title_justify="left")
+        for col in ("layer", "method", "dense ms", "compressed ms", "speedup", "theoretical", "ratio"):
+            lt.add_column(col, justify="left" if col in ("layer", "method") else "right")
+        for r in result["layers"]:
+            lt.add_row(
+                r["name"],
+                r["method"],
+                f"{r['dense_ms']:.3f}",
+                f"{r['compressed_ms']:.3f}",
+                f"×{r['speedup']:.2f}",
+                f"×{r['theoretical']:.2f}",
+                f"{r['ratio']:.2f}",
+            )
+        console.print(lt)

@@ -1,0 +1,338 @@
+"""Latency-aware planning: choose each layer's method and rank by *measured* time on the user's
+device, not by MACs, and leave a layer dense when nothing is faster.
+
+A latency table maps (device, dtype, batch, threads, layout, torch version) × (module structure,
+input shape) to a median time. It is cached on disk, so a second plan on the same device costs
+only the decompositions. Candidate ranks are rounded to hardware-friendly multiples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rankdown import __version__
+from rankdown.allocate import default_cache_dir
+from rankdown.bench import measure_latency
+from rankdown.errors import RankdownError
+from rankdown.methods import METHODS, Method, Rank
+from rankdown.progress import progress
+from rankdown.surgery import get_module
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A per-layer decision: which method, at which rank."""
+
+    method: str
+    rank: Rank
+
+
+@dataclass(frozen=True)
+class DeviceKey:
+    device: str  # "cpu" or "cuda"
+    name: str  # processor or GPU model
+    dtype: str
+    batch: int
+    threads: int
+    channels_last: bool
+    torch: str
+
+    @classmethod
+    def current(
+        cls,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        batch: int = 1,
+        threads: int | None = None,
+        channels_last: bool = False,
+    ) -> DeviceKey:
+        if device == "cuda":
+            if not torch.cuda.is_available():
+                raise RankdownError("device 'cuda' asked for, but no CUDA device is available")
+            name = torch.cuda.get_device_name()
+        else:
+            from rankdown.bench import environment
+
+            name = environment()["cpu"]
+        return cls(
+            device,
+            name,
+            str(dtype).replace("torch.", ""),
+            batch,
+            threads or torch.get_num_threads(),
+            channels_last,
+            torch.__version__,
+        )
+
+    def slug(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+class LatencyTable:
+    """Measured layer times for one DeviceKey, persisted as JSON (written atomically)."""
+
+    def __init__(self, key: DeviceKey, cache_dir: str | Path | None = None, runs: int = 20, guard: bool = True) -> None:
+        self.key, self.runs, self.guard = key, runs, guard
+        self.path = Path(cache_dir or default_cache_dir()) / f"latency-{key.slug()}.json"
+        self.entries: dict[str, float] = {}
+        self.measured = 0  # how many entries this instance had to measure (tests and progress)
+        if self.path.is_file():
+            try:
+                data = json.loads(self.path.read_text())
+                if data.get("key") == asdict(key):
+                    self.entries = {k: float(v) for k, v in data["entries"].items()}
+            except (ValueError, KeyError, TypeError):
+                self.entries = {}
+
+    @staticmethod
+    def signature(module: nn.Module, in_shape: tuple[int, ...]) -> str:
+        # The module's repr holds every sub-layer's geometry (channels, kernel, stride, padding...).
+        return f"{tuple(in_shape)}|{module!r}"
+
+    def time(self, module: nn.Module, in_shape: tuple[int, ...]) -> float:
+        """Median ms of ``module`` on an input of ``in_shape`` (one example; the key's batch is used)."""
+        sig = self.signature(module, in_shape)
+        if sig in self.entries:
+            return self.entries[sig]
+        k = self.key
+        dtype = getattr(torch, k.dtype)
+        m = module.to(device=k.device, dtype=dtype).eval()
+        x = torch.randn((k.batch, *in_shape), device=k.device, dtype=dtype)
+        if k.device == "cuda":
+            ms = cuda_latency(m, x, runs=self.runs, channels_last=k.channels_last)
+        else:
+            ms = measure_latency(
+                m,
+                x,
+                runs=self.runs,
+                warmup=3,
+                threads=k.threads,
+                channels_last=k.channels_last,
+                guard=self.guard,
+                window_s=0.05,
+                desc="latency table",
+            ).median_ms
+        self.entries[sig] = ms
+        self.measured += 1
+        return ms
+
+    def save(self) -> None:
+        from rankdown.plan import atomic_write_text
+
+        atomic_write_text(
+            self.path, json.dumps({"key": asdict(self.key), "rankdown": __version__, "entries": self.entries}, indent=0)
+        )
+
+
+def cuda_latency(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    runs: int = 30,
+    warmup: int = 10,
+    channels_last: bool = False,
+    cuda_graph: bool = False,
+) -> float:
+    """Median ms by CUDA events after warm-up; optionally replayed from a captured CUDA graph."""
+    if channels_last and x.ndim == 4:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        for _ in range(warmup):
+            model(x)
+        fn = lambda: model(x)  # noqa: E731
+        if cuda_graph:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                model(x)
+            fn = g.replay
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(runs):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+@dataclass
+class Candidate:
+    method: str | None  # None: dense
+    rank: Rank | None
+    ms: float
+    error: float
+    macs: int
+
+
+@dataclass
+class LayerOptions:
+    name: str
+    dense_ms: float
+    candidates: list[Candidate] = field(default_factory=list)
+
+
+def _round_rank(method: Method, module: nn.Module, fraction: float, multiple: int) -> Rank:
+    cands = list(method.candidates(module))
+    r = cands[min(len(cands) - 1, max(0, round(fraction * (len(cands) - 1))))]
+    if multiple <= 1:
+        return r
+
+    def rnd(v: int) -> int:
+        return max(multiple, round(v / multiple) * multiple) if v >= multiple else v
+
+    if isinstance(r, tuple):
+        n, c = module.weight.shape[:2]
+        return (min(n, rnd(r[0])), min(c, rnd(r[1])))
+    return min(method.max_rank(module), rnd(int(r)))
+
+
+def layer_options(
+    model: nn.Module,
+    targets: list[str],
+    inputs: dict[str, torch.Tensor],
+    table: LatencyTable,
+    methods: list[str],
+    fractions: tuple[float, ...] = (0.125, 0.25, 0.375, 0.5, 0.75),
+    multiple: int = 8,
+) -> dict[str, LayerOptions]:
+    """For each target layer: its dense time, and every (method, rank) candidate with its measured
+    time and its layer-local output error on the calibration ``inputs``."""
+    from rankdown.bench import count_macs
+
+    out: dict[str, LayerOptions] = {}
+    for fqn in progress(targets, total=len(targets), desc="latency candidates"):
+        module = get_module(model, fqn)
+        x = inputs[fqn]
+        in_shape = tuple(x.shape[1:])
+        opts = LayerOptions(fqn, table.time(_clone(module), in_shape))
+        with torch.no_grad():
+            ref = module(x)
+        dense_macs = sum(count_macs(module, x[:1]).values())
+        opts.candidates.append(Candidate(None, None, opts.dense_ms, 0.0, dense_macs))
+        for name in methods:
+            handler = METHODS.get((name, type(module)))
+            if handler is None:
+                continue
+            try:
+                handler.check(fqn, module)
+            except RankdownError:
+                continue
+            seen = set()
+            for f in fractions:
+                rank = _round_rank(handler, module, f, multiple)
+                if rank in seen:
+                    continue
+                seen.add(rank)
+                fact = handler.factorize(module, rank)
+                if fact.module is None:
+                    continue
+                with torch.no_grad():
+                    err = float(torch.linalg.vector_norm(fact.module(x) - ref) / torch.linalg.vector_norm(ref))
+                macs = sum(count_macs(fact.module, x[:1]).values())
+                ms = table.time(_clone(fact.module), in_shape)
+                opts.candidates.append(Candidate(name, rank, ms, err, macs))
+        out[fqn] = opts
+    table.save()
+    return out
+
+
+def _clone(module: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(module)
+
+
+def plan_by_latency(
+    options: dict[str, LayerOptions], max_error: float, margin: float = 0.03
+) -> dict[str, Choice | None]:
+    """Per layer, the fastest candidate whose error is at most ``max_error`` — but only if the table
+    says it beats the dense layer by more than ``margin`` (noise); otherwise the layer stays dense."""
+    if not max_error > 0:
+        raise RankdownError(f"max error must be > 0, got {max_error}")
+    plan: dict[str, Choice | None] = {}
+    for name, opts in options.items():
+        ok = [
+            c
+            for c in opts.candidates
+            if c.method is not None and c.error <= max_error and c.ms < opts.dense_ms * (1 - margin)
+        ]
+        best = min(ok, key=lambda c: c.ms) if ok else None
+        plan[name] = None if best is None else Choice(best.method, best.rank)
+    return plan
+
+
+def plan_by_macs(options: dict[str, LayerOptions], max_error: float) -> dict[str, Choice | None]:
+    """The MAC-only counterpart (what peers do): the fewest MACs within the error budget."""
+    plan: dict[str, Choice | None] = {}
+    for name, opts in options.items():
+        ok = [
+            c
+            for c in opts.candidates
+            if c.method is not None and c.error <= max_error and c.macs < opts.candidates[0].macs
+        ]
+        best = min(ok, key=lambda c: c.macs) if ok else None
+        plan[name] = None if best is None else Choice(best.method, best.rank)
+    return plan
+
+
+def predicted_ms(options: dict[str, LayerOptions], plan: dict[str, Choice | None]) -> float:
+    total = 0.0
+    for name, opts in options.items():
+        choice = plan.get(name)
+        if choice is None:
+            total += opts.dense_ms
+        else:
+            total += next(c.ms for c in opts.candidates if c.method == choice.method and c.rank == choice.rank)
+    return total
+
+
+def latency_ranks(
+    model: nn.Module,
+    config,
+    calibration: torch.Tensor,
+    key: DeviceKey,
+    *,
+    max_error: float,
+    methods: list[str],
+    cache_dir: str | Path | None = None,
+    mac_only: bool = False,
+    runs: int = 20,
+    guard: bool = True,
+):
+    """A LayerRanks policy of per-layer Choices, chosen by measured time (or by MACs, for
+    comparison) under a per-layer output-error budget. Returns (policy, options)."""
+    from rankdown.api import _handler
+    from rankdown.rank import LayerRanks
+    from rankdown.surgery import select_layers
+
+    selection = select_layers(
+        model,
+        is_candidate=lambda n, m: _handler(config, n, m),
+        layers=config.layers,
+        skip=config.skip,
+        filter_fn=config.filter_fn,
+    )
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [
+        get_module(model, t).register_forward_pre_hook(lambda _m, a, t=t: inputs.__setitem__(t, a[0].detach()))
+        for t in selection.targets
+    ]
+    with torch.no_grad():
+        model.eval()(calibration)
+    for h in hooks:
+        h.remove()
+    table = LatencyTable(key, cache_dir, runs=runs, guard=guard)
+    options = layer_options(model, [t for t in selection.targets if t in inputs], inputs, table, methods)
+    plan = plan_by_macs(options, max_error) if mac_only else plan_by_latency(options, max_error)
+    src = f"{'MAC' if mac_only else 'latency'}-aware, error <= {max_error:g}, {key.device} batch {key.batch}"
+    return LayerRanks(plan, source=src), options

@@ -1,0 +1,137 @@
+"""Latency-aware planning and deploy transforms (no timing assertions: the numbers are synthetic
+or only checked for consistency)."""
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from nets import randomize_bn, tiny_resnet, tiny_vgg
+from rankdown import CompressConfig, ParamFraction, compress
+from rankdown.deploy import fold_batchnorm
+from rankdown.errors import RankdownError
+from rankdown.latency import (
+    Candidate,
+    Choice,
+    DeviceKey,
+    LatencyTable,
+    LayerOptions,
+    latency_ranks,
+    plan_by_latency,
+    plan_by_macs,
+    predicted_ms,
+)
+
+
+def options():
+    return {
+        "a": LayerOptions(
+            "a",
+            1.0,
+            [
+                Candidate(None, None, 1.0, 0.0, 100),
+                Candidate("tucker2", (4, 4), 0.5, 0.2, 30),
+                Candidate("cp", 8, 1.4, 0.1, 10),
+                Candidate("separable", 8, 0.3, 0.6, 40),
+            ],
+        ),
+        "b": LayerOptions(
+            "b",
+            1.0,
+            [
+                Candidate(None, None, 1.0, 0.0, 100),
+                Candidate("cp", 4, 2.0, 0.1, 5),
+                Candidate("tucker2", (2, 2), 0.99, 0.1, 20),
+            ],
+        ),
+    }
+
+
+def test_planner_never_picks_what_its_table_says_is_slower():
+    opts = options()
+    plan = plan_by_latency(opts, max_error=0.3)
+    assert plan["a"] == Choice("tucker2", (4, 4))  # fastest within the error budget
+    assert plan["b"] is None  # cp is slower than dense; tucker2 is within the noise margin
+    for name, choice in plan.items():
+        if choice is not None:
+            c = next(c for c in opts[name].candidates if c.method == choice.method and c.rank == choice.rank)
+            assert c.ms < opts[name].dense_ms
+    assert predicted_ms(opts, plan) == pytest.approx(1.5)
+    # The MAC-only planner picks the fewest MACs, even when slower than dense.
+    assert plan_by_macs(opts, 0.3) == {"a": Choice("cp", 8), "b": Choice("cp", 4)}
+    assert predicted_ms(opts, plan_by_macs(opts, 0.3)) > predicted_ms(opts, plan)
+    with pytest.raises(RankdownError):
+        plan_by_latency(opts, 0.0)
+
+
+def test_latency_table_is_keyed_by_device_dtype_batch_and_shape(tmp_path):
+    k1 = DeviceKey.current(batch=1, threads=1)
+    assert (
+        len(
+            {
+                k1.slug(),
+                DeviceKey.current(batch=2, threads=1).slug(),
+                DeviceKey.current(dtype=torch.float64, batch=1, threads=1).slug(),
+                DeviceKey.current(batch=1, threads=1, channels_last=True).slug(),
+            }
+        )
+        == 4
+    )
+    table = LatencyTable(k1, tmp_path, runs=2, guard=False)
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    t1 = table.time(conv, (4, 8, 8))
+    table.time(conv, (4, 8, 8))
+    table.time(conv, (4, 16, 16))  # another shape is another entry
+    assert table.measured == 2 and t1 > 0
+    table.save()
+    again = LatencyTable(k1, tmp_path, runs=2, guard=False)
+    assert again.time(conv, (4, 8, 8)) == t1 and again.measured == 0
+    other = LatencyTable(DeviceKey.current(batch=4, threads=1), tmp_path, runs=2, guard=False)
+    other.time(conv, (4, 8, 8))
+    assert other.measured == 1
+    (table.path).write_text("{broken")
+    assert LatencyTable(k1, tmp_path).entries == {}
+
+
+def test_latency_ranks_end_to_end(tmp_path):
+    model = tiny_vgg().eval()
+    calib = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    cfg = CompressConfig("tucker2", layers=("features.3", "features.7", "classifier.1"))
+    key = DeviceKey.current(batch=1, threads=1)
+    policy, _ = latency_ranks(
+        model,
+        cfg,
+        calib,
+        key,
+        max_error=0.5,
+        methods=["tucker2", "separable", "svd"],
+        cache_dir=tmp_path,
+        runs=2,
+        guard=False,
+    )
+    res = compress(model, CompressConfig("tucker2", policy, layers=cfg.layers), calib[:1])
+    for r in res.layers:
+        choice = policy.ranks[r.name]
+        assert (r.method, r.rank) == ((choice.method, choice.rank) if choice else (None, None))
+    # The saved plan records each layer's own method, and reloads.
+    plan = json.loads(res.plan.to_json())
+    assert {v["method"] for v in plan["layers"].values()} <= {"tucker2", "separable", "svd"}
+
+
+def test_fold_batchnorm_is_exact_in_float64():
+    for factory in (tiny_vgg, tiny_resnet):
+        model = randomize_bn(factory()).double().eval()
+        res = compress(
+            model, CompressConfig("tucker2", ParamFraction(0.5)), torch.zeros(1, 3, 16, 16, dtype=torch.float64)
+        )
+        x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+        for m in (model, res.model):
+            folded = copy.deepcopy(m)
+            n = fold_batchnorm(folded)
+            assert n >= 1
+            with torch.no_grad():
+                assert torch.allclose(folded(x), m(x), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorm(tiny_vgg().train())
