@@ -336,3 +336,70 @@ def latency_ranks(
     plan = plan_by_macs(options, max_error) if mac_only else plan_by_latency(options, max_error)
     src = f"{'MAC' if mac_only else 'latency'}-aware, error <= {max_error:g}, {key.device} batch {key.batch}"
     return LayerRanks(plan, source=src), options
+
+
+def plan_for_mac_budget(options: dict[str, LayerOptions], budget_macs: float) -> dict[str, Choice | None]:
+    """The plan with the least total *measured* time whose MACs fit ``budget_macs`` (the target
+    layers' share of a whole-model MAC target): a Lagrangian relaxation, each layer minimising
+    ms + λ·MACs, with λ bisected until the MACs fit. Dense stays an option for every layer."""
+
+    def pick(lam: float) -> dict[str, Candidate]:
+        return {n: min(o.candidates, key=lambda c: c.ms + lam * c.macs) for n, o in options.items()}
+
+    def macs(choice: dict[str, Candidate]) -> float:
+        return sum(c.macs for c in choice.values())
+
+    lo, hi = 0.0, 1.0
+    while macs(pick(hi)) > budget_macs:
+        hi *= 4
+        if hi > 1e12:
+            raise RankdownError("MAC budget unreachable with the measured candidates")
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if macs(pick(mid)) > budget_macs:
+            lo = mid
+        else:
+            hi = mid
+    return {n: None if c.method is None else Choice(c.method, c.rank) for n, c in pick(hi).items()}
+
+
+def timing_options(
+    model: nn.Module,
+    targets: list[str],
+    example: torch.Tensor,
+    table: LatencyTable,
+    methods: list[str],
+    fractions: tuple[float, ...] = (0.0625, 0.125, 0.25, 0.375, 0.5, 0.75),
+    multiple: int = 8,
+) -> dict[str, LayerOptions]:
+    """Like ``layer_options`` but without data: candidates are built with random weights (time does
+    not depend on the values), so a plan for a speed target costs no decomposition at all."""
+    from rankdown.bench import module_cost
+    from rankdown.rank import _meta_copy, candidate_cost
+    from rankdown.surgery import record_inputs
+
+    inputs = record_inputs(model, example[:1], targets)
+    out: dict[str, LayerOptions] = {}
+    for fqn in progress(targets, total=len(targets), desc="latency table"):
+        module = get_module(model, fqn)
+        in_shape = tuple(inputs[fqn].shape[1:])
+        dense_macs = module_cost(_meta_copy(module), inputs[fqn]).macs
+        opts = LayerOptions(fqn, table.time(_clone(module), in_shape))
+        opts.candidates.append(Candidate(None, None, opts.dense_ms, 0.0, dense_macs))
+        for name in methods:
+            handler = METHODS.get((name, type(module)))
+            if handler is None:
+                continue
+            try:
+                handler.check(fqn, module)
+            except RankdownError:
+                continue
+            for rank in {_round_rank(handler, module, f, multiple) for f in fractions}:
+                cost = candidate_cost(handler, module, rank, inputs[fqn])
+                if cost.macs >= dense_macs:
+                    continue
+                ms = table.time(handler.build(module, rank), in_shape)
+                opts.candidates.append(Candidate(name, rank, ms, 0.0, cost.macs))
+        out[fqn] = opts
+    table.save()
+    return out

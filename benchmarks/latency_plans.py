@@ -1,0 +1,179 @@
+"""Benchmark: MAC-only plans vs latency-aware plans on VGG-16 and ResNet-50 at 224×224.
+
+For a whole-model target of 2× and 4× fewer MACs (every conv but the stem, and the Linear layers):
+- MAC-only: uniform Tucker-2 (each layer keeps the same fraction of its MACs, bisected to meet the
+  target), what low-rank tools do;
+- latency-aware: rankdown measures every candidate form (Tucker-2, channel SVD, scheme-2
+  separable, CP at ranks rounded to multiples of 8; dense too) of every layer at its real input
+  shape on this machine, then picks the combination with the least measured time whose MACs meet
+  the same target (Lagrangian relaxation; see rankdown.latency.plan_for_mac_budget).
+End-to-end latency: median of guarded runs, each model in its faster layout (NCHW or
+channels_last), batch 1, 2 threads. Weights are random (latency does not depend on them).
+
+    python benchmarks/latency_plans.py            # CPU; add --device cuda on a GPU machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rankdown import CompressConfig, MacFraction, compress
+from rankdown.bench import best_latency, environment, model_cost
+from rankdown.latency import DeviceKey, LatencyTable, cuda_latency, plan_for_mac_budget, predicted_ms, timing_options
+from rankdown.plan import atomic_write_text
+from rankdown.rank import LayerRanks
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).parent))
+import zoo  # noqa: E402
+
+METHODS = ["tucker2", "channel-svd", "separable", "cp", "svd"]
+
+
+def targets_of(model: nn.Module, stem: str) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n != stem]
+
+
+def uniform_tucker(model, targets, target, example):
+    """Largest uniform per-layer MAC fraction (Tucker-2; SVD for Linear) meeting the whole-model target."""
+    dense = model_cost(model, example).macs
+    lo, hi, best = 0.01, 1.0 / target, None
+    for _ in range(10):
+        mid = (lo + hi) / 2
+        res = compress(model, CompressConfig("tucker2", MacFraction(mid), layers=tuple(targets)), example)
+        if dense / model_cost(res.model, example).macs >= target:
+            best, lo = res, mid
+        else:
+            hi = mid
+    return best
+
+
+def e2e(model: nn.Module, x: torch.Tensor, device: str, runs: int) -> dict:
+    if device == "cuda":
+        m, xx = model.to("cuda", torch.bfloat16), x.to("cuda", torch.bfloat16)
+        lats = {cl: cuda_latency(m, xx, runs=runs, channels_last=cl) for cl in (False, True)}
+        cl = min(lats, key=lats.get)
+        return {"median_ms": lats[cl], "channels_last": cl}
+    return best_latency(model, x, runs=runs, threads=2, guard=True).to_dict()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nets", default="vgg16,resnet50")
+    ap.add_argument("--targets", default="2,4")
+    ap.add_argument("--runs", type=int, default=11)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/latency_plans.json"))
+    ap.add_argument("--from-json", action="store_true")
+    args = ap.parse_args()
+    if args.from_json:
+        result = json.loads(Path(args.out).read_text())
+    else:
+        torch.set_num_threads(2)
+        t0 = time.time()
+        rows = []
+        for net in args.nets.split(","):
+            torch.manual_seed(0)
+            model = getattr(zoo, net)().eval()
+            stem = "features.0" if net == "vgg16" else "conv1"
+            targets = targets_of(model, stem)
+            example = torch.zeros(1, 3, 224, 224)
+            x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+            dense_cost = model_cost(model, example).macs
+            dense_lat = e2e(model, x, args.device, args.runs)
+            dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+            key = DeviceKey.current(args.device, dtype, 1, 2, channels_last=True)
+            table = LatencyTable(key, args.cache_dir, runs=10)
+            options = timing_options(model, targets, example, table, METHODS)
+            fixed = dense_cost - sum(o.candidates[0].macs for o in options.values())
+            for target in (float(t) for t in args.targets.split(",")):
+                naive = uniform_tucker(model, targets, target, example)
+                plan = plan_for_mac_budget(options, dense_cost / target - fixed)
+                aware = compress(
+                    model, CompressConfig("tucker2", LayerRanks(plan, "latency"), layers=tuple(targets)), example
+                )
+                for how, res in (("MAC-only (uniform Tucker-2)", naive), ("latency-aware", aware)):
+                    lat = e2e(res.model, x, args.device, args.runs)
+                    theo = dense_cost / model_cost(res.model, example).macs
+                    row = {
+                        "net": net,
+                        "target": target,
+                        "plan": how,
+                        "theoretical": theo,
+                        "dense_ms": dense_lat["median_ms"],
+                        "ms": lat["median_ms"],
+                        "speedup": dense_lat["median_ms"] / lat["median_ms"],
+                        "latency": lat,
+                        "dense_latency": dense_lat,
+                        "methods": sorted({r.method for r in res.layers if r.method}),
+                        "dense_layers": sum(1 for r in res.layers if not r.method),
+                    }
+                    row["ratio"] = row["speedup"] / theo
+                    if how == "latency-aware":
+                        row["predicted_layer_ms"] = predicted_ms(options, plan)
+                        row["choices"] = {k: dataclasses.asdict(v) if v else None for k, v in plan.items()}
+                    rows.append(row)
+                    print(
+                        json.dumps(
+                            {
+                                k: row[k]
+                                for k in ("net", "target", "plan", "theoretical", "dense_ms", "ms", "speedup", "ratio")
+                            }
+                        ),
+                        flush=True,
+                    )
+        result = {
+            "command": "python benchmarks/latency_plans.py " + " ".join(sys.argv[1:]),
+            "environment": environment(),
+            "device": args.device,
+            "rows": rows,
+            "seconds": time.time() - t0,
+        }
+        atomic_write_text(Path(args.out), json.dumps(result, indent=1, default=str) + "\n")
+    write_markdown(result, ROOT / "docs/benchmarks.md")
+
+
+def write_markdown(result: dict, path: Path) -> None:
+    env = result["environment"]
+    lines = [
+        "## Measured speed: MAC-only vs latency-aware plans on VGG-16 and ResNet-50",
+        "",
+        f"Command: `{result['command'].strip()}` ({result['seconds'] / 60:.0f} min); raw results "
+        "`benchmarks/results/latency_plans.json`.",
+        "",
+        f"Machine: {env['cpu']}, {env['cpu_count']} CPUs; torch {env['torch']}; {result['device']}, batch 1, "
+        "2 threads, 224×224, random weights. Whole-model targets of 2× and 4× fewer MACs; every conv but the stem "
+        "and the Linear layers may be factorized. Speedups are against the dense model in its faster layout; "
+        "meas/theo is measured speedup ÷ MAC reduction (the issue's target: ≥ 0.8).",
+        "",
+        "| net | target | plan | MAC reduction | dense ms | plan ms | measured speedup | meas/theo | forms used |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in result["rows"]:
+        forms = ", ".join(r["methods"]) + (f"; {r['dense_layers']} dense" if r["dense_layers"] else "")
+        lines.append(
+            f"| {r['net']} | {r['target']:.0f}× | {r['plan']} | {r['theoretical']:.2f}× | "
+            f"{r['dense_ms']:.1f} | {r['ms']:.1f} | {r['speedup']:.2f}× | **{r['ratio']:.2f}** | {forms} |"
+        )
+    lines.append("")
+    start, end = "<!-- latency_plans:start -->", "<!-- latency_plans:end -->"
+    text = path.read_text()
+    block = f"{start}\n" + "\n".join(lines) + f"{end}\n"
+    if start in text:
+        text = text.split(start)[0] + block + text.split(end, 1)[1].lstrip("\n")
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    atomic_write_text(path, text)
+
+
+if __name__ == "__main__":
+    main()
