@@ -394,3 +394,78 @@ def test_finetune_train_and_resume_on_data_slice(tmp_path, fake_fashion, has_bun
     assert p.returncode == 2 and "--force" in p.stderr
     p = cli(["train", "--model", "nets:tiny_vgg", "--out", str(tmp_path / "x.safetensors"), "-q"], tmp_path)
     assert p.returncode == 2 and "no bundled dataset" in p.stderr
+
+
+def test_bench_and_latency_aware_compress(tmp_path):
+    out = tmp_path / "out"
+    p = cli(
+        [
+            "compress",
+            "--model",
+            "nets:tiny_vgg",
+            "--input-shape",
+            "3,16,16",
+            "--latency-aware",
+            "--max-error",
+            "0.6",
+            "--methods",
+            "tucker2,separable,svd",
+            "--calibration",
+            "8",
+            "--cache-dir",
+            str(tmp_path / "c"),
+            "--out",
+            str(out),
+            "--no-latency",
+            "--no-guard",
+            "-q",
+        ],
+        tmp_path,
+    )
+    assert p.returncode == 0, p.stderr
+    assert "latency-aware" in json.loads((out / "plan.json").read_text())["meta"]["policy"]["layer_ranks"]
+    p = cli(
+        [
+            "bench",
+            str(out),
+            "--per-layer",
+            "--fold-bn",
+            "--runs",
+            "2",
+            "--batch-sizes",
+            "1,2",
+            "--no-guard",
+            "--json",
+            str(tmp_path / "b.json"),
+            "-q",
+        ],
+        tmp_path,
+    )
+    assert p.returncode == 0, p.stderr
+    res = json.loads((tmp_path / "b.json").read_text())
+    assert [r["batch"] for r in res["end_to_end"]] == [1, 2] and "ratio" in res["end_to_end"][0]
+    p = cli(
+        ["bench", "nets:tiny_vgg", "--input-shape", "3,16,16", "--runs", "2", "--batch-sizes", "1", "--no-guard", "-q"],
+        tmp_path,
+    )
+    assert p.returncode == 0 and "model ms" in p.stdout, p.stderr
+    p = cli(["bench", "nets:tiny_vgg", "--input-shape", "3,16,16", "--device", "cuda", "-q"], tmp_path)
+    if not __import__("torch").cuda.is_available():
+        assert p.returncode == 2 and "no CUDA device" in p.stderr
+    p = cli(
+        [
+            "compress",
+            "--model",
+            "nets:tiny_vgg",
+            "--input-shape",
+            "3,16,16",
+            "--latency-aware",
+            "--rank",
+            "4",
+            "--out",
+            str(tmp_path / "x"),
+            "-q",
+        ],
+        tmp_path,
+    )
+    assert p.returncode == 2 and "chooses ranks itself" in p.stderr
