@@ -36,6 +36,7 @@ from rankdown.train import evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
+from common import write_section  # noqa: E402
 from fashion_speed import compress_to_target  # noqa: E402
 
 
@@ -155,14 +156,7 @@ def write_markdown(result: dict, path: Path) -> None:
                 cells.append(f"{100 * r['accuracy']:.2f}% (÷{r['macs_reduction']:.2f})")
             lines.append(f"| {method} | {target:.0f}× | " + " | ".join(cells) + " |")
     lines += ["", "![allocation](img/allocation.png)", ""]
-    start, end = "<!-- allocation:start -->", "<!-- allocation:end -->"
-    text = path.read_text()
-    block = f"{start}\n" + "\n".join(lines) + f"{end}\n"
-    if start in text:
-        text = text.split(start)[0] + block + text.split(end, 1)[1].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    atomic_write_text(path, text)
+    write_section(path, "allocation", "\n".join(lines))
 
 
 if __name__ == "__main__":

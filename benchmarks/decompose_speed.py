@@ -36,6 +36,8 @@ from rankdown.decompose import cp, tucker2
 from rankdown.plan import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).parent))
+from common import write_section  # noqa: E402
 
 
 def vgg16_convs() -> list[tuple[int, int, int, int]]:
@@ -261,15 +263,7 @@ def main() -> None:
             "seconds": time.time() - t0,
         }
         atomic_write_text(Path(args.out), json.dumps(result, indent=1) + "\n")
-    md_path = Path(args.markdown)
-    start, end = "<!-- decompose_speed:start -->", "<!-- decompose_speed:end -->"
-    text = md_path.read_text() if md_path.exists() else "# Benchmarks\n"
-    block = f"{start}\n{markdown(result)}{end}\n"
-    if start in text:
-        text = text.split(start)[0] + block + text.split(end, 1)[1].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    atomic_write_text(md_path, text)
+    write_section(Path(args.markdown), "decompose_speed", markdown(result))
     print(markdown(result))
 
 

@@ -31,6 +31,9 @@ from rankdown.rank import LayerRanks
 from rankdown.train import evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).parent))
+from common import write_section  # noqa: E402
+
 LAYERS = ("features.3", "features.7", "features.10", "classifier.2")
 BUDGETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 
@@ -144,14 +147,7 @@ def write_markdown(result: dict, path: Path) -> None:
             f"{r['speedup']['1']:.2f}× | {r['speedup']['64']:.2f}× |"
         )
     lines += ["", "![accuracy vs measured speed](img/fashion_latency_aware.png)", ""]
-    start, end = "<!-- fashion_latency_aware:start -->", "<!-- fashion_latency_aware:end -->"
-    text = path.read_text()
-    block = f"{start}\n" + "\n".join(lines) + f"{end}\n"
-    if start in text:
-        text = text.split(start)[0] + block + text.split(end, 1)[1].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    atomic_write_text(path, text)
+    write_section(path, "fashion_latency_aware", "\n".join(lines))
 
 
 if __name__ == "__main__":

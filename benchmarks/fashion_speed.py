@@ -29,6 +29,8 @@ from rankdown.plan import atomic_write_text
 from rankdown.train import evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).parent))
+from common import write_section  # noqa: E402
 
 
 def compress_to_target(model, method: str, target: float, example: torch.Tensor):
@@ -174,10 +176,6 @@ def plot(result: dict, path: Path) -> None:
 def write_markdown(result: dict, path: Path, plot_path: Path, json_path: Path) -> None:
     env, dense = result["environment"], result["dense"]
     lines = [
-        "# Benchmarks",
-        "",
-        "Every number here is written by the script named in its section; rerun it to refresh.",
-        "",
         "## Bundled Fashion-MNIST model: Tucker-2 and channel SVD at 2× and 4× fewer MACs",
         "",
         f"Command: `{result['command']}` (about {result['seconds'] / 60:.0f} min). Raw results: "
@@ -219,11 +217,7 @@ def write_markdown(result: dict, path: Path, plot_path: Path, json_path: Path) -
         )
         lines.append(f"- {r['method']} {r['target']:.0f}×: {ranks}")
     lines.append("")
-    marker = "<!-- fashion_speed:end -->"
-    text = "\n".join(lines) + marker + "\n"
-    if path.exists() and marker in path.read_text():
-        text += path.read_text().split(marker, 1)[1].lstrip("\n")
-    atomic_write_text(path, text)
+    write_section(path, "fashion_speed", "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -33,19 +33,11 @@ from rankdown.plan import atomic_write_text
 from rankdown.train import TrainConfig, evaluate, finetune
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).parent))
+from common import write_section  # noqa: E402
+
 ENERGIES = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.99)
 LAYERS = ("features.3", "features.7", "features.10")
-
-
-def section(path: Path, name: str, body: str) -> None:
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    text = path.read_text() if path.exists() else "# Training\n"
-    block = f"{start}\n{body}{end}\n"
-    if start in text:
-        text = text.split(start)[0] + block + text.split(end, 1)[1].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    atomic_write_text(path, text)
 
 
 def main() -> None:
@@ -191,7 +183,7 @@ def write_markdown(result: dict, path: Path) -> None:
             f"{100 * b['accuracy']:.2f}% | {b['macs_reduction']:.2f}× | {b['params_reduction']:.2f}× | {ranks} |"
         )
     lines += ["", "![spectra](img/force_reg_spectra.png)", ""]
-    section(path, "force_reg", "\n".join(lines))
+    write_section(path, "force_reg", "\n".join(lines), title="# Training")
 
 
 if __name__ == "__main__":

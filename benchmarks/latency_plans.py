@@ -34,6 +34,7 @@ from rankdown.rank import LayerRanks
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
 import zoo  # noqa: E402
+from common import write_section  # noqa: E402
 
 METHODS = ["tucker2", "channel-svd", "separable", "cp", "svd"]
 
@@ -165,14 +166,7 @@ def write_markdown(result: dict, path: Path) -> None:
             f"{r['dense_ms']:.1f} | {r['ms']:.1f} | {r['speedup']:.2f}× | **{r['ratio']:.2f}** | {forms} |"
         )
     lines.append("")
-    start, end = "<!-- latency_plans:start -->", "<!-- latency_plans:end -->"
-    text = path.read_text()
-    block = f"{start}\n" + "\n".join(lines) + f"{end}\n"
-    if start in text:
-        text = text.split(start)[0] + block + text.split(end, 1)[1].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    atomic_write_text(path, text)
+    write_section(path, "latency_plans", "\n".join(lines))
 
 
 if __name__ == "__main__":

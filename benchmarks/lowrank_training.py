@@ -36,7 +36,7 @@ from rankdown.train import TrainConfig, evaluate, finetune, train_classifier
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
-from force_regularization import section  # noqa: E402
+from common import write_section  # noqa: E402
 
 LAYERS = ("features.3", "features.7", "features.10")
 
@@ -135,7 +135,7 @@ def write_markdown(r: dict, path: Path) -> None:
         f"({r['scratch_seconds'] / 60:.1f} min) | {100 * r['scratch_accuracy']:.2f}% |",
         "",
     ]
-    section(path, "lowrank_training", "\n".join(lines))
+    write_section(path, "lowrank_training", "\n".join(lines), title="# Training")
 
 
 if __name__ == "__main__":

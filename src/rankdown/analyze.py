@@ -11,10 +11,10 @@ from torch import nn
 
 from rankdown import decompose
 from rankdown.allocate import sensitivity
-from rankdown.api import CompressConfig, _handler
+from rankdown.api import CompressConfig, _handler, select_targets
 from rankdown.bench import count_macs
 from rankdown.plan import _atomic_write_dir
-from rankdown.surgery import record_inputs, select_layers
+from rankdown.surgery import record_inputs
 
 
 def _unfoldings(w: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -33,13 +33,7 @@ def analyze_model(
 ) -> dict:
     """Per-layer spectra, EVBMF and energy ranks, and sensitivity (error vs kept MACs)."""
     model = model.eval()
-    selection = select_layers(
-        model,
-        is_candidate=lambda n, m: _handler(config, n, m),
-        layers=config.layers,
-        skip=config.skip,
-        filter_fn=config.filter_fn,
-    )
+    selection = select_targets(model, config)
     example = calibration[:1]
     inputs = record_inputs(model, example, selection.targets)
     targets = {n: _handler(config, n, model.get_submodule(n)) for n in selection.targets if n in inputs}

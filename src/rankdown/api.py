@@ -16,7 +16,7 @@ from rankdown.methods import Method, Rank, get_method, method_names, resolve_met
 from rankdown.plan import LayerPlan, Plan
 from rankdown.progress import progress
 from rankdown.rank import LayerRanks, ParamFraction, RankPolicy, candidate_cost, choose_rank, policy_to_dict
-from rankdown.surgery import FilterFn, record_inputs, replace_module, select_layers
+from rankdown.surgery import FilterFn, Selection, record_inputs, replace_module, select_layers
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,17 @@ def _handler(config: CompressConfig, fqn: str, module: nn.Module) -> Method:
     return handler
 
 
+def select_targets(model: nn.Module, config: CompressConfig) -> Selection:
+    """The layers ``config`` selects in ``model`` (unsupported ones are reported as skipped)."""
+    return select_layers(
+        model,
+        is_candidate=lambda n, m: _handler(config, n, m),
+        layers=config.layers,
+        skip=config.skip,
+        filter_fn=config.filter_fn,
+    )
+
+
 def compress(
     model: nn.Module,
     config: CompressConfig,
@@ -94,13 +105,7 @@ def compress(
         model = copy.deepcopy(model)
     model.eval()
     example = example_input[:1]
-    selection = select_layers(
-        model,
-        is_candidate=lambda n, m: _handler(config, n, m),
-        layers=config.layers,
-        skip=config.skip,
-        filter_fn=config.filter_fn,
-    )
+    selection = select_targets(model, config)
     inputs = record_inputs(model, example, selection.targets)
     before = layer_costs(model, example, selection.targets + list(selection.skipped))
     rows: list[LayerReport] = []
@@ -215,13 +220,7 @@ def allocate_ranks(
     from rankdown.bench import model_cost
 
     model = model.eval()
-    selection = select_layers(
-        model,
-        is_candidate=lambda n, m: _handler(config, n, m),
-        layers=config.layers,
-        skip=config.skip,
-        filter_fn=config.filter_fn,
-    )
+    selection = select_targets(model, config)
     example = calibration[:1]
     inputs = record_inputs(model, example, selection.targets)
     targets = {n: _handler(config, n, model.get_submodule(n)) for n in selection.targets if n in inputs}

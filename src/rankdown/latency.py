@@ -311,17 +311,10 @@ def latency_ranks(
 ):
     """A LayerRanks policy of per-layer Choices, chosen by measured time (or by MACs, for
     comparison) under a per-layer output-error budget. Returns (policy, options)."""
-    from rankdown.api import _handler
+    from rankdown.api import select_targets
     from rankdown.rank import LayerRanks
-    from rankdown.surgery import select_layers
 
-    selection = select_layers(
-        model,
-        is_candidate=lambda n, m: _handler(config, n, m),
-        layers=config.layers,
-        skip=config.skip,
-        filter_fn=config.filter_fn,
-    )
+    selection = select_targets(model, config)
     inputs: dict[str, torch.Tensor] = {}
     hooks = [
         get_module(model, t).register_forward_pre_hook(lambda _m, a, t=t: inputs.__setitem__(t, a[0].detach()))
