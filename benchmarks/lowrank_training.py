@@ -43,7 +43,7 @@ LAYERS = ("features.3", "features.7", "features.10")
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scratch-epochs", type=int, default=10)
+    ap.add_argument("--scratch-epochs", type=int, default=5)
     ap.add_argument("--finetune-epochs", type=int, default=1)
     ap.add_argument("--train-limit", type=int, default=None)
     ap.add_argument("--eval-limit", type=int, default=None)
