@@ -78,9 +78,6 @@ class LayerCurve:
     method: str
     options: list[Option] = field(default_factory=list)  # ascending cost, dense last
 
-    def cost(self, i: int, kind: str) -> int:
-        return getattr(self.options[i], kind)
-
 
 def _grid(cands: list[Rank], points: int, round_to: int) -> list[Rank]:
     if round_to > 1:
