@@ -332,28 +332,32 @@ def latency_ranks(
 
 
 def plan_for_mac_budget(options: dict[str, LayerOptions], budget_macs: float) -> dict[str, Choice | None]:
-    """The plan with the least total *measured* time whose MACs fit ``budget_macs`` (the target
-    layers' share of a whole-model MAC target): a Lagrangian relaxation, each layer minimising
-    ms + λ·MACs, with λ bisected until the MACs fit. Dense stays an option for every layer."""
+    """A plan that meets a MAC budget (the target layers' share of a whole-model target) while
+    keeping as much of it as possible in the forms that cost the least measured time for what
+    they keep: each layer minimises ms − λ·MACs (MACs kept stand in for accuracy), with λ >= 0
+    bisected to the largest value whose plan still fits the budget. λ = 0 would be the fastest
+    plan regardless of how little it keeps; dense stays an option for every layer."""
 
     def pick(lam: float) -> dict[str, Candidate]:
-        return {n: min(o.candidates, key=lambda c: c.ms + lam * c.macs) for n, o in options.items()}
+        return {n: min(o.candidates, key=lambda c: c.ms - lam * c.macs) for n, o in options.items()}
 
     def macs(choice: dict[str, Candidate]) -> float:
         return sum(c.macs for c in choice.values())
 
-    lo, hi = 0.0, 1.0
-    while macs(pick(hi)) > budget_macs:
-        hi *= 4
+    if macs(pick(0.0)) > budget_macs:
+        raise RankdownError("MAC budget unreachable with the measured candidates")
+    lo, hi = 0.0, 1e-9
+    while macs(pick(hi)) <= budget_macs:
+        lo, hi = hi, hi * 4
         if hi > 1e12:
-            raise RankdownError("MAC budget unreachable with the measured candidates")
-    for _ in range(60):
+            break
+    for _ in range(80):
         mid = (lo + hi) / 2
-        if macs(pick(mid)) > budget_macs:
+        if macs(pick(mid)) <= budget_macs:
             lo = mid
         else:
             hi = mid
-    return {n: None if c.method is None else Choice(c.method, c.rank) for n, c in pick(hi).items()}
+    return {n: None if c.method is None else Choice(c.method, c.rank) for n, c in pick(lo).items()}
 
 
 def timing_options(
