@@ -66,12 +66,13 @@ class Method(ABC):
     def max_rank(self, module: nn.Module) -> int:
         """Largest meaningful integer rank (what ``--rank`` is checked against)."""
 
-    @abstractmethod
-    def rank_from_int(self, module: nn.Module, rank: int) -> Rank: ...
+    def rank_from_int(self, module: nn.Module, rank: int) -> Rank:
+        _check_int_rank(self, module, rank)
+        return rank
 
-    @abstractmethod
     def candidates(self, module: nn.Module) -> Sequence[Rank]:
-        """Ranks in increasing cost, the last one exact."""
+        """Ranks in increasing cost, the last one exact (or, for CP, the last that still saves)."""
+        return range(1, self.max_rank(module) + 1)
 
     @abstractmethod
     def energy_rank(self, module: nn.Module, energy: float) -> Rank: ...
@@ -156,13 +157,6 @@ class LinearSVD(Method):
     def max_rank(self, module: nn.Module) -> int:
         return min(module.weight.shape)
 
-    def rank_from_int(self, module: nn.Module, rank: int) -> Rank:
-        _check_int_rank(self, module, rank)
-        return rank
-
-    def candidates(self, module: nn.Module) -> Sequence[Rank]:
-        return range(1, self.max_rank(module) + 1)
-
     def energy_rank(self, module: nn.Module, energy: float) -> Rank:
         return decompose.energy_rank(decompose.singular_values(module.weight), energy)
 
@@ -195,13 +189,6 @@ class ChannelSVD(_ConvMethod):
 
     def max_rank(self, module: nn.Module) -> int:
         return min(module.weight.shape[0], module.weight[0].numel())
-
-    def rank_from_int(self, module: nn.Module, rank: int) -> Rank:
-        _check_int_rank(self, module, rank)
-        return rank
-
-    def candidates(self, module: nn.Module) -> Sequence[Rank]:
-        return range(1, self.max_rank(module) + 1)
 
     def energy_rank(self, module: nn.Module, energy: float) -> Rank:
         w = module.weight
@@ -296,13 +283,6 @@ class CP(_ConvMethod):
         n, c, kh, kw = module.weight.shape
         return max(1, math.ceil(n * c * kh * kw / (n + c + kh + kw)))
 
-    def rank_from_int(self, module: nn.Module, rank: int) -> Rank:
-        _check_int_rank(self, module, rank)
-        return rank
-
-    def candidates(self, module: nn.Module) -> Sequence[Rank]:
-        return range(1, self.max_rank(module) + 1)
-
     def energy_rank(self, module: nn.Module, energy: float) -> Rank:
         raise RankError("an energy threshold has no meaning for CP ranks; use --rank, --params or --macs")
 
@@ -348,13 +328,6 @@ class Separable(_ConvMethod):
     def max_rank(self, module: nn.Module) -> int:
         return min(decompose.separable_unfolding(module.weight).shape)
 
-    def rank_from_int(self, module: nn.Module, rank: int) -> Rank:
-        _check_int_rank(self, module, rank)
-        return rank
-
-    def candidates(self, module: nn.Module) -> Sequence[Rank]:
-        return range(1, self.max_rank(module) + 1)
-
     def energy_rank(self, module: nn.Module, energy: float) -> Rank:
         return decompose.energy_rank(decompose.singular_values(decompose.separable_unfolding(module.weight)), energy)
 
@@ -386,13 +359,6 @@ class TensorTrain(Method):
 
     def max_rank(self, module: nn.Module) -> int:
         return max(decompose.tt_full_ranks(*self.modes(module)))
-
-    def rank_from_int(self, module: nn.Module, rank: int) -> Rank:
-        _check_int_rank(self, module, rank)
-        return rank
-
-    def candidates(self, module: nn.Module) -> Sequence[Rank]:
-        return range(1, self.max_rank(module) + 1)
 
     def energy_rank(self, module: nn.Module, energy: float) -> Rank:
         raise RankError("an energy threshold is not implemented for TT ranks; use --rank, --params or --macs")
