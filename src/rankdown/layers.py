@@ -121,6 +121,25 @@ class Tucker2Conv2d(nn.Sequential):
         return torch.einsum("abij,na,bc->ncij", self[1].weight, self[2].weight[:, :, 0, 0], self[0].weight[:, :, 0, 0])
 
 
+def _axis_convs(
+    dense: nn.Conv2d, c_in: int, c_mid: int, c_out: int, *, groups: int = 1, bias: bool = False
+) -> tuple[nn.Conv2d, nn.Conv2d]:
+    """The kh×1 and 1×kw convs that split ``dense``'s geometry by axis, vertical first: stride,
+    padding and dilation go to the axis they act on. Reflect, replicate and circular padding are
+    separable by axis too, so every padding mode is carried exactly. (One home for CP and scheme 2.)"""
+    if isinstance(dense.padding, str):
+        raise ValueError("string padding ('same'/'valid') must be resolved before splitting a conv by axis")
+    kw = {"device": dense.weight.device, "dtype": dense.weight.dtype, "padding_mode": dense.padding_mode}
+    (kh, kw_), (sh, sw), (dh, dw), (ph, pw) = dense.kernel_size, dense.stride, dense.dilation, dense.padding
+    vert = nn.Conv2d(
+        c_in, c_mid, (kh, 1), stride=(sh, 1), padding=(ph, 0), dilation=(dh, 1), groups=groups, bias=False, **kw
+    )
+    horz = nn.Conv2d(
+        c_mid, c_out, (1, kw_), stride=(1, sw), padding=(0, pw), dilation=(1, dw), groups=groups, bias=bias, **kw
+    )
+    return vert, horz
+
+
 class CPConv2d(nn.Sequential):
     """CP (Lebedev et al.): ``1×1 C→R`` → depthwise ``kh×1`` → depthwise ``1×kw`` → ``1×1 R→N``.
 
@@ -130,17 +149,8 @@ class CPConv2d(nn.Sequential):
 
     @classmethod
     def build(cls, dense: nn.Conv2d, rank: int) -> CPConv2d:
-        kw = {"device": dense.weight.device, "dtype": dense.weight.dtype, "padding_mode": dense.padding_mode}
-        if isinstance(dense.padding, str):
-            raise ValueError("string padding ('same'/'valid') must be resolved before building a CP layer")
-        (kh, kw_), (sh, sw), (dh, dw), (ph, pw) = dense.kernel_size, dense.stride, dense.dilation, dense.padding
         first = _pointwise(dense.in_channels, rank, False, dense)
-        vert = nn.Conv2d(
-            rank, rank, (kh, 1), stride=(sh, 1), padding=(ph, 0), dilation=(dh, 1), groups=rank, bias=False, **kw
-        )
-        horz = nn.Conv2d(
-            rank, rank, (1, kw_), stride=(1, sw), padding=(0, pw), dilation=(1, dw), groups=rank, bias=False, **kw
-        )
+        vert, horz = _axis_convs(dense, rank, rank, rank, groups=rank, bias=False)
         last = _pointwise(rank, dense.out_channels, dense.bias is not None, dense)
         return cls(first, vert, horz, last)
 
@@ -239,23 +249,7 @@ class SeparableConv2d(nn.Sequential):
 
     @classmethod
     def build(cls, dense: nn.Conv2d, rank: int, batch_norm: bool = False) -> SeparableConv2d:
-        if isinstance(dense.padding, str):
-            raise ValueError("string padding ('same'/'valid') must be resolved before building a separable layer")
-        kw = {"device": dense.weight.device, "dtype": dense.weight.dtype, "padding_mode": dense.padding_mode}
-        (kh, kw_), (sh, sw), (dh, dw), (ph, pw) = dense.kernel_size, dense.stride, dense.dilation, dense.padding
-        vert = nn.Conv2d(
-            dense.in_channels, rank, (kh, 1), stride=(sh, 1), padding=(ph, 0), dilation=(dh, 1), bias=False, **kw
-        )
-        horz = nn.Conv2d(
-            rank,
-            dense.out_channels,
-            (1, kw_),
-            stride=(1, sw),
-            padding=(0, pw),
-            dilation=(1, dw),
-            bias=dense.bias is not None,
-            **kw,
-        )
+        vert, horz = _axis_convs(dense, dense.in_channels, rank, dense.out_channels, bias=dense.bias is not None)
         mid = [nn.BatchNorm2d(rank, device=dense.weight.device, dtype=dense.weight.dtype)] if batch_norm else []
         return cls(vert, *mid, horz)
 
@@ -264,9 +258,9 @@ class SeparableConv2d(nn.Sequential):
         layer = cls.build(dense, vertical.shape[0])
         with torch.no_grad():
             layer[0].weight.copy_(vertical)
-            layer[1].weight.copy_(horizontal)
+            layer[-1].weight.copy_(horizontal)
             if dense.bias is not None:
-                layer[1].bias.copy_(dense.bias)
+                layer[-1].bias.copy_(dense.bias)
         return layer
 
     @property
