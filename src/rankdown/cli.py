@@ -587,8 +587,8 @@ def analyze(model_spec, weights, input_shape, method, sensitivity, calibration, 
     set_quiet(quiet)
     if Path(out).exists() and any(Path(out).iterdir()) and not force:
         raise OutputExistsError(f"output folder {out} is not empty; pass --force to replace it")
-    shape = input_shape_for(model_spec, input_shape)
     model = build_model(model_spec, weights)
+    shape = input_shape_for(model_spec, input_shape)
     skip = BUNDLED[model_spec].default_skip if model_spec in BUNDLED else ()
     calib = calibration_inputs(model_spec, shape, calibration, data_dir)
     result = analyze_model(model, CompressConfig(method, skip=skip), calib, criterion=sensitivity, cache_dir=cache_dir)

@@ -434,9 +434,11 @@ def run_bench(
         models["compressed"] = saved.model
         if saved.dense is not None:
             models["dense"] = saved.dense
+    elif Path(target).exists() or ("/" in target and ":" not in target):
+        raise RankdownError(f"{target} holds no plan.json: not a rankdown output folder (nor a model name)")
     else:
-        shape = input_shape_for(target, input_shape)
         models["model"] = build_model(target, weights)
+        shape = input_shape_for(target, input_shape)
     if o.fold_bn:
         for m in models.values():
             fold_batchnorm(m)
