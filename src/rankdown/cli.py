@@ -230,9 +230,26 @@ def main() -> None:
 @click.option(
     "--calibration",
     type=click.IntRange(min=1),
-    default=256,
+    default=None,
+    help="Calibration examples (bundled models: training images). Given, the factorized layers are "
+    "refitted to the dense layers' outputs on them (see --reconstruct); also the examples for "
+    "sensitivity sweeps (default 256) and latency-aware error budgets (default 64).",
+)
+@click.option(
+    "--reconstruct",
+    type=click.Choice(["joint", "data", "filter"]),
+    default="joint",
     show_default=True,
-    help="Examples used to measure sensitivity (bundled models: training images).",
+    help="With --calibration: fit each factorized layer to the dense layer's output on its input in "
+    "the already-approximated network (joint, compensates upstream error), on its dense input "
+    "(data), or keep the weight fit (filter).",
+)
+@click.option(
+    "--calibration-epochs",
+    type=click.IntRange(min=0),
+    default=8,
+    show_default=True,
+    help="Adam epochs for layers without a closed-form data fit (all but svd / channel-svd).",
 )
 @click.option(
     "--round-to",
@@ -307,6 +324,8 @@ def compress(
     speedup,
     sensitivity,
     calibration,
+    reconstruct,
+    calibration_epochs,
     round_to,
     cache_dir,
     layers,
@@ -379,7 +398,15 @@ def compress(
         from rankdown.pipeline import AllocationOptions
 
         budget = Budget(macs=target_macs, params=target_params, speedup=speedup)
-        allocation = AllocationOptions(budget, sensitivity, calibration, round_to, cache_dir)
+        allocation = AllocationOptions(budget, sensitivity, calibration or 256, round_to, cache_dir)
+    reconstruction = None
+    if calibration is not None and reconstruct != "filter":
+        from rankdown.calibrate import CalibrationConfig
+        from rankdown.pipeline import ReconstructionOptions
+
+        reconstruction = ReconstructionOptions(
+            calibration, CalibrationConfig(mode=reconstruct, epochs=calibration_epochs, seed=seed)
+        )
     _, report = run_compress(
         model_spec,
         config,
@@ -394,8 +421,13 @@ def compress(
         if finetune_epochs
         else None,
         train_limit=train_limit,
+        reconstruction=reconstruction,
         latency_aware=LatencyOptions(
-            max_error, method_list.split(","), latency_batch, calibration=min(calibration, 64), cache_dir=cache_dir
+            max_error,
+            method_list.split(","),
+            latency_batch,
+            calibration=min(calibration or 64, 64),
+            cache_dir=cache_dir,
         )
         if latency_aware
         else None,

@@ -122,7 +122,7 @@ class Tucker2Conv2d(nn.Sequential):
 
 
 def _axis_convs(
-    dense: nn.Conv2d, c_in: int, c_mid: int, c_out: int, *, groups: int = 1, bias: bool = False
+    dense: nn.Conv2d, c_in: int, c_mid: int, c_out: int, *, groups: int | tuple[int, int] = 1, bias: bool = False
 ) -> tuple[nn.Conv2d, nn.Conv2d]:
     """The kh×1 and 1×kw convs that split ``dense``'s geometry by axis, vertical first: stride,
     padding and dilation go to the axis they act on. Reflect, replicate and circular padding are
@@ -131,11 +131,12 @@ def _axis_convs(
         raise ValueError("string padding ('same'/'valid') must be resolved before splitting a conv by axis")
     kw = {"device": dense.weight.device, "dtype": dense.weight.dtype, "padding_mode": dense.padding_mode}
     (kh, kw_), (sh, sw), (dh, dw), (ph, pw) = dense.kernel_size, dense.stride, dense.dilation, dense.padding
+    g_v, g_h = groups if isinstance(groups, tuple) else (groups, groups)
     vert = nn.Conv2d(
-        c_in, c_mid, (kh, 1), stride=(sh, 1), padding=(ph, 0), dilation=(dh, 1), groups=groups, bias=False, **kw
+        c_in, c_mid, (kh, 1), stride=(sh, 1), padding=(ph, 0), dilation=(dh, 1), groups=g_v, bias=False, **kw
     )
     horz = nn.Conv2d(
-        c_mid, c_out, (1, kw_), stride=(1, sw), padding=(0, pw), dilation=(1, dw), groups=groups, bias=bias, **kw
+        c_mid, c_out, (1, kw_), stride=(1, sw), padding=(0, pw), dilation=(1, dw), groups=g_h, bias=bias, **kw
     )
     return vert, horz
 
@@ -270,3 +271,44 @@ class SeparableConv2d(nn.Sequential):
     def reconstruct_weight(self) -> torch.Tensor:
         v, h = self[0].weight[:, :, :, 0], self[-1].weight[:, :, 0, :]  # (K, C, kh), (N, K, kw)
         return torch.einsum("kci,nkj->ncij", v, h)
+
+
+class BasisConv2d(nn.Sequential):
+    """Jaderberg et al. 2014 scheme 1: every input channel filtered by the same M separable basis
+    filters (depthwise ``kh×1`` C→C·M, then depthwise ``1×kw``), then a ``1×1`` conv C·M→N.
+
+    Stock grouped convs hold one copy of the basis per input channel (C·M·(kh+kw) weights, small
+    beside the 1×1): that keeps the module exportable, and fine-tuning may then untie the copies.
+    """
+
+    @classmethod
+    def build(cls, dense: nn.Conv2d, m: int) -> BasisConv2d:
+        c = dense.in_channels
+        vert, horz = _axis_convs(dense, c, c * m, c * m, groups=(c, c * m), bias=False)
+        return cls(vert, horz, _pointwise(c * m, dense.out_channels, dense.bias is not None, dense))
+
+    @classmethod
+    def from_factors(
+        cls, dense: nn.Conv2d, coeffs: torch.Tensor, vertical: torch.Tensor, horizontal: torch.Tensor
+    ) -> BasisConv2d:
+        """``coeffs`` (N, C, M), ``vertical`` (M, kh), ``horizontal`` (M, kw)."""
+        n, c, m = coeffs.shape
+        layer = cls.build(dense, m)
+        with torch.no_grad():
+            layer[0].weight.copy_(vertical.repeat(c, 1)[:, None, :, None])
+            layer[1].weight.copy_(horizontal.repeat(c, 1)[:, None, None, :])
+            layer[2].weight.copy_(coeffs.reshape(n, c * m)[:, :, None, None])
+            if dense.bias is not None:
+                layer[2].bias.copy_(dense.bias)
+        return layer
+
+    @property
+    def rank(self) -> int:
+        return self[0].out_channels // self[0].in_channels
+
+    def reconstruct_weight(self) -> torch.Tensor:
+        c, m = self[0].in_channels, self.rank
+        v = self[0].weight[:, 0, :, 0].reshape(c, m, -1)
+        h = self[1].weight[:, 0, 0, :].reshape(c, m, -1)
+        a = self[2].weight[:, :, 0, 0].reshape(-1, c, m)
+        return torch.einsum("ncm,cmi,cmj->ncij", a, v, h)

@@ -19,7 +19,15 @@ from torch import nn
 
 from rankdown import decompose
 from rankdown.errors import RankError, UnsupportedLayerError
-from rankdown.layers import ChannelSVDConv2d, CPConv2d, LowRankLinear, SeparableConv2d, TTLinear, Tucker2Conv2d
+from rankdown.layers import (
+    BasisConv2d,
+    ChannelSVDConv2d,
+    CPConv2d,
+    LowRankLinear,
+    SeparableConv2d,
+    TTLinear,
+    Tucker2Conv2d,
+)
 
 Rank = int | tuple[int, ...]
 
@@ -341,6 +349,35 @@ class Separable(_ConvMethod):
         v, h = decompose.separable(module.weight, int(rank))
         layer = SeparableConv2d.from_factors(_with_padding(module), v, h)
         return Factorized(layer, _rel_error(module.weight, layer.reconstruct_weight()))
+
+
+@register
+class Basis(_ConvMethod):
+    """Jaderberg 2014 scheme 1: M rank-1 basis filters shared by all input channels, then a 1×1."""
+
+    name = "basis"
+
+    def check(self, fqn: str, module: nn.Module) -> None:
+        super().check(fqn, module)
+        _resolved_padding(fqn, module)
+
+    def max_rank(self, module: nn.Module) -> int:
+        kh, kw = module.kernel_size
+        return kh * kw
+
+    def energy_rank(self, module: nn.Module, energy: float) -> Rank:
+        # The energy of the unconstrained basis (SVD of the N·C × kh·kw filter matrix): a lower
+        # bound on the M the rank-1 basis needs for that energy.
+        w = module.weight
+        return decompose.energy_rank(decompose.singular_values(w.reshape(-1, w[0, 0].numel())), energy)
+
+    def build(self, module: nn.Module, rank: Rank) -> nn.Module:
+        return BasisConv2d.build(_with_padding(module), int(rank))
+
+    def factorize(self, module: nn.Module, rank: Rank) -> Factorized:
+        f = decompose.basis_filters(module.weight, int(rank))
+        layer = BasisConv2d.from_factors(_with_padding(module), f.coeffs, f.vertical, f.horizontal)
+        return Factorized(layer, _rel_error(module.weight, layer.reconstruct_weight()), {"iterations": f.iterations})
 
 
 @register

@@ -56,6 +56,63 @@ class FashionVGG(nn.Module):
         return self.classifier(self.features(x))
 
 
+class Maxout(nn.Module):
+    """Element-wise max over ``pieces`` consecutive channels (cuda-convnet's ``eltmax``)."""
+
+    def __init__(self, pieces: int) -> None:
+        super().__init__()
+        self.pieces = pieces
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        return x.view(b, c // self.pieces, self.pieces, h, w).amax(2)
+
+    def extra_repr(self) -> str:
+        return f"pieces={self.pieces}"
+
+
+class PatchNorm(nn.Module):
+    """Each patch minus its mean, over its std (eps 1e-7), as Jaderberg's released code does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.flatten(1)
+        mean = flat.mean(1).view(-1, 1, 1, 1)
+        std = flat.std(1).view(-1, 1, 1, 1)
+        return (x - mean) / (std + 1e-7)
+
+
+class CharNet(nn.Module):
+    """Jaderberg 2014's 4-layer maxout character classifier, for 24×24 grayscale patches.
+
+    Verified from the released code: 24×24 input normalised per patch, maxout everywhere (no
+    ReLU), an 8×8×64 map after two layers, 4-piece maxout in layers 3 and 4. Not found in any
+    source and chosen here to fit those shapes with valid convolutions and no pooling: conv1
+    9×9 1→48 (maxout 2), conv2 9×9 48→64 (maxout 2), conv3 8×8 64→128 (maxout 4), conv4 1×1
+    128→classes (maxout 4). We drop the background class: the dataset has 36 classes only.
+    conv2 then carries 88% of the MACs, conv2+conv3 94%, in line with "about 90%" in the paper.
+    """
+
+    def __init__(self, num_classes: int = 36, dropout: float = 0.3) -> None:
+        super().__init__()
+        self.norm = PatchNorm()
+        self.conv1 = nn.Conv2d(1, 96, 9)
+        self.act1 = Maxout(2)
+        self.conv2 = nn.Conv2d(48, 128, 9)
+        self.act2 = Maxout(2)
+        self.drop2 = nn.Dropout(dropout)
+        self.conv3 = nn.Conv2d(64, 512, 8)
+        self.act3 = Maxout(4)
+        self.drop3 = nn.Dropout(dropout)
+        self.conv4 = nn.Conv2d(128, 4 * num_classes, 1)
+        self.act4 = Maxout(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.conv1(self.norm(x)))
+        x = self.drop2(self.act2(self.conv2(x)))
+        x = self.drop3(self.act3(self.conv3(x)))
+        return self.act4(self.conv4(x)).flatten(1)
+
+
 @dataclass(frozen=True)
 class BundledModel:
     name: str
@@ -76,6 +133,10 @@ BUNDLED: dict[str, BundledModel] = {
         "fashion_vgg.safetensors",
         "fashion-mnist",
         default_skip=("features.0", "classifier.5"),
+    ),
+    # The paper approximates conv2 and conv3 only: conv1 sees raw pixels, conv4 is 1×1.
+    "charnet": BundledModel(
+        "charnet", CharNet, (1, 24, 24), "charnet.safetensors", "chars", default_skip=("conv1", "conv4")
     ),
 }
 

@@ -17,6 +17,7 @@ from torch import nn
 from rankdown.allocate import Budget
 from rankdown.api import CompressConfig, CompressResult, allocate_ranks, compress
 from rankdown.bench import compare_latency, model_cost
+from rankdown.calibrate import CalibrationConfig
 from rankdown.data import load_fashion_mnist
 from rankdown.errors import RankdownError
 from rankdown.models import BUNDLED, build_model
@@ -24,7 +25,14 @@ from rankdown.plan import load_compressed, read_plan, save_compressed
 from rankdown.report import build_report
 from rankdown.train import TrainConfig, evaluate, finetune
 
-DATASETS = {"fashion-mnist": load_fashion_mnist}
+
+def _chars(split: str, data_dir: str | None = None, limit: int | None = None):
+    from rankdown.chars import load_chars  # renders (once, then cached) only when asked for
+
+    return load_chars(split, limit=limit)
+
+
+DATASETS = {"fashion-mnist": load_fashion_mnist, "chars": _chars}
 
 
 @dataclass
@@ -60,6 +68,36 @@ class LatencyOptions:
     channels_last: bool = False
     calibration: int = 64
     cache_dir: str | None = None
+
+
+@dataclass
+class ReconstructionOptions:
+    """Data reconstruction after the filter fit (``--calibration N``, ``--reconstruct MODE``)."""
+
+    examples: int
+    config: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
+
+
+def reconstruct_layers(
+    result: CompressResult, dense: nn.Module, spec: str, shape: tuple[int, ...], opts: ReconstructionOptions, data_dir
+) -> dict:
+    """Refit ``result``'s factorized layers to the dense layers' outputs; notes go in the report rows."""
+    from rankdown.calibrate import reconstruct
+
+    calib = calibration_inputs(spec, shape, opts.examples, data_dir)
+    fitted = reconstruct(dense, result.model, list(result.plan.layers), calib, opts.config)
+    for row in result.layers:
+        if row.name in fitted:
+            f = fitted[row.name]
+            row.info["calibration"] = f
+            errs = f"{f['output_error_before']:.3f}→{f['output_error_after']:.3f}"
+            row.note = (row.note + "; " if row.note else "") + f"{opts.config.mode} fit ({f['how']}): out err {errs}"
+    result.plan.meta["calibration"] = {
+        "mode": opts.config.mode,
+        "examples": opts.examples,
+        "data": "training images" if spec in BUNDLED and BUNDLED[spec].dataset else "seeded Gaussian noise",
+    }
+    return fitted
 
 
 def calibration_inputs(spec: str, shape: tuple[int, ...], n: int, data_dir: str | None) -> torch.Tensor:
@@ -147,6 +185,7 @@ def run_compress(
     finetune_config: TrainConfig | None = None,
     train_limit: int | None = None,
     latency_aware: LatencyOptions | None = None,
+    reconstruction: ReconstructionOptions | None = None,
 ) -> tuple[CompressResult, dict]:
     """Compress ``spec`` (bundled name or package.module:factory), measure, and save to ``out``.
 
@@ -195,6 +234,8 @@ def run_compress(
     result = compress(dense, config, example, model_spec=spec)
     if allocation is not None:
         result.plan.meta["allocation"] = allocation.to_dict()
+    if reconstruction is not None:
+        reconstruct_layers(result, dense, spec, shape, reconstruction, opts.data_dir)
     ft = None
     if finetune_config is not None:
         acc0 = accuracy(test, {"after": result.model})

@@ -28,11 +28,12 @@ from rankdown.errors import RankdownError
 from rankdown.progress import progress
 
 
-def augment(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:
-    """Random horizontal flip and a random shift of up to ``max_shift`` pixels (pad and crop)."""
+def augment(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2, flip: bool = True) -> torch.Tensor:
+    """Random horizontal flip (not for characters) and a random shift of up to ``max_shift`` pixels."""
     n, _, h, w = x.shape
-    flip = torch.rand(n, generator=generator) < 0.5
-    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    if flip:
+        mask = torch.rand(n, generator=generator) < 0.5
+        x = torch.where(mask[:, None, None, None], x.flip(3), x)
     pad = F.pad(x, (max_shift,) * 4, value=float(x.min()))
     dy, dx = torch.randint(0, 2 * max_shift + 1, (2,), generator=generator).tolist()
     return pad[:, :, dy : dy + h, dx : dx + w]
@@ -341,6 +342,7 @@ def train_classifier(
     weight_decay: float = 5e-4,
     seed: int = 0,
     test_split=None,
+    flip: bool = True,
 ) -> list[dict]:
     """Training from scratch as the bundled model was trained (AdamW, one-cycle schedule): kept
     unchanged so that scripts/train_fashion_vgg.py reproduces the shipped weights."""
@@ -359,7 +361,7 @@ def train_classifier(
             desc=f"epoch {epoch + 1}/{epochs}",
         )
         for x, y in bar:
-            loss = F.cross_entropy(model(augment(x, g)), y)
+            loss = F.cross_entropy(model(augment(x, g, flip=flip)), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

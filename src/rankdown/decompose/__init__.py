@@ -2,6 +2,7 @@
 of conv/linear layers are small enough that accuracy is worth more than the time) and returns
 factors in the caller's dtype."""
 
+from rankdown.decompose.basis import BasisFilters, basis_filters
 from rankdown.decompose.cp import CPFactors, cp
 from rankdown.decompose.evbmf import EVBMFResult, evbmf
 from rankdown.decompose.svd import (
@@ -9,17 +10,21 @@ from rankdown.decompose.svd import (
     randomized_svd,
     separable,
     separable_unfolding,
+    shifted_cholesky,
     singular_values,
     truncated_svd,
+    whitened_truncated_svd,
 )
 from rankdown.decompose.tt import TTMatrix, factorize_dim, tt_full_ranks, tt_matrix
 from rankdown.decompose.tucker import Tucker2Factors, tucker2
 
 __all__ = [
+    "BasisFilters",
     "CPFactors",
     "EVBMFResult",
     "TTMatrix",
     "Tucker2Factors",
+    "basis_filters",
     "cp",
     "energy_rank",
     "evbmf",
@@ -27,9 +32,11 @@ __all__ = [
     "randomized_svd",
     "separable",
     "separable_unfolding",
+    "shifted_cholesky",
     "singular_values",
     "truncated_svd",
     "tt_full_ranks",
     "tt_matrix",
     "tucker2",
+    "whitened_truncated_svd",
 ]

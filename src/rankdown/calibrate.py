@@ -1,0 +1,248 @@
+"""Data reconstruction: fit factorized layers to the dense layers' *outputs* on calibration data.
+
+Filter reconstruction (what ``compress`` does) minimises ‖W − Ŵ‖. What matters is the layer's
+output on the data it really sees, so (Jaderberg 2014, Zhang 2015) the factors are refitted, layer
+by layer in execution order, to minimise
+
+    data  : ‖W∗Z − Ŵ∗Z‖²   Z = the layer's input in the dense network
+    joint : ‖W∗Z − Ŵ∗Ẑ‖²   Ẑ = its input in the network whose earlier layers are already
+                             approximated (and calibrated): the error accumulated upstream is
+                             compensated here. This is Zhang 2015's asymmetric objective.
+
+Closed form where one exists — an SVD factorization (``svd`` for Linear, ``channel-svd`` for
+Conv2d with zero padding) is linear in the im2col patches, so the optimum at rank r is the SVD of
+M = W·Σ_ZẐ·Σ_ẐẐ⁻¹ whitened by Σ_ẐẐ (:func:`rankdown.decompose.whitened_truncated_svd`), plus the
+bias that matches the output means. Every other factorized module is refitted by Adam on its
+factors. Calibration inputs stream in batches: only second-moment statistics (closed form) or,
+under ``cache_mb``, the layer's (input, target) pairs are held; above it the two networks are re-run
+each epoch, truncated at the layer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rankdown import decompose
+from rankdown.errors import RankdownError
+from rankdown.layers import ChannelSVDConv2d, LowRankLinear
+from rankdown.progress import progress
+
+MODES = ("data", "joint")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    mode: str = "joint"
+    batch_size: int = 64
+    epochs: int = 8  # gradient refits only
+    lr: float = 3e-3  # relative: each tensor's step is lr × its RMS (Adam, cosine decay)
+    cache_mb: float = 512.0
+    closed_form: bool = True  # False: refit SVD layers by gradient too (for comparisons)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise RankdownError(f"calibration mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.batch_size < 1 or self.epochs < 0 or self.lr <= 0 or self.cache_mb < 0:
+            raise RankdownError("calibration batch size must be >= 1, epochs >= 0, lr > 0 and cache >= 0")
+
+
+class _Stop(Exception):
+    """Raised from a hook to end a forward pass once the layer of interest has its input."""
+
+
+def _layer_input(model: nn.Module, fqn: str, x: torch.Tensor) -> torch.Tensor:
+    box: dict[str, torch.Tensor] = {}
+
+    def hook(_m, args):
+        box["x"] = args[0].detach()
+        raise _Stop
+
+    handle = model.get_submodule(fqn).register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            model(x)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if "x" not in box:
+        raise RankdownError(f"layer {fqn!r} was not called in a forward pass on the calibration inputs")
+    return box["x"]
+
+
+def execution_order(model: nn.Module, fqns: list[str], example: torch.Tensor) -> list[str]:
+    """``fqns`` in the order a forward pass first calls them (not the registration order)."""
+    seen: list[str] = []
+    handles = []
+    for fqn in fqns:
+
+        def hook(_m, _args, fqn=fqn):
+            if fqn not in seen:
+                seen.append(fqn)
+
+        handles.append(model.get_submodule(fqn).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen + [f for f in fqns if f not in seen]
+
+
+class _Pairs:
+    """(input to the factorized layer, dense target) batches for one layer: cached when small,
+    else recomputed by truncated forward passes each time they are iterated."""
+
+    def __init__(self, dense, compressed, fqn, inputs, config):
+        self.dense, self.compressed, self.fqn, self.inputs, self.config = dense, compressed, fqn, inputs, config
+        self.layer = dense.get_submodule(fqn)
+        self.cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        first = next(self._compute())
+        per_example = sum(t[:1].numel() * t.element_size() for t in first)
+        if per_example * len(inputs) <= config.cache_mb * 2**20:
+            self.cache = list(self._compute())
+
+    def _compute(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        bs = self.config.batch_size
+        for i in range(0, len(self.inputs), bs):
+            xb = self.inputs[i : i + bs]
+            z = _layer_input(self.dense, self.fqn, xb)
+            with torch.no_grad():
+                target = self.layer(z)
+            zin = z if self.config.mode == "data" else _layer_input(self.compressed, self.fqn, xb)
+            yield zin, target
+
+    def __iter__(self):
+        return iter(self.cache) if self.cache is not None else self._compute()
+
+
+@torch.no_grad()
+def _rel_output_error(module: nn.Module, pairs: _Pairs) -> float:
+    num = den = 0.0
+    for zin, target in pairs:
+        num += float(((module(zin) - target) ** 2).sum())
+        den += float((target**2).sum())
+    return math.sqrt(num / max(den, 1e-300))
+
+
+def _patches(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Rows of im2col patches (conv) or features (linear), as the dense layer's matmul sees them."""
+    if isinstance(layer, nn.Conv2d):
+        cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return x.reshape(-1, x.shape[-1])
+
+
+def closed_form_applies(dense_layer: nn.Module, module: nn.Module) -> bool:
+    if isinstance(module, LowRankLinear):
+        return True
+    return (
+        isinstance(module, ChannelSVDConv2d)
+        and isinstance(dense_layer, nn.Conv2d)
+        and dense_layer.padding_mode == "zeros"
+        and not isinstance(dense_layer.padding, str)
+    )
+
+
+@torch.no_grad()
+def _closed_form(dense_layer: nn.Module, module: nn.Module, pairs: _Pairs, mode: str) -> None:
+    d = dense_layer.weight[0].numel()
+    s_hh = torch.zeros(d, d, dtype=torch.float64)
+    s_zh = torch.zeros(d, d, dtype=torch.float64) if mode == "joint" else None
+    mean_z = torch.zeros(d, dtype=torch.float64)
+    mean_h = torch.zeros(d, dtype=torch.float64)
+    count = 0
+    for xb in range(0, len(pairs.inputs), pairs.config.batch_size):
+        batch = pairs.inputs[xb : xb + pairs.config.batch_size]
+        z = _layer_input(pairs.dense, pairs.fqn, batch)
+        h = z if mode == "data" else _layer_input(pairs.compressed, pairs.fqn, batch)
+        pz, ph = _patches(dense_layer, z).double(), _patches(dense_layer, h).double()
+        s_hh += ph.T @ ph
+        if s_zh is not None:
+            s_zh += pz.T @ ph
+        mean_z += pz.sum(0)
+        mean_h += ph.sum(0)
+        count += ph.shape[0]
+    w = dense_layer.weight.detach().double().reshape(dense_layer.weight.shape[0], -1)
+    if s_zh is not None:  # M = W Σ_zh Σ_hh⁻¹: the unconstrained least-squares map from Ẑ to W∗Z
+        chol = decompose.shifted_cholesky(s_hh)
+        m = torch.cholesky_solve((w @ s_zh).T, chol).T
+    else:
+        m = w
+    first, last = module[0], module[-1]
+    rank = first.weight.shape[0]
+    a, b = decompose.whitened_truncated_svd(m, s_hh, rank)
+    first.weight.copy_(b.reshape(first.weight.shape).to(first.weight.dtype))
+    last.weight.copy_(a.reshape(last.weight.shape).to(last.weight.dtype))
+    if dense_layer.bias is not None and last.bias is not None:
+        shift = (w @ mean_z - (a @ b) @ mean_h) / max(count, 1)
+        last.bias.copy_((dense_layer.bias.detach().double() + shift).to(last.bias.dtype))
+
+
+def _gradient(module: nn.Module, pairs: _Pairs, config: CalibrationConfig, desc: str) -> None:
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params or config.epochs == 0:
+        return
+    groups = [{"params": [p], "lr": config.lr * max(float(p.detach().pow(2).mean().sqrt()), 1e-8)} for p in params]
+    opt = torch.optim.Adam(groups)
+    n_batches = math.ceil(len(pairs.inputs) / config.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, config.epochs * n_batches))
+    gen = torch.Generator().manual_seed(config.seed)
+    best = (_rel_output_error(module, pairs), {k: v.clone() for k, v in module.state_dict().items()})
+    for _ in progress(range(config.epochs), total=config.epochs, desc=desc):
+        batches = list(pairs) if pairs.cache is None else pairs.cache
+        for i in torch.randperm(len(batches), generator=gen).tolist():
+            zin, target = batches[i]
+            loss = ((module(zin) - target) ** 2).mean() / (target**2).mean().clamp_min(1e-30)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    err = _rel_output_error(module, pairs)
+    if not err < best[0]:  # never hand back something worse than it was given
+        module.load_state_dict(best[1])
+
+
+def reconstruct(
+    dense: nn.Module,
+    compressed: nn.Module,
+    fqns: list[str],
+    inputs: torch.Tensor,
+    config: CalibrationConfig | None = None,
+) -> dict[str, dict]:
+    """Refit the factorized modules at ``fqns`` of ``compressed`` (in place) to ``dense``'s layer
+    outputs on ``inputs``; returns per layer the relative output error before and after."""
+    config = config or CalibrationConfig()
+    if len(inputs) < 1:
+        raise RankdownError("data reconstruction needs at least one calibration example")
+    dense.eval()
+    compressed.eval()
+    order = execution_order(dense, list(fqns), inputs[:1])
+    results: dict[str, dict] = {}
+    for fqn in progress(order, total=len(order), desc=f"calibrate ({config.mode})"):
+        dense_layer, module = dense.get_submodule(fqn), compressed.get_submodule(fqn)
+        if type(module) is type(dense_layer):
+            continue  # kept dense
+        pairs = _Pairs(dense, compressed, fqn, inputs, config)
+        before = _rel_output_error(module, pairs)
+        if config.closed_form and closed_form_applies(dense_layer, module):
+            how = "closed form"
+            _closed_form(dense_layer, module, pairs, config.mode)
+        else:
+            how = "adam"
+            with torch.enable_grad():
+                _gradient(module, pairs, config, desc=f"refit {fqn}")
+        results[fqn] = {
+            "how": how,
+            "output_error_before": before,
+            "output_error_after": _rel_output_error(module, pairs),
+        }
+    return results
