@@ -11,6 +11,7 @@ the test set measures generalisation to unseen typefaces. Every image is a pure 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import shutil
 import subprocess
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from rankdown.data import DataError, Split
+from rankdown.plan import atomic_write_bytes
 
 CLASSES = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 SIZE = 24
@@ -198,7 +200,9 @@ def render(split: str, n: int, seed: int = 0, fonts: list[Font] | None = None, w
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("RANKDOWN_CACHE", Path.home() / ".cache" / "rankdown")) / "chars"
+    from rankdown.allocate import default_cache_dir  # one cache root for everything rankdown keeps
+
+    return default_cache_dir() / "chars"
 
 
 def default_size(split: str) -> int:
@@ -209,26 +213,30 @@ def load_chars(split: str, n: int | None = None, seed: int = 0, limit: int | Non
     """The rendered set as a :class:`Split` (float in [0, 1]; the model normalises each patch).
 
     Cached under ``~/.cache/rankdown/chars`` keyed by version, split, size, seed and the font files.
+    Image i depends only on (seed, split, i), so ``limit`` renders just the first ``limit`` images
+    when the full set is not cached yet: the same images the full set starts with.
     """
     n = default_size(split) if n is None else n
+    if limit is not None and limit <= 0:
+        raise ValueError(f"limit must be positive, got {limit}")
     fonts = font_split(split)
-    key = hashlib.sha1(
-        "\n".join([_VERSION, split, str(n), str(seed), *(f"{f.path}|{f.family}" for f in fonts)]).encode()
-    ).hexdigest()[:16]
-    path = cache_dir() / f"{split}-{n}-{key}.npz"
+
+    def path_for(count: int) -> Path:
+        key = hashlib.sha1(
+            "\n".join([_VERSION, split, str(count), str(seed), *(f"{f.path}|{f.family}" for f in fonts)]).encode()
+        ).hexdigest()[:16]
+        return cache_dir() / f"{split}-{count}-{key}.npz"
+
+    count = n if limit is None else min(n, limit)
+    path = path_for(n) if path_for(n).exists() else path_for(count)
     if path.exists():
         with np.load(path) as z:
             images, labels = z["images"], z["labels"]
     else:
-        from rankdown.plan import atomic_write_bytes
-
-        images, labels = render(split, n, seed, fonts, workers=min(4, os.cpu_count() or 1))
-        import io
-
+        images, labels = render(split, count, seed, fonts, workers=min(4, os.cpu_count() or 1))
         buf = io.BytesIO()
         np.savez_compressed(buf, images=images, labels=labels)
         atomic_write_bytes(path, buf.getvalue())
-    if limit is not None:
-        images, labels = images[:limit], labels[:limit]
+    images, labels = images[:count], labels[:count]
     x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
     return Split(x, torch.from_numpy(labels.astype(np.int64)))

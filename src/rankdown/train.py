@@ -117,6 +117,7 @@ class TrainConfig:
     temperature: float = 4.0
     freeze_dense: bool = False  # train only the factorized layers (and nothing else)
     augment: bool = True
+    flip: bool = True  # horizontal flips in the augmentation: never for characters
     seed: int = 0
     force_reg: float = 0.0
     force_kind: str = "l2"
@@ -285,7 +286,7 @@ def finetune(
                 break
             x, y = train_split.images[idx], train_split.labels[idx]
             if config.augment:
-                x = augment(x, gen)
+                x = augment(x, gen, flip=config.flip)
             logits = net(x)
             loss = F.cross_entropy(logits, y)
             if teacher is not None and config.distill > 0:

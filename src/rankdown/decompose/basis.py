@@ -79,7 +79,12 @@ def basis_filters(
         return torch.linalg.lstsq(s.T, x.T, driver="gelsd").solution.T
 
     # Phase 1: Jaderberg's nuclear-norm-penalised alternation, from the unconstrained optimum.
-    s = torch.linalg.svd(x, full_matrices=False).Vh[:m] * torch.linalg.svdvals(x)[:m, None]
+    # Right singular vectors from the small kh·kw Gram (never the N·C-sized U); eigh gives all kh·kw
+    # of them, so there are m rows even when N·C < m.
+    evals, evecs = torch.linalg.eigh(x.T @ x)
+    sv0, vh0 = evals.flip(0).clamp_min(0).sqrt(), evecs.flip(1).T
+    scale = torch.cat([sv0, sv0.new_full((max(0, m - sv0.numel()),), float(sv0[-1]) * 1e-3 + 1e-12)])[:m]
+    s = vh0[:m] * scale[:, None]
     # The threshold ramps up to a fraction of the typical second singular value of a basis filter:
     # enough to make the tail vanish by the end, gradual enough for A to follow.
     second = torch.linalg.svdvals(s.reshape(m, kh, kw))[:, 1] if min(kh, kw) > 1 else torch.zeros(m)
@@ -93,12 +98,11 @@ def basis_filters(
         sv = (sv - tau_max * (step + 1) / nuclear_steps).clamp_min(0)
         s = ((u * sv[:, None, :]) @ vh).reshape(m, kh * kw)
 
-    # Phase 2: snap to rank 1, then exact damped alternation over (A, v, h).
-    v, h = _rank1(s, kh, kw)
-    v = v + 1e-8 * (v == 0).all(1, keepdim=True).to(v.dtype)  # a basis filter thresholded to zero
-    h = h + 1e-8 * (h == 0).all(1, keepdim=True).to(h.dtype)
-    a = solve_a((v[:, :, None] * h[:, None, :]).reshape(m, -1))
+    # Phase 2: snap to rank 1, then exact damped alternation over (A, v, h). It also runs from the
+    # plain rank-1 snap of the unconstrained optimum, and the better fit is kept: the penalty can
+    # steer into a poor basin (e.g. zero a filter that a planted basis needs).
     t = x.reshape(n * c, kh, kw)
+    gen = torch.Generator().manual_seed(0)
 
     def sweep(a, v, h, lam):
         vv, hh = v @ v.T, h @ h.T
@@ -119,21 +123,34 @@ def basis_filters(
         model2 = float((g * (h @ h.T)).sum())
         return a, v, h, math.sqrt(max(norm2 - 2 * inner + model2, 0.0) / norm2)
 
-    err = float(torch.linalg.vector_norm(x - a @ (v[:, :, None] * h[:, None, :]).reshape(m, -1))) / math.sqrt(norm2)
-    lam, iters = 1e-4, 0
-    for _ in range(n_iter):
-        iters += 1
-        a2, v2, h2, new_err = sweep(a, v, h, lam)
-        if not math.isfinite(new_err) or new_err > err * (1 + 1e-12):
-            lam *= 10.0
-            if lam > 1e6:
+    def alternate(start: torch.Tensor):
+        v, h = _rank1(start, kh, kw)
+        dead = (v.norm(dim=1) * h.norm(dim=1)) < 1e-12 * float(v.norm() * h.norm() + 1e-300)
+        if dead.any():  # a filter thresholded away restarts from a random rank-1 filter
+            v[dead] = torch.randn(int(dead.sum()), kh, generator=gen, dtype=x.dtype)
+            h[dead] = torch.randn(int(dead.sum()), kw, generator=gen, dtype=x.dtype)
+        a = solve_a((v[:, :, None] * h[:, None, :]).reshape(m, -1))
+        err = float(torch.linalg.vector_norm(x - a @ (v[:, :, None] * h[:, None, :]).reshape(m, -1)))
+        err /= math.sqrt(norm2)
+        lam, iters = 1e-4, 0
+        for _ in range(n_iter):
+            iters += 1
+            a2, v2, h2, new_err = sweep(a, v, h, lam)
+            if not math.isfinite(new_err) or new_err > err * (1 + 1e-12):
+                lam *= 10.0
+                if lam > 1e6:
+                    break
+                continue
+            change, err = err - new_err, new_err
+            a, v, h = a2, v2, h2
+            lam = max(lam / 3.0, 1e-10)
+            if change < tol * max(err, 1e-12):
                 break
-            continue
-        change, err = err - new_err, new_err
-        a, v, h = a2, v2, h2
-        lam = max(lam / 3.0, 1e-10)
-        if change < tol * max(err, 1e-12):
-            break
+        return a, v, h, err, iters
+
+    fits = [alternate(s), alternate(vh0[:m] * scale[:, None])] if nuclear_steps else [alternate(s)]
+    a, v, h, err, _ = min(fits, key=lambda f: f[3])
+    iters = sum(f[4] for f in fits)
     # Balance the scale: unit basis filters, coefficients carry the magnitude.
     nv, nh = v.norm(dim=1).clamp_min(1e-300), h.norm(dim=1).clamp_min(1e-300)
     v, h, a = v / nv[:, None], h / nh[:, None], a * (nv * nh)[None, :]
