@@ -13,6 +13,7 @@ from rankdown.allocate import Budget
 from rankdown.bench import Cost, layer_costs
 from rankdown.errors import RankdownError, UnsupportedLayerError
 from rankdown.methods import Method, Rank, get_method, method_names, resolve_method
+from rankdown.metrics import factorize_weighted
 from rankdown.plan import LayerPlan, Plan
 from rankdown.progress import progress
 from rankdown.rank import LayerRanks, ParamFraction, RankPolicy, candidate_cost, choose_rank, policy_to_dict
@@ -94,11 +95,14 @@ def compress(
     *,
     inplace: bool = False,
     model_spec: str | None = None,
+    metrics: dict | None = None,
 ) -> CompressResult:
     """Factorize the selected layers of ``model``.
 
     ``example_input`` (batch 1 is enough) drives a probe forward pass that records each layer's
-    input size, for MAC counts and MAC-budget ranks. Returns the compressed model (a copy unless
+    input size, for MAC counts and MAC-budget ranks. ``metrics`` (from
+    :func:`rankdown.metrics.collect`) weighs each layer's fit by its data (Denton's Mahalanobis or
+    data-covariance metric). Returns the compressed model (a copy unless
     ``inplace``), the plan that rebuilds it, and one report row per considered layer.
     """
     if not inplace:
@@ -167,7 +171,7 @@ def compress(
                 )
             )
             continue
-        fact = handler.factorize(module, rank)
+        fact = factorize_weighted(handler, fqn, module, rank, (metrics or {}).get(fqn))
         if fact.failure is not None:
             rows.append(
                 LayerReport(

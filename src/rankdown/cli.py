@@ -245,6 +245,15 @@ def main() -> None:
     "(data), or keep the weight fit (filter).",
 )
 @click.option(
+    "--metric",
+    type=click.Choice(["frobenius", "mahalanobis", "covariance"]),
+    default="frobenius",
+    show_default=True,
+    help="What the weight fit minimises: plain weight error, Denton's gradient-weighted "
+    "(Mahalanobis) error, or the output error under the layer's input covariance (SVD-LLM "
+    "whitening). The data-aware metrics use --calibration examples (default 256).",
+)
+@click.option(
     "--calibration-epochs",
     type=click.IntRange(min=0),
     default=8,
@@ -325,6 +334,7 @@ def compress(
     sensitivity,
     calibration,
     reconstruct,
+    metric,
     calibration_epochs,
     round_to,
     cache_dir,
@@ -422,6 +432,8 @@ def compress(
         else None,
         train_limit=train_limit,
         reconstruction=reconstruction,
+        metric=metric,
+        metric_examples=calibration or 256,
         latency_aware=LatencyOptions(
             max_error,
             method_list.split(","),

@@ -312,3 +312,95 @@ class BasisConv2d(nn.Sequential):
         h = self[1].weight[:, 0, 0, :].reshape(c, m, -1)
         a = self[2].weight[:, :, 0, 0].reshape(-1, c, m)
         return torch.einsum("ncm,cmi,cmj->ncij", a, v, h)
+
+
+class Permute(nn.Module):
+    """Channel gather ``x[:, index]``. The index is a buffer, so it travels in the state dict."""
+
+    def __init__(self, channels: int, device=None) -> None:
+        super().__init__()
+        self.register_buffer("index", torch.arange(channels, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.index_select(1, self.index)
+
+
+class MonochromaticConv2d(nn.Sequential):
+    """Denton et al. 2014: ``1×1 C→C'`` colour transform, a grouped spatial conv (one colour
+    channel per group of F/C' filters), and the gather that restores the filter order."""
+
+    @classmethod
+    def build(cls, dense: nn.Conv2d, n_colours: int) -> MonochromaticConv2d:
+        f = dense.out_channels
+        colour = _pointwise(dense.in_channels, n_colours, False, dense)
+        spatial = nn.Conv2d(
+            n_colours, f, dense.kernel_size, groups=n_colours, bias=dense.bias is not None, **_conv_kwargs(dense)
+        )
+        return cls(colour, spatial, Permute(f, device=dense.weight.device))
+
+    @classmethod
+    def from_factors(cls, dense: nn.Conv2d, colours: torch.Tensor, spatial: torch.Tensor, order: torch.Tensor):
+        layer = cls.build(dense, colours.shape[0])
+        with torch.no_grad():
+            layer[0].weight.copy_(colours[:, :, None, None])
+            layer[1].weight.copy_(spatial[:, None])
+            if dense.bias is not None:
+                layer[1].bias.copy_(dense.bias[order])
+            layer[2].index.copy_(torch.argsort(order))
+        return layer
+
+    @property
+    def rank(self) -> int:
+        return self[0].out_channels
+
+    def reconstruct_weight(self) -> torch.Tensor:
+        k, f = self.rank, self[1].out_channels
+        cluster = torch.arange(f, device=self[0].weight.device) // (f // k)
+        w = torch.einsum("fc,fxy->fcxy", self[0].weight[:, :, 0, 0][cluster], self[1].weight[:, 0])
+        return w.index_select(0, self[2].index)
+
+
+class BiclusterConv2d(nn.Sequential):
+    """Denton et al. 2014 biclustering: input channels in G groups, filters in H groups, each of
+    the G·H blocks a rank-K (k×k conv → 1×1) pair. Runs as: gather inputs into groups → grouped
+    k×k conv (G groups) → channel shuffle → grouped 1×1 (H groups) → gather filters back."""
+
+    @classmethod
+    def build(cls, dense: nn.Conv2d, rank: tuple[int, int, int]) -> BiclusterConv2d:
+        g, h, k = rank
+        c, f = dense.in_channels, dense.out_channels
+        first = nn.Conv2d(c, g * h * k, dense.kernel_size, groups=g, bias=False, **_conv_kwargs(dense))
+        second = nn.Conv2d(
+            g * h * k, f, 1, groups=h, bias=dense.bias is not None, device=dense.weight.device, dtype=dense.weight.dtype
+        )
+        dev = dense.weight.device
+        return cls(Permute(c, device=dev), first, nn.ChannelShuffle(g), second, Permute(f, device=dev))
+
+    @classmethod
+    def from_factors(cls, dense: nn.Conv2d, bc) -> BiclusterConv2d:
+        """``bc``: a :class:`rankdown.decompose.Biclustered`."""
+        g, h, k = bc.first.shape[:3]
+        layer = cls.build(dense, (g, h, k))
+        with torch.no_grad():
+            layer[0].index.copy_(bc.in_order)
+            layer[1].weight.copy_(bc.first.reshape(layer[1].weight.shape))
+            layer[3].weight.copy_(bc.second.permute(0, 1, 3, 2).reshape(layer[3].weight.shape))
+            if dense.bias is not None:
+                layer[3].bias.copy_(dense.bias[bc.out_order])
+            layer[4].index.copy_(torch.argsort(bc.out_order))
+        return layer
+
+    @property
+    def rank(self) -> tuple[int, int, int]:
+        g, h = self[1].groups, self[3].groups
+        return (g, h, self[1].out_channels // (g * h))
+
+    def reconstruct_weight(self) -> torch.Tensor:
+        g, h, k = self.rank
+        f = self[3].out_channels
+        cg = self[1].in_channels // g
+        first = self[1].weight.reshape(g, h, k, cg, *self[1].kernel_size)
+        second = self[3].weight.reshape(h, f // h, k, g)
+        block = torch.einsum("hfkg,ghkcxy->hfgcxy", second, first).reshape(f, g * cg, *self[1].kernel_size)
+        in_inv = torch.argsort(self[0].index)
+        return block.index_select(0, self[4].index).index_select(1, in_inv)

@@ -21,9 +21,11 @@ from rankdown import decompose
 from rankdown.errors import RankError, UnsupportedLayerError
 from rankdown.layers import (
     BasisConv2d,
+    BiclusterConv2d,
     ChannelSVDConv2d,
     CPConv2d,
     LowRankLinear,
+    MonochromaticConv2d,
     SeparableConv2d,
     TTLinear,
     Tucker2Conv2d,
@@ -378,6 +380,91 @@ class Basis(_ConvMethod):
         f = decompose.basis_filters(module.weight, int(rank))
         layer = BasisConv2d.from_factors(_with_padding(module), f.coeffs, f.vertical, f.horizontal)
         return Factorized(layer, _rel_error(module.weight, layer.reconstruct_weight()), {"iterations": f.iterations})
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@register
+class MonochromaticMethod(_ConvMethod):
+    """Denton 2014 monochromatic (for first layers with few input channels): rank = number of
+    shared colour vectors C', which must divide the number of filters."""
+
+    name = "mono"
+
+    def max_rank(self, module: nn.Module) -> int:
+        return module.out_channels
+
+    def rank_from_int(self, module: nn.Module, rank: int) -> Rank:
+        _check_int_rank(self, module, rank)
+        if module.out_channels % rank:
+            raise RankError(
+                f"monochromatic colours must divide the {module.out_channels} filters "
+                f"(balanced clusters); choose one of {_divisors(module.out_channels)}"
+            )
+        return rank
+
+    def candidates(self, module: nn.Module) -> Sequence[Rank]:
+        return _divisors(module.out_channels)
+
+    def energy_rank(self, module: nn.Module, energy: float) -> Rank:
+        raise RankError("an energy threshold has no meaning for monochromatic colours; use --rank")
+
+    def build(self, module: nn.Module, rank: Rank) -> nn.Module:
+        return MonochromaticConv2d.build(module, int(rank))
+
+    def factorize(self, module: nn.Module, rank: Rank) -> Factorized:
+        m = decompose.monochromatic(module.weight, int(rank))
+        layer = MonochromaticConv2d.from_factors(module, m.colours, m.spatial, m.order)
+        return Factorized(layer, _rel_error(module.weight, layer.reconstruct_weight()))
+
+
+@register
+class Bicluster(_ConvMethod):
+    """Denton 2014 biclustering + SVD: rank (G, H, K) = input groups, filter groups, rank per block.
+    An integer rank K uses G = H = 2 where the channel counts allow (else 1)."""
+
+    name = "bicluster"
+
+    def _groups(self, module: nn.Module) -> tuple[int, int]:
+        return (2 if module.in_channels % 2 == 0 else 1, 2 if module.out_channels % 2 == 0 else 1)
+
+    def _block_max(self, module: nn.Module, g: int, h: int) -> int:
+        kh, kw = module.kernel_size
+        return min(module.out_channels // h, module.in_channels // g * kh * kw)
+
+    def max_rank(self, module: nn.Module) -> int:
+        return self._block_max(module, *self._groups(module))
+
+    def rank_from_int(self, module: nn.Module, rank: int) -> Rank:
+        _check_int_rank(self, module, rank)
+        return (*self._groups(module), rank)
+
+    def rank_from_json(self, value: Any) -> Rank:
+        return tuple(int(v) for v in value)
+
+    def candidates(self, module: nn.Module) -> Sequence[Rank]:
+        g, h = self._groups(module)
+        return [(g, h, k) for k in range(1, self._block_max(module, g, h) + 1)]
+
+    def energy_rank(self, module: nn.Module, energy: float) -> Rank:
+        raise RankError("an energy threshold is not implemented for biclustered ranks; use --rank, --params or --macs")
+
+    def build(self, module: nn.Module, rank: Rank) -> nn.Module:
+        return BiclusterConv2d.build(module, tuple(rank))
+
+    def factorize(self, module: nn.Module, rank: Rank) -> Factorized:
+        g, h, k = rank
+        if module.in_channels % g or module.out_channels % h:
+            raise RankError(
+                f"bicluster groups ({g}, {h}) must divide the channels ({module.in_channels}, {module.out_channels})"
+            )
+        if not 1 <= k <= self._block_max(module, g, h):
+            raise RankError(f"bicluster rank {k} must be in [1, {self._block_max(module, g, h)}] for groups ({g}, {h})")
+        bc = decompose.biclustered(module.weight, g, h, k)
+        layer = BiclusterConv2d.from_factors(module, bc)
+        return Factorized(layer, _rel_error(module.weight, layer.reconstruct_weight()), {"groups": [g, h]})
 
 
 @register

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from rankdown.allocate import Budget
-from rankdown.api import CompressConfig, CompressResult, allocate_ranks, compress
+from rankdown.api import CompressConfig, CompressResult, allocate_ranks, compress, select_targets
 from rankdown.bench import compare_latency, model_cost
 from rankdown.calibrate import CalibrationConfig
 from rankdown.data import load_fashion_mnist
@@ -186,6 +186,8 @@ def run_compress(
     train_limit: int | None = None,
     latency_aware: LatencyOptions | None = None,
     reconstruction: ReconstructionOptions | None = None,
+    metric: str = "frobenius",
+    metric_examples: int = 256,
 ) -> tuple[CompressResult, dict]:
     """Compress ``spec`` (bundled name or package.module:factory), measure, and save to ``out``.
 
@@ -231,7 +233,14 @@ def run_compress(
             cache_dir=allocation.cache_dir,
         )
         config = dataclasses.replace(config, rank=policy)
-    result = compress(dense, config, example, model_spec=spec)
+    metrics = None
+    if metric != "frobenius":
+        from rankdown.metrics import collect
+
+        calib = calibration_inputs(spec, shape, metric_examples, opts.data_dir)
+        metrics = collect(dense, select_targets(dense, config).targets, calib, metric)
+    result = compress(dense, config, example, model_spec=spec, metrics=metrics)
+    result.plan.meta["metric"] = metric
     if allocation is not None:
         result.plan.meta["allocation"] = allocation.to_dict()
     if reconstruction is not None:
@@ -352,6 +361,8 @@ def finetune_compressed(
     resume: bool = False,
 ) -> list[dict]:
     split = train_split_for(spec, data_dir, train_limit)
+    if spec in BUNDLED and BUNDLED[spec].dataset == "chars" and config.flip:
+        config = dataclasses.replace(config, flip=False)  # a mirrored character is another character
     teacher = dense if config.distill > 0 else None
     return finetune(
         result_model,

@@ -4,6 +4,7 @@ factors in the caller's dtype."""
 
 from rankdown.decompose.basis import BasisFilters, basis_filters
 from rankdown.decompose.cp import CPFactors, cp
+from rankdown.decompose.denton import Biclustered, Monochromatic, balanced_kmeans, biclustered, monochromatic
 from rankdown.decompose.evbmf import EVBMFResult, evbmf
 from rankdown.decompose.svd import (
     energy_rank,
@@ -20,15 +21,20 @@ from rankdown.decompose.tucker import Tucker2Factors, tucker2
 
 __all__ = [
     "BasisFilters",
+    "Biclustered",
     "CPFactors",
     "EVBMFResult",
+    "Monochromatic",
     "TTMatrix",
     "Tucker2Factors",
+    "balanced_kmeans",
     "basis_filters",
+    "biclustered",
     "cp",
     "energy_rank",
     "evbmf",
     "factorize_dim",
+    "monochromatic",
     "randomized_svd",
     "separable",
     "separable_unfolding",

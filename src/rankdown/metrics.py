@@ -1,0 +1,196 @@
+"""Weighted fitting metrics for every method that fits weights (Denton et al. 2014, section 3.1).
+
+Frobenius (the default) treats every weight alike. Two data-aware metrics weigh the error by what
+it does to the layer's output:
+
+- ``mahalanobis``: Denton's diagonal Mahalanobis metric. α_p = sqrt(Σ (∂L/∂W_p)²) over
+  calibration data (an empirical Fisher diagonal, labels = the dense model's own predictions, so
+  no labels are needed). Fitting α ⊙ W elementwise would destroy the factor structure, so α is
+  reduced to its best separable form α ≈ a_out ⊗ a_in (root-mean-square over the other modes):
+  then diag(a_out) · W · diag(a_in) is decomposed by any method and the scaling is undone on the
+  factor that touches each mode. Exactly the paper's "fit on α ⊙ W and rescale" when α is separable.
+- ``covariance``: the error under the layer's input distribution, E‖(W − Ŵ) x‖². With the
+  input-channel second moment Σ = L Lᵀ, decompose W ×_in Lᵀ and undo with L⁻¹ on the input
+  factor. For ``svd`` / ``channel-svd`` the full im2col covariance (channels × kernel taps) is used
+  through the closed form of :func:`rankdown.decompose.whitened_truncated_svd`, as SVD-LLM does
+  for transformer Linear layers; structured conv methods use the channel covariance, which keeps
+  their structure.
+
+A transform on the input mode must reach the one factor that mixes input channels, and the output
+scaling the one that produces outputs; :func:`undo` knows each layer class.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rankdown import decompose
+from rankdown.errors import RankdownError
+from rankdown.layers import (
+    BasisConv2d,
+    ChannelSVDConv2d,
+    CPConv2d,
+    LowRankLinear,
+    SeparableConv2d,
+    Tucker2Conv2d,
+)
+
+METRICS = ("frobenius", "mahalanobis", "covariance")
+_SUPPORTED = (LowRankLinear, ChannelSVDConv2d, Tucker2Conv2d, CPConv2d, SeparableConv2d, BasisConv2d)
+
+
+@dataclass
+class LayerMetric:
+    """How one layer's fit is weighted: an input-mode transform ``t_in`` (C×C, lower
+    triangular or diagonal), an output-mode scale ``d_out`` (N), or the full patch Gram."""
+
+    t_in: torch.Tensor | None = None
+    d_out: torch.Tensor | None = None
+    patch_gram: torch.Tensor | None = None  # (C·kh·kw)², for the closed-form SVD methods
+
+
+def _input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Input vectors as rows: channels of every position (conv), features (linear)."""
+    if isinstance(module, nn.Conv2d):
+        return x.transpose(0, 1).reshape(x.shape[1], -1).T
+    return x.reshape(-1, x.shape[-1])
+
+
+def _patch_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(module, nn.Conv2d):
+        cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return x.reshape(-1, x.shape[-1])
+
+
+def collect(
+    model: nn.Module, fqns: list[str], inputs: torch.Tensor, metric: str, *, batch_size: int = 64
+) -> dict[str, LayerMetric]:
+    """Statistics for ``metric`` at each layer, streamed over ``inputs`` in batches."""
+    if metric not in METRICS:
+        raise RankdownError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    out = {fqn: LayerMetric() for fqn in fqns}
+    if metric == "frobenius":
+        return out
+    model.eval()
+    mods = {fqn: model.get_submodule(fqn) for fqn in fqns}
+    if metric == "covariance":
+        grams: dict[str, torch.Tensor] = {}
+        patch: dict[str, torch.Tensor] = {}
+
+        def hook(m, args, fqn):
+            rows = _input_rows(m, args[0].detach()).double()
+            grams[fqn] = grams.get(fqn, 0) + rows.T @ rows
+            if isinstance(m, nn.Linear) or (
+                isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+            ):
+                p = _patch_rows(m, args[0].detach()).double()
+                patch[fqn] = patch.get(fqn, 0) + p.T @ p
+
+        handles = [m.register_forward_pre_hook(lambda m, a, f=f: hook(m, a, f)) for f, m in mods.items()]
+        try:
+            with torch.no_grad():
+                for i in range(0, len(inputs), batch_size):
+                    model(inputs[i : i + batch_size])
+        finally:
+            for h in handles:
+                h.remove()
+        for fqn in fqns:
+            if fqn in grams:
+                out[fqn] = LayerMetric(t_in=decompose.shifted_cholesky(grams[fqn]), patch_gram=patch.get(fqn))
+        return out
+    # mahalanobis: squared gradients of the loss against the model's own predictions
+    sq = {fqn: torch.zeros_like(m.weight, dtype=torch.float64) for fqn, m in mods.items()}
+    for i in range(0, len(inputs), batch_size):
+        xb = inputs[i : i + batch_size]
+        with torch.no_grad():
+            labels = model(xb).argmax(-1)
+        model.zero_grad(set_to_none=True)
+        # per-example gradients summed in squares would need one backward per example; batches
+        # of the mean loss are the usual (Fisher-weighted SVD) approximation.
+        F.cross_entropy(model(xb), labels).backward()
+        for fqn, m in mods.items():
+            if m.weight.grad is not None:
+                sq[fqn] += m.weight.grad.double() ** 2
+    model.zero_grad(set_to_none=True)
+    for fqn, s in sq.items():
+        alpha = s.sqrt()
+        dims_out = tuple(range(1, alpha.ndim))
+        a_out = alpha.pow(2).mean(dim=dims_out).sqrt()
+        a_in = alpha.transpose(0, 1).reshape(alpha.shape[1], -1).pow(2).mean(1).sqrt()
+        # floor: a weight that never moved the loss still gets a little weight (avoids division by 0)
+        floor = lambda v: v.clamp_min(1e-3 * float(v.max()) if float(v.max()) > 0 else 1.0)  # noqa: E731
+        out[fqn] = LayerMetric(t_in=torch.diag(floor(a_in)), d_out=floor(a_out))
+    return out
+
+
+def transformed(module: nn.Module, metric: LayerMetric) -> nn.Module:
+    """A copy of ``module`` whose weight is diag(d_out) · W ×_in t_inᵀ: the tensor to decompose."""
+    clone = copy.deepcopy(module)
+    w = module.weight.detach().double()
+    if metric.t_in is not None:
+        w = torch.einsum("nc...,cd->nd...", w, metric.t_in.double())
+    if metric.d_out is not None:
+        w = w * metric.d_out.double().view(-1, *([1] * (w.ndim - 1)))
+    with torch.no_grad():
+        clone.weight.copy_(w.to(module.weight.dtype))
+    return clone
+
+
+def undo(layer: nn.Module, metric: LayerMetric) -> None:
+    """Undo :func:`transformed` on the factor that mixes input channels and the one that writes
+    outputs, in place."""
+    if not isinstance(layer, _SUPPORTED):
+        raise RankdownError(f"weighted metrics are not implemented for {type(layer).__name__}; use --metric frobenius")
+    first, last = (layer[2], layer[2]) if isinstance(layer, BasisConv2d) else (layer[0], layer[-1])
+    with torch.no_grad():
+        if metric.t_in is not None:
+            inv = torch.linalg.inv(metric.t_in.double())
+            w = first.weight.detach().double()
+            if isinstance(layer, BasisConv2d):  # the 1×1 mixes channel c of each (c, m) pair
+                n, cm = w.shape[:2]
+                c = inv.shape[0]
+                w = torch.einsum("ncm,cd->ndm", w.reshape(n, c, cm // c), inv).reshape(w.shape)
+            else:
+                w = torch.einsum("rc...,cd->rd...", w, inv)
+            first.weight.copy_(w.to(first.weight.dtype))
+        if metric.d_out is not None:
+            w = last.weight.detach().double() / metric.d_out.double().view(-1, *([1] * (last.weight.ndim - 1)))
+            last.weight.copy_(w.to(last.weight.dtype))
+
+
+def factorize_weighted(handler, fqn: str, module: nn.Module, rank, metric: LayerMetric | None):
+    """``handler.factorize`` under ``metric``; the reported error stays the plain weight error."""
+    from rankdown.methods import Factorized, _rel_error
+
+    if metric is None or (metric.t_in is None and metric.d_out is None):
+        return handler.factorize(module, rank)
+    if (
+        metric.patch_gram is not None
+        and isinstance(module, (nn.Linear, nn.Conv2d))
+        and handler.name
+        in (
+            "svd",
+            "channel-svd",
+        )
+    ):
+        w = module.weight
+        a, b = decompose.whitened_truncated_svd(w.reshape(w.shape[0], -1), metric.patch_gram, int(rank))
+        cls = LowRankLinear if isinstance(module, nn.Linear) else ChannelSVDConv2d
+        layer = cls.from_factors(module, a, b)
+        return Factorized(layer, _rel_error(w, layer.reconstruct_weight()), {"metric": "covariance (im2col)"})
+    fact = handler.factorize(transformed(module, metric), rank)
+    if fact.module is None:
+        return fact
+    if not isinstance(fact.module, _SUPPORTED):
+        raise RankdownError(
+            f"layer {fqn!r}: weighted metrics are not implemented for method {handler.name!r}; use --metric frobenius"
+        )
+    undo(fact.module, metric)
+    info = {**fact.info, "metric": "weighted"}
+    return Factorized(fact.module, _rel_error(module.weight, fact.module.reconstruct_weight()), info, fact.failure)
