@@ -198,3 +198,26 @@ def test_cli_compress_with_a_weighted_metric(tmp_path, metric):
     assert plan["meta"]["metric"] == metric and "calibration" not in plan["meta"]
     rows = [r for r in json.loads((out / "report.json").read_text())["layers"] if r["method"]]
     assert rows and all("metric" in r["info"] for r in rows)
+
+
+def test_mahalanobis_metric_for_bicluster_and_covariance_refused():
+    g = torch.Generator().manual_seed(2)
+    conv = nn.Conv2d(8, 6, 3).double()
+    a_out = torch.rand(6, generator=g, dtype=torch.float64) ** 2 + 0.1
+    a_in = torch.rand(8, generator=g, dtype=torch.float64) ** 2 + 0.1
+    h = get_method("bicluster", nn.Conv2d)
+    diag = LayerMetric(t_in=torch.diag(a_in), d_out=a_out)
+    full = factorize_weighted(h, "c", conv, (2, 2, 3), diag)
+    assert full.rel_error < 1e-10  # full block rank stays exact through the scaling and its undo
+
+    def werr(w):
+        e = (w - conv.weight.detach()) * a_out.view(-1, 1, 1, 1) * a_in.view(1, -1, 1, 1)
+        return float(torch.linalg.vector_norm(e))
+
+    plain = h.factorize(conv, (2, 2, 1)).module.reconstruct_weight().detach()
+    weighted = factorize_weighted(h, "c", conv, (2, 2, 1), diag).module.reconstruct_weight().detach()
+    assert werr(weighted) < werr(plain)
+    from rankdown.errors import RankdownError
+
+    with pytest.raises(RankdownError, match="diagonal"):
+        factorize_weighted(h, "c", conv, (2, 2, 1), LayerMetric(t_in=torch.linalg.cholesky(torch.eye(8) + 0.5)))

@@ -235,6 +235,6 @@ def test_cli_charnet_scheme1_with_joint_calibration(tmp_path, monkeypatch):
     assert rows["conv2"]["method"] == "basis" and rows["conv2"]["rank"] == 8
     assert rows["conv1"]["method"] is None  # the paper's choice: conv1 and conv4 stay dense
     fit = rows["conv2"]["info"]["calibration"]
-    assert fit["how"] == "adam" and fit["output_error_after"] <= fit["output_error_before"]
+    assert "least squares" in fit["how"] and fit["output_error_after"] <= fit["output_error_before"]
     assert json.loads((out / "plan.json").read_text())["meta"]["calibration"]["mode"] == "joint"
     assert report["accuracy"]["n"] == 100

@@ -12,8 +12,9 @@ by layer in execution order, to minimise
 Closed form where one exists — an SVD factorization (``svd`` for Linear, ``channel-svd`` for
 Conv2d with zero padding) is linear in the im2col patches, so the optimum at rank r is the SVD of
 M = W·Σ_ZẐ·Σ_ẐẐ⁻¹ whitened by Σ_ẐẐ (:func:`rankdown.decompose.whitened_truncated_svd`), plus the
-bias that matches the output means. Every other factorized module is refitted by Adam on its
-factors. Calibration inputs stream in batches: only second-moment statistics (closed form) or,
+bias that matches the output means. Every other factorized module gets the exact least-squares
+fit of its last factor (the one that writes the outputs, linear given the others), then Adam on
+all its factors for ``epochs``. Calibration inputs stream in batches: only second-moment statistics (closed form) or,
 under ``cache_mb``, the layer's (input, target) pairs are held; above it the two networks are re-run
 each epoch, truncated at the layer.
 """
@@ -40,7 +41,7 @@ MODES = ("data", "joint")
 class CalibrationConfig:
     mode: str = "joint"
     batch_size: int = 64
-    epochs: int = 8  # gradient refits only
+    epochs: int = 2  # Adam epochs after the closed-form step (non-SVD methods)
     lr: float = 3e-3  # relative: each tensor's step is lr × its RMS (Adam, cosine decay)
     cache_mb: float = 512.0
     closed_form: bool = True  # False: refit SVD layers by gradient too (for comparisons)
@@ -187,6 +188,39 @@ def _closed_form(dense_layer: nn.Module, module: nn.Module, pairs: _Pairs, mode:
         last.bias.copy_((dense_layer.bias.detach().double() + shift).to(last.bias.dtype))
 
 
+def _last_factor_least_squares(module: nn.Module, pairs: _Pairs) -> bool:
+    """Refit the factor that writes the outputs by exact least squares on the data, the rest
+    fixed: the output is linear in it (Zhang 2015's closed form, applied to the last factor of any
+    factorized module). Returns False when the module has no such plain last conv/linear."""
+    last = module[-1] if isinstance(module, nn.Sequential) and len(module) > 1 else None
+    if not isinstance(last, (nn.Conv2d, nn.Linear)) or getattr(last, "groups", 1) != 1:
+        return False
+    if isinstance(last, nn.Conv2d) and (last.padding_mode != "zeros" or isinstance(last.padding, str)):
+        return False
+    head = module[:-1]
+    d = last.weight[0].numel() + (last.bias is not None)
+    gram = torch.zeros(d, d, dtype=torch.float64)
+    cross = torch.zeros(d, last.weight.shape[0], dtype=torch.float64)
+    with torch.no_grad():
+        for zin, target in pairs:
+            feats = _patches(last, head(zin)).double()
+            if last.bias is not None:
+                feats = torch.cat([feats, torch.ones(feats.shape[0], 1, dtype=feats.dtype)], 1)
+            if isinstance(last, nn.Conv2d):
+                t = target.double().permute(0, 2, 3, 1).reshape(-1, target.shape[1])
+            else:
+                t = target.double().reshape(-1, target.shape[-1])
+            gram += feats.T @ feats
+            cross += feats.T @ t
+        chol = decompose.shifted_cholesky(gram, 1e-8)
+        sol = torch.cholesky_solve(cross, chol).T  # (out, d)
+        if last.bias is not None:
+            last.bias.copy_(sol[:, -1].to(last.bias.dtype))
+            sol = sol[:, :-1]
+        last.weight.copy_(sol.reshape(last.weight.shape).to(last.weight.dtype))
+    return True
+
+
 def _gradient(module: nn.Module, pairs: _Pairs, config: CalibrationConfig, desc: str) -> None:
     params = [p for p in module.parameters() if p.requires_grad]
     if not params or config.epochs == 0:
@@ -237,9 +271,16 @@ def reconstruct(
             how = "closed form"
             _closed_form(dense_layer, module, pairs, config.mode)
         else:
-            how = "adam"
-            with torch.enable_grad():
-                _gradient(module, pairs, config, desc=f"refit {fqn}")
+            saved = {k: v.clone() for k, v in module.state_dict().items()}
+            how = "last factor by least squares" if _last_factor_least_squares(module, pairs) else ""
+            if _rel_output_error(module, pairs) > before:  # ill-conditioned data: keep the weight fit
+                module.load_state_dict(saved)
+                how = ""
+            if config.epochs:
+                how = (how + " + " if how else "") + "adam"
+                with torch.enable_grad():
+                    _gradient(module, pairs, config, desc=f"refit {fqn}")
+            how = how or "unchanged"
         results[fqn] = {
             "how": how,
             "output_error_before": before,

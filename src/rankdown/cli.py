@@ -256,9 +256,10 @@ def main() -> None:
 @click.option(
     "--calibration-epochs",
     type=click.IntRange(min=0),
-    default=8,
+    default=2,
     show_default=True,
-    help="Adam epochs for layers without a closed-form data fit (all but svd / channel-svd).",
+    help="For methods other than svd / channel-svd: Adam epochs on all factors after the "
+    "least-squares fit of the last factor.",
 )
 @click.option(
     "--round-to",

@@ -33,6 +33,7 @@ from rankdown import decompose
 from rankdown.errors import RankdownError
 from rankdown.layers import (
     BasisConv2d,
+    BiclusterConv2d,
     ChannelSVDConv2d,
     CPConv2d,
     LowRankLinear,
@@ -145,6 +146,9 @@ def transformed(module: nn.Module, metric: LayerMetric) -> nn.Module:
 def undo(layer: nn.Module, metric: LayerMetric) -> None:
     """Undo :func:`transformed` on the factor that mixes input channels and the one that writes
     outputs, in place."""
+    if isinstance(layer, BiclusterConv2d):
+        _undo_bicluster(layer, metric)
+        return
     if not isinstance(layer, _SUPPORTED):
         raise RankdownError(f"weighted metrics are not implemented for {type(layer).__name__}; use --metric frobenius")
     first, last = (layer[2], layer[2]) if isinstance(layer, BasisConv2d) else (layer[0], layer[-1])
@@ -162,6 +166,25 @@ def undo(layer: nn.Module, metric: LayerMetric) -> None:
         if metric.d_out is not None:
             w = last.weight.detach().double() / metric.d_out.double().view(-1, *([1] * (last.weight.ndim - 1)))
             last.weight.copy_(w.to(last.weight.dtype))
+
+
+def _undo_bicluster(layer: BiclusterConv2d, metric: LayerMetric) -> None:
+    """Groups survive only a diagonal input transform (a full one mixes channels across groups)."""
+    with torch.no_grad():
+        if metric.t_in is not None:
+            t = metric.t_in.double()
+            if not torch.equal(t, torch.diag(t.diagonal())):
+                raise RankdownError("biclustering keeps its groups only under a diagonal metric: use mahalanobis")
+            scale = t.diagonal()[layer[0].index]  # input channels in grouped order
+            g = layer[1].groups
+            w = layer[1].weight.detach().double()
+            per_group = scale.reshape(g, -1)  # (G, C/G)
+            w = w.reshape(g, -1, *w.shape[1:]) / per_group[:, None, :, None, None]
+            layer[1].weight.copy_(w.reshape(layer[1].weight.shape).to(layer[1].weight.dtype))
+        if metric.d_out is not None:
+            order = torch.argsort(layer[4].index)  # filter at each grouped position
+            w = layer[3].weight.detach().double() / metric.d_out.double()[order].view(-1, 1, 1, 1)
+            layer[3].weight.copy_(w.to(layer[3].weight.dtype))
 
 
 def factorize_weighted(handler, fqn: str, module: nn.Module, rank, metric: LayerMetric | None):
@@ -187,7 +210,7 @@ def factorize_weighted(handler, fqn: str, module: nn.Module, rank, metric: Layer
     fact = handler.factorize(transformed(module, metric), rank)
     if fact.module is None:
         return fact
-    if not isinstance(fact.module, _SUPPORTED):
+    if not isinstance(fact.module, (*_SUPPORTED, BiclusterConv2d)):
         raise RankdownError(
             f"layer {fqn!r}: weighted metrics are not implemented for method {handler.name!r}; use --metric frobenius"
         )
