@@ -1,6 +1,6 @@
 """Benchmark: Jaderberg et al. 2014's character-CNN experiment, re-run on the bundled CharNet.
 
-conv2 and conv3 are approximated at theoretical speedups from 1.5× to 6× (each layer's MACs cut
+conv2 and conv3 are approximated at theoretical speedups from 2× to 6× (each layer's MACs cut
 by that factor), by scheme 1 (shared separable basis, ``--method basis``) and scheme 2 (vertical
 then horizontal, ``--method separable``), each with
 - filter reconstruction (weights only),
@@ -9,7 +9,7 @@ then horizontal, ``--method separable``), each with
 and no fine-tuning. Accuracy is on the rendered test set (fonts unseen in training); latency is
 the whole model on this CPU (2 threads, guarded, fastest layout for dense and compressed alike).
 
-    python benchmarks/jaderberg_charnet.py            # ~25 min on 2 cores
+    python benchmarks/jaderberg_charnet.py            # ~30 min on 2 cores
     python benchmarks/jaderberg_charnet.py --from-json  # redraw plot and table
 """
 
@@ -38,15 +38,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import write_section  # noqa: E402
 
 LAYERS = ("conv2", "conv3")
-SPEEDUPS = (1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0)
+SPEEDUPS = (2.0, 2.5, 3.0, 4.0, 4.5, 6.0)
 SCHEMES = {"basis": "scheme 1", "separable": "scheme 2"}
 FITS = ("filter", "data", "joint")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--calibration", type=int, default=2048, help="training images for data reconstruction")
-    ap.add_argument("--calibration-epochs", type=int, default=2)
+    ap.add_argument("--calibration", type=int, default=1024, help="training images for data reconstruction")
+    ap.add_argument("--calibration-epochs", type=int, default=1)
     ap.add_argument("--runs", type=int, default=40)
     ap.add_argument("--eval-limit", type=int, default=None)
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/jaderberg_charnet.json"))
@@ -147,6 +147,7 @@ def plot(result: dict, path: Path) -> None:
         for method, scheme in SCHEMES.items():
             for fit in FITS:
                 rows = [r for r in result["rows"] if r["method"] == method and r["fit"] == fit]
+                rows.sort(key=lambda r: r[key] if b is None else r[key][b])  # measured speed is not monotone
                 x = [r[key] if b is None else r[key][b] for r in rows]
                 ax.plot(
                     x,
@@ -162,7 +163,8 @@ def plot(result: dict, path: Path) -> None:
         ax.set(xlabel=label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test accuracy, % (unseen fonts, no fine-tuning)")
-    axes[0].set_ylim(max(0, dense - 30), dense + 2)
+    low = min(100 * r["accuracy"] for r in result["rows"])
+    axes[0].set_ylim(low - 1, dense + 1)
     axes[0].legend(fontsize=8)
     fig.suptitle("CharNet, conv2+conv3 approximated (Jaderberg 2014 experiment); grey: dense and dense − 1 pt")
     fig.tight_layout()
@@ -193,7 +195,8 @@ def write_markdown(result: dict, path: Path) -> None:
         f"(fonts not seen in training); batch 1 {d['latency_ms']['1']:.3f} ms, batch 64 {d['latency_ms']['64']:.2f} ms "
         "(fastest layout). Data and joint reconstruction use "
         f"{result['calibration_examples']} training images: per layer, the exact least-squares fit of the last "
-        f"factor, then {result['calibration_epochs']} Adam epochs on all factors. No fine-tuning anywhere.",
+        f"factor, then {result['calibration_epochs']} Adam epoch(s) on all factors; every 4th batch held out to choose "
+        "the ridge and keep a refit only if it helps there. No fine-tuning anywhere.",
         "",
         "**The paper's claim** (scheme 2 with joint data reconstruction: 2.5× with no loss, 4.5× with < 1 point "
         "lost). Largest theoretical speedup of conv2+conv3 reached here:",
@@ -205,6 +208,18 @@ def write_markdown(result: dict, path: Path) -> None:
         for fit in FITS:
             a, b = _claim(result, method, fit)
             lines.append(f"| {scheme} | {fit} | {fmt(a)} | {fmt(b)} |")
+    dense = result["dense"]["accuracy"]
+    joint2 = {r["target_speedup"]: r for r in result["rows"] if r["method"] == "separable" and r["fit"] == "joint"}
+    verdict = []
+    for s, claim in ((2.5, "no loss"), (4.5, "< 1 point lost")):
+        if s in joint2:
+            drop = 100 * (dense - joint2[s]["accuracy"])
+            ok = drop <= 0.1 if s == 2.5 else drop < 1.0
+            verdict.append(
+                f"at {s:g}× (paper: {claim}) scheme 2 + joint loses {drop:.2f} points here: "
+                + ("**matches**" if ok else "**does not match**")
+            )
+    lines += ["", "Verdict: " + "; ".join(verdict) + "."] if verdict else []
     lines += [
         "",
         "| scheme | target | ranks (conv2, conv3) | theoretical | weight error (conv2, conv3) | "
