@@ -99,6 +99,7 @@ def test_monochromatic_recovers_planted_colours_and_matches_dense():
 
 
 def test_monochromatic_layer_equals_dense_with_its_weight_and_more_colours_help():
+    torch.manual_seed(0)
     conv = nn.Conv2d(3, 12, 3, padding=1).double()
     method = get_method("mono", nn.Conv2d)
     errs = []
@@ -124,6 +125,7 @@ def _out_err(conv, approx_weight, x):
 
 @pytest.mark.parametrize("method, rank", [("channel-svd", 3), ("tucker2", 3), ("separable", 3), ("basis", 3)])
 def test_covariance_metric_reduces_output_error_on_channel_correlated_inputs(method, rank):
+    torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     conv = nn.Conv2d(8, 10, 3, padding=1).double()
     mix = torch.randn(8, 8, generator=g, dtype=torch.float64) * torch.logspace(0, -2, 8, dtype=torch.float64)
@@ -140,6 +142,7 @@ def test_covariance_metric_reduces_output_error_on_channel_correlated_inputs(met
 
 @pytest.mark.parametrize("method, rank", [("svd", 3), ("tucker2", 3), ("cp", 4), ("separable", 2)])
 def test_mahalanobis_metric_reduces_the_weighted_error(method, rank):
+    torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     layer = nn.Linear(12, 10).double() if method == "svd" else nn.Conv2d(6, 8, 3).double()
     n, c = layer.weight.shape[:2]
