@@ -214,6 +214,9 @@ def factorize_weighted(handler, fqn: str, module: nn.Module, rank, metric: Layer
         raise RankdownError(
             f"layer {fqn!r}: weighted metrics are not implemented for method {handler.name!r}; use --metric frobenius"
         )
-    undo(fact.module, metric)
+    try:
+        undo(fact.module, metric)
+    except RankdownError as exc:
+        raise RankdownError(f"layer {fqn!r}: {exc}") from None
     info = {**fact.info, "metric": "weighted"}
     return Factorized(fact.module, _rel_error(module.weight, fact.module.reconstruct_weight()), info, fact.failure)
