@@ -34,6 +34,7 @@ from rankdown import decompose
 from rankdown.errors import RankdownError
 from rankdown.layers import ChannelSVDConv2d, LowRankLinear
 from rankdown.progress import progress
+from rankdown.surgery import record_inputs
 
 MODES = ("data", "joint")
 
@@ -80,22 +81,9 @@ def _layer_input(model: nn.Module, fqn: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def execution_order(model: nn.Module, fqns: list[str], example: torch.Tensor) -> list[str]:
-    """``fqns`` in the order a forward pass first calls them (not the registration order)."""
-    seen: list[str] = []
-    handles = []
-    for fqn in fqns:
-
-        def hook(_m, _args, fqn=fqn):
-            if fqn not in seen:
-                seen.append(fqn)
-
-        handles.append(model.get_submodule(fqn).register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
+    """``fqns`` in the order a forward pass first calls them (not the registration order): the
+    probe of :func:`rankdown.surgery.record_inputs` records them in that order."""
+    seen = list(record_inputs(model, example, fqns))
     return seen + [f for f in fqns if f not in seen]
 
 
@@ -135,7 +123,7 @@ def _rel_output_error(module: nn.Module, pairs: _Pairs) -> float:
     return math.sqrt(num / max(den, 1e-300))
 
 
-def _patches(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def patch_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Rows of im2col patches (conv) or features (linear), as the dense layer's matmul sees them."""
     if isinstance(layer, nn.Conv2d):
         cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
@@ -191,7 +179,7 @@ def _closed_form(dense_layer: nn.Module, module: nn.Module, pairs: _Pairs, mode:
         batch = pairs.inputs[xb : xb + bs]
         z = _layer_input(pairs.dense, pairs.fqn, batch)
         h = z if mode == "data" else _layer_input(pairs.compressed, pairs.fqn, batch)
-        pz, ph = _patches(dense_layer, z).double(), _patches(dense_layer, h).double()
+        pz, ph = patch_rows(dense_layer, z).double(), patch_rows(dense_layer, h).double()
         s_hh += ph.T @ ph
         if s_zh is not None:
             s_zh += pz.T @ ph
@@ -239,7 +227,7 @@ def _last_factor_least_squares(module: nn.Module, pairs: _Pairs) -> bool:
     n_batches = math.ceil(len(pairs.inputs) / pairs.config.batch_size)
     with torch.no_grad():
         for i, (zin, target) in enumerate(pairs):
-            feats = _patches(last, head(zin)).double()
+            feats = patch_rows(last, head(zin)).double()
             if last.bias is not None:
                 feats = torch.cat([feats, torch.ones(feats.shape[0], 1, dtype=feats.dtype)], 1)
             if isinstance(last, nn.Conv2d):

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rankdown import decompose
+from rankdown.calibrate import patch_rows
 from rankdown.errors import RankdownError
 from rankdown.layers import (
     BasisConv2d,
@@ -62,13 +63,6 @@ def _input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def _patch_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    if isinstance(module, nn.Conv2d):
-        cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
-        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
-    return x.reshape(-1, x.shape[-1])
-
-
 def collect(
     model: nn.Module, fqns: list[str], inputs: torch.Tensor, metric: str, *, batch_size: int = 64
 ) -> dict[str, LayerMetric]:
@@ -90,7 +84,7 @@ def collect(
             if isinstance(m, nn.Linear) or (
                 isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and not isinstance(m.padding, str)
             ):
-                p = _patch_rows(m, args[0].detach()).double()
+                p = patch_rows(m, args[0].detach()).double()
                 patch[fqn] = patch.get(fqn, 0) + p.T @ p
 
         handles = [m.register_forward_pre_hook(lambda m, a, f=f: hook(m, a, f)) for f, m in mods.items()]
