@@ -239,3 +239,14 @@ def test_cli_charnet_scheme1_with_joint_calibration(tmp_path, monkeypatch):
     assert "least squares" in fit["how"] and fit["output_error_after"] <= fit["output_error_before"]
     assert json.loads((out / "plan.json").read_text())["meta"]["calibration"]["mode"] == "joint"
     assert report["accuracy"]["n"] == 100
+
+
+def test_damaged_char_cache_is_rendered_again(tmp_path, monkeypatch):
+    from rankdown import chars
+
+    monkeypatch.setenv("RANKDOWN_CACHE_DIR", str(tmp_path))
+    first = chars.load_chars("test", limit=20)
+    (cache,) = list((tmp_path / "chars").iterdir())
+    cache.write_bytes(b"not a zip file")
+    again = chars.load_chars("test", limit=20)
+    assert torch.equal(first.images, again.images)

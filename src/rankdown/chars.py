@@ -15,6 +15,7 @@ import io
 import os
 import shutil
 import subprocess
+import zipfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -229,9 +230,15 @@ def load_chars(split: str, n: int | None = None, seed: int = 0, limit: int | Non
 
     count = n if limit is None else min(n, limit)
     path = path_for(n) if path_for(n).exists() else path_for(count)
+    cached = None
     if path.exists():
-        with np.load(path) as z:
-            images, labels = z["images"], z["labels"]
+        try:
+            with np.load(path) as z:
+                cached = z["images"], z["labels"]
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            cached = None  # a damaged cache file is rendered again and replaced
+    if cached is not None:
+        images, labels = cached
     else:
         images, labels = render(split, count, seed, fonts, workers=min(4, os.cpu_count() or 1))
         buf = io.BytesIO()
