@@ -22,6 +22,7 @@ target) pairs are held; above it the two networks are re-run each epoch, truncat
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -47,6 +48,9 @@ class CalibrationConfig:
     lr: float = 3e-3  # relative: each tensor's step is lr × its RMS (Adam, cosine decay)
     cache_mb: float = 512.0
     closed_form: bool = True  # False: refit SVD layers by gradient too (for comparisons)
+    nonlinear: bool = True  # fit the response after a following (BatchNorm →) ReLU (Zhang 2015)
+    relu_iters: tuple[int, int] = (15, 10)  # alternations at λ = 0.1, then at λ = 1
+    relu_rows: int = 100_000  # output pixels sampled for the alternation (fewer for wide inputs)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -87,13 +91,62 @@ def execution_order(model: nn.Module, fqns: list[str], example: torch.Tensor) ->
     return seen + [f for f in fqns if f not in seen]
 
 
+@dataclass
+class Activation:
+    """The channel-wise ``[BatchNorm →] ReLU`` that follows a layer, written per output channel as
+    act(y) = scale · relu(sign · (y − threshold)) (a BatchNorm with γ < 0 flips the sign), so that
+    Zhang 2015's per-element z-step applies unchanged to conv → BN → ReLU stacks."""
+
+    modules: nn.Sequential  # copies, not in place: applied to targets and outputs alike
+    sign: torch.Tensor
+    threshold: torch.Tensor
+    scale: torch.Tensor
+    channel_dim: int  # 1 for conv outputs, -1 for linear ones
+
+    def __call__(self, y: torch.Tensor) -> torch.Tensor:
+        return self.modules(y)
+
+
+def following_activation(model: nn.Module, fqn: str) -> Activation | None:
+    """The ReLU (optionally after an eval-mode BatchNorm) that directly follows ``fqn`` inside an
+    ``nn.Sequential``; None when there is none or the order of use is not visible (custom forward)."""
+    parent_name, _, name = fqn.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    layer = parent.get_submodule(name)
+    if not isinstance(parent, nn.Sequential) or not isinstance(layer, (nn.Conv2d, nn.Linear)):
+        return None
+    names = list(parent._modules)
+    after = [parent._modules[n] for n in names[names.index(name) + 1 : names.index(name) + 3]]
+    n_out = layer.weight.shape[0]
+    sign, threshold, scale = torch.ones(n_out), torch.zeros(n_out), torch.ones(n_out)
+    chain: list[nn.Module] = []
+    if after and type(after[0]) is nn.BatchNorm2d and isinstance(layer, nn.Conv2d):
+        bn = after.pop(0)
+        if bn.training or not bn.track_running_stats or bn.num_features != n_out:
+            return None
+        with torch.no_grad():
+            gamma = bn.weight.detach().float() if bn.affine else torch.ones(n_out)
+            beta = bn.bias.detach().float() if bn.affine else torch.zeros(n_out)
+            mult = gamma / (bn.running_var.float() + bn.eps).sqrt()  # BN(y) = mult·(y − mean) + beta
+        if bool((mult == 0).any()):
+            return None
+        sign, scale = torch.sign(mult), mult.abs()
+        threshold = bn.running_mean.float() - beta / mult
+        chain.append(copy.deepcopy(bn))
+    if not after or type(after[0]) is not nn.ReLU:
+        return None
+    chain.append(nn.ReLU())
+    return Activation(nn.Sequential(*chain).eval(), sign, threshold, scale, 1 if isinstance(layer, nn.Conv2d) else -1)
+
+
 class _Pairs:
     """(input to the factorized layer, dense target) batches for one layer: cached when small,
     else recomputed by truncated forward passes each time they are iterated."""
 
-    def __init__(self, dense, compressed, fqn, inputs, config):
+    def __init__(self, dense, compressed, fqn, inputs, config, act: Activation | None = None):
         self.dense, self.compressed, self.fqn, self.inputs, self.config = dense, compressed, fqn, inputs, config
         self.layer = dense.get_submodule(fqn)
+        self.act = act  # errors are measured after it (the response that the next layer sees)
         self.cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         first = next(self._compute())
         per_example = sum(t[:1].numel() * t.element_size() for t in first)
@@ -113,13 +166,19 @@ class _Pairs:
     def __iter__(self):
         return iter(self.cache) if self.cache is not None else self._compute()
 
+    def sq_error(self, out: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(squared error, squared target), after the activation when there is one."""
+        if self.act is not None:
+            out, target = self.act(out), self.act(target)
+        return ((out - target) ** 2).sum(), (target**2).sum()
+
 
 @torch.no_grad()
 def _rel_output_error(module: nn.Module, pairs: _Pairs) -> float:
     num = den = 0.0
     for zin, target in pairs:
-        num += float(((module(zin) - target) ** 2).sum())
-        den += float((target**2).sum())
+        e, t = pairs.sq_error(module(zin), target)
+        num, den = num + float(e), den + float(t)
     return math.sqrt(num / max(den, 1e-300))
 
 
@@ -158,8 +217,8 @@ def _heldout_error(module: nn.Module, pairs: _Pairs) -> float:
     num = den = 0.0
     for i, (zin, target) in enumerate(pairs):
         if _holdout(i, n):
-            num += float(((module(zin) - target) ** 2).sum())
-            den += float((target**2).sum())
+            e, t = pairs.sq_error(module(zin), target)
+            num, den = num + float(e), den + float(t)
     return math.sqrt(num / den) if den else float("nan")
 
 
@@ -213,9 +272,7 @@ def _last_factor_least_squares(module: nn.Module, pairs: _Pairs) -> bool:
     fixed: the output is linear in it (Zhang 2015's closed form, applied to the last factor of any
     factorized module). Returns False when the module has no such plain last conv/linear."""
     last = module[-1] if isinstance(module, nn.Sequential) and len(module) > 1 else None
-    if not isinstance(last, (nn.Conv2d, nn.Linear)) or getattr(last, "groups", 1) != 1:
-        return False
-    if isinstance(last, nn.Conv2d) and (last.padding_mode != "zeros" or isinstance(last.padding, str)):
+    if not _plain_last_factor(last):
         return False
     head = module[:-1]
     d = last.weight[0].numel() + (last.bias is not None)
@@ -230,10 +287,7 @@ def _last_factor_least_squares(module: nn.Module, pairs: _Pairs) -> bool:
             feats = patch_rows(last, head(zin)).double()
             if last.bias is not None:
                 feats = torch.cat([feats, torch.ones(feats.shape[0], 1, dtype=feats.dtype)], 1)
-            if isinstance(last, nn.Conv2d):
-                t = target.double().permute(0, 2, 3, 1).reshape(-1, target.shape[1])
-            else:
-                t = target.double().reshape(-1, target.shape[-1])
+            t = _output_rows(target).double()
             st = stats["val" if _holdout(i, n_batches) else "fit"]
             st[0] += feats.T @ feats
             st[1] += feats.T @ t
@@ -266,6 +320,127 @@ def _last_factor_least_squares(module: nn.Module, pairs: _Pairs) -> bool:
     return True
 
 
+def _output_rows(y: torch.Tensor) -> torch.Tensor:
+    """(examples·pixels, channels) rows of a conv (N, C, H, W) or linear (..., C) output."""
+    return y.permute(0, 2, 3, 1).reshape(-1, y.shape[1]) if y.ndim == 4 else y.reshape(-1, y.shape[-1])
+
+
+def relu_z_step(y: torch.Tensor, u: torch.Tensor, lam: float) -> torch.Tensor:
+    """Zhang 2015's z-step, per element: argmin_z (relu(y) − relu(z))² + λ (z − u)², the cheaper
+    of the best z ≤ 0 (min(u, 0)) and the best z ≥ 0 (max(0, (λu + relu(y)) / (λ + 1)))."""
+    yr = y.clamp_min(0)
+    z0 = u.clamp_max(0)
+    z1 = ((lam * u + yr) / (lam + 1)).clamp_min(0)
+    c0 = yr**2 + lam * (z0 - u) ** 2
+    c1 = (z1 - yr) ** 2 + lam * (z1 - u) ** 2
+    return torch.where(c0 <= c1, z0, z1)
+
+
+@torch.no_grad()
+def _response_fit(dense_layer: nn.Module, module: nn.Module, pairs: _Pairs, config: CalibrationConfig) -> bool:
+    """Zhang 2015's nonlinear reconstruction: min Σ ‖act(y) − act(ŷ)‖² over the linear map that
+    writes the outputs (the whole rank-r product for SVD layers, else the last factor), relaxed
+    with auxiliary responses z and solved by alternating a per-element z-step with the
+    least-squares map step, λ rising from 0.1 to 1. Starts from the linear fit already in place
+    and is kept only if it lowers the held-out response error. Returns whether it applied."""
+    act = pairs.act
+    assert act is not None
+    closed = config.closed_form and closed_form_applies(dense_layer, module)
+    last = module[-1] if isinstance(module, nn.Sequential) and len(module) > 1 else None
+    if not closed and not _plain_last_factor(last):
+        return False
+    head = None if closed else module[:-1]
+    rank = module[0].weight.shape[0] if closed else None
+
+    n_batches = math.ceil(len(pairs.inputs) / pairs.config.batch_size)
+    n_fit = sum(not _holdout(i, n_batches) for i in range(n_batches))
+    d = module[0].weight[0].numel() if closed else last.weight[0].numel()
+    budget = min(config.relu_rows, (256 * 2**20) // (4 * d))  # the sampled features stay under 256 MB
+    per_batch = max(1, budget // max(n_fit, 1))
+    gen = torch.Generator().manual_seed(config.seed)
+    picks: dict[int, torch.Tensor] = {}
+
+    def rows(i: int, t: torch.Tensor) -> torch.Tensor:
+        """A fixed random subset of batch i's rows (Zhang samples pixels too): cost, not quality."""
+        if t.shape[0] <= per_batch:
+            return t
+        if i not in picks:
+            picks[i] = torch.randperm(t.shape[0], generator=gen)[:per_batch]
+        return t[picks[i]]
+
+    def feats(i: int, zin: torch.Tensor) -> torch.Tensor:
+        return rows(i, patch_rows(dense_layer, zin) if closed else patch_rows(last, head(zin)))
+
+    def current_map() -> torch.Tensor:
+        w = last.weight.detach().double().reshape(last.weight.shape[0], -1)
+        return w @ module[0].weight.detach().double().reshape(rank, -1) if closed else w
+
+    sign, thr = act.sign.double(), act.threshold.double()
+    weight = act.scale.double()  # per-channel weight of the response error
+    has_bias = last.bias is not None
+    before = _heldout_error(module, pairs)
+    saved = {k: v.clone() for k, v in module.state_dict().items()}
+    fs, ys = [], []
+    for i, (zin, target) in enumerate(pairs):  # the sampled rows, held for all the iterations
+        if not _holdout(i, n_batches):
+            fs.append(feats(i, zin).float())
+            ys.append(rows(i, _output_rows(target)).float())
+    if not fs:
+        return False
+    f, y = torch.cat(fs), torch.cat(ys)
+    del fs, ys
+    count = f.shape[0]
+    mean_f = f.double().mean(0) if has_bias else torch.zeros(f.shape[1], dtype=torch.float64)
+    g_c = (f.T @ f).double() / count - torch.outer(mean_f, mean_f)
+    chol = decompose.shifted_cholesky(g_c, 1e-4)
+    y_v = (sign * (y.double() - thr)).float()  # in the activation's frame: act = scale · relu(y_v)
+    w = current_map()
+    b = last.bias.detach().double() if has_bias else torch.zeros(w.shape[0], dtype=torch.float64)
+    n1, n2 = config.relu_iters
+    for lam in [0.1] * n1 + [1.0] * n2:
+        u = f @ w.T.float() + b.float()
+        z = sign.float() * relu_z_step(y_v, sign.float() * (u - thr.float()), lam) + thr.float()
+        mean_z = z.double().mean(0) if has_bias else torch.zeros_like(b)
+        c_c = (z.T @ f).double() / count - torch.outer(mean_z, mean_f)
+        m = torch.cholesky_solve(c_c.T, chol).T
+        if closed:  # the best rank-r map under the feature covariance, rows weighted as the error is
+            a, bb = decompose.whitened_truncated_svd(m * weight[:, None], g_c, rank, shift=1e-4)
+            a = a / weight[:, None]
+            w = a @ bb
+        else:
+            w = m
+        b = mean_z - w @ mean_f
+    if closed:
+        module[0].weight.copy_(bb.reshape(module[0].weight.shape).to(module[0].weight.dtype))
+        last.weight.copy_(a.reshape(last.weight.shape).to(last.weight.dtype))
+    else:
+        last.weight.copy_(w.reshape(last.weight.shape).to(last.weight.dtype))
+    if has_bias:
+        last.bias.copy_(b.to(last.bias.dtype))
+    after = _heldout_error(module, pairs)
+    if math.isnan(before):
+        before, after = _rel_output_error_state(saved, module, pairs), _rel_output_error(module, pairs)
+    if not after < before:
+        module.load_state_dict(saved)
+        return False
+    return True
+
+
+def _rel_output_error_state(state: dict, module: nn.Module, pairs: _Pairs) -> float:
+    now = {k: v.clone() for k, v in module.state_dict().items()}
+    module.load_state_dict(state)
+    err = _rel_output_error(module, pairs)
+    module.load_state_dict(now)
+    return err
+
+
+def _plain_last_factor(last: nn.Module | None) -> bool:
+    """A last factor whose output is linear in its weight through one im2col matmul."""
+    if not isinstance(last, (nn.Conv2d, nn.Linear)) or getattr(last, "groups", 1) != 1:
+        return False
+    return not (isinstance(last, nn.Conv2d) and (last.padding_mode != "zeros" or isinstance(last.padding, str)))
+
+
 def _gradient(module: nn.Module, pairs: _Pairs, config: CalibrationConfig, desc: str) -> None:
     params = [p for p in module.parameters() if p.requires_grad]
     if not params or config.epochs == 0:
@@ -284,7 +459,8 @@ def _gradient(module: nn.Module, pairs: _Pairs, config: CalibrationConfig, desc:
             if _holdout(i, n_batches):
                 continue
             zin, target = batches[i]
-            loss = ((module(zin) - target) ** 2).mean() / (target**2).mean().clamp_min(1e-30)
+            e, t = pairs.sq_error(module(zin), target)
+            loss = e / t.clamp_min(1e-30)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -314,7 +490,8 @@ def reconstruct(
         dense_layer, module = dense.get_submodule(fqn), compressed.get_submodule(fqn)
         if type(module) is type(dense_layer):
             continue  # kept dense
-        pairs = _Pairs(dense, compressed, fqn, inputs, config)
+        act = following_activation(dense, fqn) if config.nonlinear else None
+        pairs = _Pairs(dense, compressed, fqn, inputs, config, act)
         before = _rel_output_error(module, pairs)
         if config.closed_form and closed_form_applies(dense_layer, module):
             how = "closed form"
@@ -325,6 +502,9 @@ def reconstruct(
             if _rel_output_error(module, pairs) > before:  # ill-conditioned data: keep the weight fit
                 module.load_state_dict(saved)
                 how = ""
+        if act is not None and config.relu_iters != (0, 0) and _response_fit(dense_layer, module, pairs, config):
+            how = (how + " + " if how else "") + "relu response"
+        if not (config.closed_form and closed_form_applies(dense_layer, module)):
             if config.epochs:
                 how = (how + " + " if how else "") + "adam"
                 with torch.enable_grad():
@@ -332,6 +512,7 @@ def reconstruct(
             how = how or "unchanged"
         results[fqn] = {
             "how": how,
+            "response": "after " + " → ".join(type(m).__name__ for m in act.modules) if act else "linear",
             "output_error_before": before,
             "output_error_after": _rel_output_error(module, pairs),
         }

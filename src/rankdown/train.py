@@ -194,6 +194,7 @@ def finetune(
     *,
     teacher: nn.Module | None = None,
     trainable: Iterable[str] | None = None,
+    frozen: Iterable[str] = (),
     regularized: dict[str, nn.Module] | None = None,
     test_split=None,
     checkpoint_dir: str | Path | None = None,
@@ -202,7 +203,8 @@ def finetune(
     """Train ``model`` on ``train_split`` (a rankdown.data.Split); returns per-epoch history.
 
     ``trainable``: names of the submodules to train when ``config.freeze_dense`` (the factorized
-    layers). ``regularized``: layers that Force Regularization acts on. Under torchrun the model is
+    layers). ``frozen``: submodules kept fixed, batch-norm statistics included (progressive
+    fine-tuning). ``regularized``: layers that Force Regularization acts on. Under torchrun the model is
     wrapped in DistributedDataParallel, each process takes every world-th example of the shuffled
     order, and only rank 0 logs and writes checkpoints.
     """
@@ -219,6 +221,10 @@ def finetune(
         for n in names:
             for p in model.get_submodule(n).parameters():
                 p.requires_grad_(True)
+    frozen = list(frozen)
+    for n in frozen:
+        for p in model.get_submodule(n).parameters():
+            p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise RankdownError("nothing to train: every parameter is frozen")
@@ -272,6 +278,8 @@ def finetune(
         teacher.eval()
     for epoch in range(start_epoch, config.epochs):
         net.train()
+        for n in frozen:
+            model.get_submodule(n).eval()
         order = torch.randperm(len(train_split), generator=gen)
         mine = order[rank::world]
         t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
