@@ -469,3 +469,17 @@ def test_bench_and_latency_aware_compress(tmp_path):
         tmp_path,
     )
     assert p.returncode == 2 and "chooses ranks itself" in p.stderr
+
+
+def test_compress_progressive_on_bundled_model(tmp_path, fake_fashion, has_bundled_weights):
+    if not has_bundled_weights:
+        pytest.skip("bundled weights not built yet")
+    out = tmp_path / "out"
+    args = ["compress", "--model", "fashion-vgg", "--method", "channel-svd", "--macs", "0.5", "--layers", "features.3"]
+    args += ["--layers", "features.7", "--progressive-steps", "2", "--batch-size", "16", "--out", str(out)]
+    p = cli([*args, "--data-dir", str(fake_fashion), "--eval-limit", "32", *FAST], tmp_path)
+    assert p.returncode == 0, p.stderr
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["meta"]["progressive"]["steps_per_layer"] == 2 and set(plan["layers"]) == {"features.3", "features.7"}
+    p = cli([*args, "--force", "--calibration", "8", "--data-dir", str(fake_fashion), *FAST], tmp_path)
+    assert p.returncode == 2 and "--progressive-steps" in p.stderr

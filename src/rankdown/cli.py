@@ -148,6 +148,12 @@ def _train_config(epochs, lr, batch_size, weight_decay, distill, freeze_dense, s
     )
 
 
+def _progressive_config(steps, lr, batch_size, weight_decay, seed):
+    if not steps:
+        return None
+    return _train_config(1, lr, batch_size, weight_decay, 0.0, False, seed, max_steps_per_epoch=steps)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="rankdown")
 def main() -> None:
@@ -254,6 +260,12 @@ def main() -> None:
     "whitening). The data-aware metrics use --calibration examples (default 256).",
 )
 @click.option(
+    "--linear-response",
+    is_flag=True,
+    help="With --calibration: fit the layer's output itself even where a (BatchNorm →) ReLU follows "
+    "(by default the response after it is fitted: Zhang 2015's nonlinear reconstruction).",
+)
+@click.option(
     "--calibration-epochs",
     type=click.IntRange(min=0),
     default=2,
@@ -310,6 +322,13 @@ def main() -> None:
     show_default=True,
     help="Fine-tune the compressed model for this many epochs before measuring it.",
 )
+@click.option(
+    "--progressive-steps",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Progressive fine-tuning (Denton 2014): factorize one layer at a time, each followed by "
+    "this many training steps of the layers after it, the earlier ones frozen.",
+)
 @_train_options
 @click.option(
     "--out",
@@ -336,6 +355,7 @@ def compress(
     calibration,
     reconstruct,
     metric,
+    linear_response,
     calibration_epochs,
     round_to,
     cache_dir,
@@ -346,6 +366,7 @@ def compress(
     method_list,
     latency_batch,
     finetune_epochs,
+    progressive_steps,
     lr,
     batch_size,
     weight_decay,
@@ -416,7 +437,13 @@ def compress(
         from rankdown.pipeline import ReconstructionOptions
 
         reconstruction = ReconstructionOptions(
-            calibration, CalibrationConfig(mode=reconstruct, epochs=calibration_epochs, seed=seed)
+            calibration,
+            CalibrationConfig(mode=reconstruct, epochs=calibration_epochs, nonlinear=not linear_response, seed=seed),
+        )
+    if progressive_steps is not None and reconstruction is not None:
+        raise click.UsageError(
+            "--progressive-steps and data reconstruction (--calibration) are two ways to recover "
+            "accuracy; give one (or --reconstruct filter)"
         )
     _, report = run_compress(
         model_spec,
@@ -433,6 +460,11 @@ def compress(
         else None,
         train_limit=train_limit,
         reconstruction=reconstruction,
+        progressive=_train_config(
+            1, lr, batch_size, weight_decay, 0.0, False, seed, max_steps_per_epoch=progressive_steps
+        )
+        if progressive_steps
+        else None,
         metric=metric,
         metric_examples=calibration or 256,
         latency_aware=LatencyOptions(

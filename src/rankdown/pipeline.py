@@ -186,6 +186,7 @@ def run_compress(
     train_limit: int | None = None,
     latency_aware: LatencyOptions | None = None,
     reconstruction: ReconstructionOptions | None = None,
+    progressive: TrainConfig | None = None,
     metric: str = "frobenius",
     metric_examples: int = 256,
 ) -> tuple[CompressResult, dict]:
@@ -239,7 +240,16 @@ def run_compress(
 
         calib = calibration_inputs(spec, shape, metric_examples, opts.data_dir)
         metrics = collect(dense, select_targets(dense, config).targets, calib, metric)
-    result = compress(dense, config, example, model_spec=spec, metrics=metrics)
+    if progressive is not None:
+        from rankdown.progressive import progressive_compress
+
+        split = train_split_for(spec, opts.data_dir, train_limit)
+        if BUNDLED[spec].dataset == "chars":
+            progressive = dataclasses.replace(progressive, flip=False)
+        result, _ = progressive_compress(dense, config, example, split, progressive, metrics=metrics, model_spec=spec)
+        result.plan.meta["progressive"] = {"steps_per_layer": progressive.max_steps_per_epoch, "lr": progressive.lr}
+    else:
+        result = compress(dense, config, example, model_spec=spec, metrics=metrics)
     result.plan.meta["metric"] = metric
     if allocation is not None:
         result.plan.meta["allocation"] = allocation.to_dict()

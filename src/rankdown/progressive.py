@@ -40,11 +40,12 @@ def progressive_compress(
     train_config: TrainConfig,
     *,
     metrics: dict | None = None,
+    model_spec: str | None = None,
 ) -> tuple[CompressResult, list[dict]]:
     """Factorize ``model``'s layers one at a time in execution order, fine-tuning the later layers
     for ``train_config`` after each (a few hundred steps: ``max_steps_per_epoch``). Returns the
     result (plan and report rows of the schedule, the fine-tuned model) and per-layer histories."""
-    planned = compress(model, config, example, metrics=metrics)
+    planned = compress(model, config, example, metrics=metrics, model_spec=model_spec)
     current = copy.deepcopy(model)
     order = execution_order(current, list(planned.plan.layers), example[:1])
     histories: list[dict] = []
