@@ -10,7 +10,7 @@ from torch import nn
 
 from rankdown.decompose import balanced_kmeans, monochromatic
 from rankdown.errors import RankError
-from rankdown.layers import BiclusterConv2d, MonochromaticConv2d
+from rankdown.layers import BiclusterConv2d, BiclusterCPConv2d, MonochromaticConv2d
 from rankdown.methods import get_method
 
 
@@ -73,6 +73,33 @@ def test_bicluster_exact_at_full_block_rank_and_equal_to_dense(geo):
     assert isinstance(low, BiclusterConv2d) and low.rank == (g, h, 1)
     # the permutations and groupings compute exactly the dense conv of the reconstructed weight
     assert rel(low(x), dense_with(conv, low.reconstruct_weight())(x)) < 1e-10
+
+
+@settings(max_examples=20, deadline=None)
+@given(geometry)
+def test_bicluster_cp_exact_at_full_block_rank_and_equal_to_dense(geo):
+    g, h, k, stride, padding, dilation = geo
+    conv = nn.Conv2d(2 * g, 3 * h, k, stride, padding, dilation).double()
+    method = get_method("bicluster-cp", nn.Conv2d)
+    full = 2 * k[0] * k[1]
+    assert method.max_rank(conv) == full or (g, h) != method._groups(conv)
+    f = method.factorize(conv, (g, h, full))
+    x = torch.randn(2, 2 * g, 9, 8, dtype=torch.float64)
+    assert f.rel_error < 1e-10 and rel(f.module(x), conv(x)) < 1e-10
+    low = method.factorize(conv, (g, h, 1)).module
+    assert isinstance(low, BiclusterCPConv2d) and low.rank == (g, h, 1)
+    assert rel(low(x), dense_with(conv, low.reconstruct_weight())(x)) < 1e-10
+
+
+def test_bicluster_cp_recovers_a_planted_cp_and_improves_with_rank():
+    from rankdown.decompose import biclustered_cp
+
+    g = torch.Generator().manual_seed(0)
+    gam, alp, bet = (torch.randn(n, 2, generator=g, dtype=torch.float64) for n in (6, 4, 9))
+    w = torch.einsum("fk,ck,pk->fcp", gam, alp, bet).reshape(6, 4, 3, 3)  # a planted rank-2 CP
+    assert biclustered_cp(w, 1, 1, 2).rel_error < 1e-6
+    errs = [biclustered_cp(torch.randn(8, 8, 3, 3, generator=g), 2, 2, k).rel_error for k in (1, 3, 6)]
+    assert errs[0] > errs[1] > errs[2]
 
 
 def test_bicluster_rank_errors_name_the_limit():
@@ -140,7 +167,9 @@ def test_covariance_metric_reduces_output_error_on_channel_correlated_inputs(met
     assert weighted.rel_error >= plain.rel_error - 1e-9  # it trades weight error for output error
 
 
-@pytest.mark.parametrize("method, rank", [("svd", 3), ("tucker2", 3), ("cp", 4), ("separable", 2)])
+@pytest.mark.parametrize(
+    "method, rank", [("svd", 3), ("tucker2", 3), ("cp", 4), ("separable", 2), ("bicluster", 2), ("bicluster-cp", 3)]
+)
 def test_mahalanobis_metric_reduces_the_weighted_error(method, rank):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)

@@ -404,3 +404,51 @@ class BiclusterConv2d(nn.Sequential):
         block = torch.einsum("hfkg,ghkcxy->hfgcxy", second, first).reshape(f, g * cg, *self[1].kernel_size)
         in_inv = torch.argsort(self[0].index)
         return block.index_select(0, self[4].index).index_select(1, in_inv)
+
+
+class BiclusterCPConv2d(nn.Sequential):
+    """Denton et al. 2014 biclustering with an outer-product approximation of each block: for each
+    (input group g, filter group h, term k) a combination of the C/G inputs (α), one spatial kernel
+    (β) and a spread to the F/H filters (γ). Runs as: gather inputs into groups → grouped 1×1 (G
+    groups, C → G·H·K) → depthwise k×k (the dense stride, padding, dilation) → channel shuffle →
+    grouped 1×1 (H groups) → gather filters back."""
+
+    @classmethod
+    def build(cls, dense: nn.Conv2d, rank: tuple[int, int, int]) -> BiclusterCPConv2d:
+        g, h, k = rank
+        c, f, mid = dense.in_channels, dense.out_channels, g * h * k
+        dev, dt = dense.weight.device, dense.weight.dtype
+        mix = nn.Conv2d(c, mid, 1, groups=g, bias=False, device=dev, dtype=dt)
+        spatial = nn.Conv2d(mid, mid, dense.kernel_size, groups=mid, bias=False, **_conv_kwargs(dense))
+        spread = nn.Conv2d(mid, f, 1, groups=h, bias=dense.bias is not None, device=dev, dtype=dt)
+        return cls(Permute(c, device=dev), mix, spatial, nn.ChannelShuffle(g), spread, Permute(f, device=dev))
+
+    @classmethod
+    def from_factors(cls, dense: nn.Conv2d, bc) -> BiclusterCPConv2d:
+        """``bc``: a :class:`rankdown.decompose.BiclusteredCP`."""
+        g, h, k = bc.alpha.shape[:3]
+        layer = cls.build(dense, (g, h, k))
+        with torch.no_grad():
+            layer[0].index.copy_(bc.in_order)
+            layer[1].weight.copy_(bc.alpha.reshape(layer[1].weight.shape))
+            layer[2].weight.copy_(bc.beta.reshape(layer[2].weight.shape))
+            layer[4].weight.copy_(bc.gamma.permute(1, 3, 2, 0).reshape(layer[4].weight.shape))
+            if dense.bias is not None:
+                layer[4].bias.copy_(dense.bias[bc.out_order])
+            layer[5].index.copy_(torch.argsort(bc.out_order))
+        return layer
+
+    @property
+    def rank(self) -> tuple[int, int, int]:
+        g, h = self[1].groups, self[4].groups
+        return (g, h, self[1].out_channels // (g * h))
+
+    def reconstruct_weight(self) -> torch.Tensor:
+        g, h, k = self.rank
+        f, c = self[4].out_channels, self[1].in_channels
+        kx, ky = self[2].kernel_size
+        alpha = self[1].weight.reshape(g, h, k, c // g)
+        beta = self[2].weight.reshape(g, h, k, kx, ky)
+        gamma = self[4].weight.reshape(h, f // h, k, g)
+        block = torch.einsum("hfkg,ghkc,ghkxy->hfgcxy", gamma, alpha, beta).reshape(f, c, kx, ky)
+        return block.index_select(0, self[5].index).index_select(1, torch.argsort(self[0].index))

@@ -35,6 +35,7 @@ from rankdown.errors import RankdownError
 from rankdown.layers import (
     BasisConv2d,
     BiclusterConv2d,
+    BiclusterCPConv2d,
     ChannelSVDConv2d,
     CPConv2d,
     LowRankLinear,
@@ -140,7 +141,7 @@ def transformed(module: nn.Module, metric: LayerMetric) -> nn.Module:
 def undo(layer: nn.Module, metric: LayerMetric) -> None:
     """Undo :func:`transformed` on the factor that mixes input channels and the one that writes
     outputs, in place."""
-    if isinstance(layer, BiclusterConv2d):
+    if isinstance(layer, (BiclusterConv2d, BiclusterCPConv2d)):
         _undo_bicluster(layer, metric)
         return
     if not isinstance(layer, _SUPPORTED):
@@ -162,7 +163,7 @@ def undo(layer: nn.Module, metric: LayerMetric) -> None:
             last.weight.copy_(w.to(last.weight.dtype))
 
 
-def _undo_bicluster(layer: BiclusterConv2d, metric: LayerMetric) -> None:
+def _undo_bicluster(layer: BiclusterConv2d | BiclusterCPConv2d, metric: LayerMetric) -> None:
     """Groups survive only a diagonal input transform (a full one mixes channels across groups)."""
     with torch.no_grad():
         if metric.t_in is not None:
@@ -176,9 +177,9 @@ def _undo_bicluster(layer: BiclusterConv2d, metric: LayerMetric) -> None:
             w = w.reshape(g, -1, *w.shape[1:]) / per_group[:, None, :, None, None]
             layer[1].weight.copy_(w.reshape(layer[1].weight.shape).to(layer[1].weight.dtype))
         if metric.d_out is not None:
-            order = torch.argsort(layer[4].index)  # filter at each grouped position
-            w = layer[3].weight.detach().double() / metric.d_out.double()[order].view(-1, 1, 1, 1)
-            layer[3].weight.copy_(w.to(layer[3].weight.dtype))
+            order = torch.argsort(layer[-1].index)  # filter at each grouped position
+            w = layer[-2].weight.detach().double() / metric.d_out.double()[order].view(-1, 1, 1, 1)
+            layer[-2].weight.copy_(w.to(layer[-2].weight.dtype))
 
 
 def factorize_weighted(handler, fqn: str, module: nn.Module, rank, metric: LayerMetric | None):
@@ -204,7 +205,7 @@ def factorize_weighted(handler, fqn: str, module: nn.Module, rank, metric: Layer
     fact = handler.factorize(transformed(module, metric), rank)
     if fact.module is None:
         return fact
-    if not isinstance(fact.module, (*_SUPPORTED, BiclusterConv2d)):
+    if not isinstance(fact.module, (*_SUPPORTED, BiclusterConv2d, BiclusterCPConv2d)):
         raise RankdownError(
             f"layer {fqn!r}: weighted metrics are not implemented for method {handler.name!r}; use --metric frobenius"
         )

@@ -4,7 +4,15 @@ factors in the caller's dtype."""
 
 from rankdown.decompose.basis import BasisFilters, basis_filters
 from rankdown.decompose.cp import CPFactors, cp
-from rankdown.decompose.denton import Biclustered, Monochromatic, balanced_kmeans, biclustered, monochromatic
+from rankdown.decompose.denton import (
+    Biclustered,
+    BiclusteredCP,
+    Monochromatic,
+    balanced_kmeans,
+    biclustered,
+    biclustered_cp,
+    monochromatic,
+)
 from rankdown.decompose.evbmf import EVBMFResult, evbmf
 from rankdown.decompose.svd import (
     energy_rank,
@@ -22,6 +30,7 @@ from rankdown.decompose.tucker import Tucker2Factors, tucker2
 __all__ = [
     "BasisFilters",
     "Biclustered",
+    "BiclusteredCP",
     "CPFactors",
     "EVBMFResult",
     "Monochromatic",
@@ -30,6 +39,7 @@ __all__ = [
     "balanced_kmeans",
     "basis_filters",
     "biclustered",
+    "biclustered_cp",
     "cp",
     "energy_rank",
     "evbmf",
