@@ -253,3 +253,23 @@ def test_mahalanobis_metric_for_bicluster_and_covariance_refused():
 
     with pytest.raises(RankdownError, match="diagonal"):
         factorize_weighted(h, "c", conv, (2, 2, 1), LayerMetric(t_in=torch.linalg.cholesky(torch.eye(8) + 0.5)))
+
+
+@pytest.mark.parametrize("method", ["channel-svd", "tucker2", "separable"])
+def test_balancing_keeps_the_function_and_equalises_factor_norms(method):
+    from rankdown.layers import balance_factors
+
+    conv = nn.Conv2d(6, 8, 3, padding=1).double()
+    h = get_method(method, nn.Conv2d)
+    layer = h.factorize(conv, h.rank_from_int(conv, 3)).module
+    with torch.no_grad():  # unbalance it as a weighted fit would
+        layer[0].weight.mul_(1e3)
+        layer[1].weight.div_(1e3)
+    x = torch.randn(2, 6, 7, 7, dtype=torch.float64)
+    before = layer(x)
+    assert balance_factors(layer) == len(layer) - 1
+    assert rel(layer(x), before) < 1e-12
+    w0, w1 = layer[-2].weight, layer[-1].weight  # the last pair balanced is exactly balanced
+    n0, n1 = w0.reshape(w0.shape[0], -1).norm(dim=1), w1.transpose(0, 1).reshape(w1.shape[1], -1).norm(dim=1)
+    assert torch.allclose(n0, n1)
+    assert float(layer[0].weight.norm()) < 1e2  # the 1e3 blow-up is gone

@@ -33,7 +33,7 @@ from torch import nn
 
 from rankdown import decompose
 from rankdown.errors import RankdownError
-from rankdown.layers import ChannelSVDConv2d, LowRankLinear
+from rankdown.layers import ChannelSVDConv2d, LowRankLinear, balance_factors
 from rankdown.progress import progress
 from rankdown.surgery import record_inputs
 
@@ -510,6 +510,7 @@ def reconstruct(
                 with torch.enable_grad():
                     _gradient(module, pairs, config, desc=f"refit {fqn}")
             how = how or "unchanged"
+        balance_factors(module)  # the whitened closed form leaves Σ's scale in one factor
         results[fqn] = {
             "how": how,
             "response": "after " + " → ".join(type(m).__name__ for m in act.modules) if act else "linear",

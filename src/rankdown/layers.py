@@ -7,6 +7,8 @@ Each class has ``build`` (shapes only, for loading a saved plan), ``from_factors
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -452,3 +454,32 @@ class BiclusterCPConv2d(nn.Sequential):
         gamma = self[4].weight.reshape(h, f // h, k, g)
         block = torch.einsum("hfkg,ghkc,ghkxy->hfgcxy", gamma, alpha, beta).reshape(f, c, kx, ky)
         return block.index_select(0, self[5].index).index_select(1, torch.argsort(self[0].index))
+
+
+@torch.no_grad()
+def balance_factors(module: nn.Module) -> int:
+    """Give each intermediate channel equal norm in the factor that writes it and the dense factor
+    that reads it (the product is unchanged). A weighted fit (Mahalanobis, covariance, whitened SVD)
+    leaves the scale of its metric in one factor — up to orders of magnitude apart — and gradient
+    fine-tuning of badly scaled factors is slow. Returns the number of factor pairs balanced."""
+    if not isinstance(module, nn.Sequential):
+        return 0
+    done = 0
+    for a, b in itertools.pairwise(list(module)):
+        dense_read = isinstance(b, nn.Linear) or (isinstance(b, nn.Conv2d) and b.groups == 1)
+        if not isinstance(a, (nn.Conv2d, nn.Linear)) or not dense_read or a.weight.shape[0] != b.weight.shape[1]:
+            continue
+        wa = a.weight.detach().double()
+        wb = b.weight.detach().double()
+        na = wa.reshape(wa.shape[0], -1).norm(dim=1)
+        nb = wb.transpose(0, 1).reshape(wb.shape[1], -1).norm(dim=1)
+        ok = (na > 0) & (nb > 0)
+        s = torch.where(ok, (nb / na.clamp_min(1e-300)).sqrt(), torch.ones_like(na))
+        shape_a = (-1, *([1] * (wa.ndim - 1)))
+        shape_b = (1, -1, *([1] * (wb.ndim - 2)))
+        a.weight.copy_((wa * s.view(shape_a)).to(a.weight.dtype))
+        if a.bias is not None:
+            a.bias.copy_((a.bias.double() * s).to(a.bias.dtype))
+        b.weight.copy_((wb / s.view(shape_b)).to(b.weight.dtype))
+        done += 1
+    return done

@@ -41,6 +41,7 @@ from rankdown.layers import (
     LowRankLinear,
     SeparableConv2d,
     Tucker2Conv2d,
+    balance_factors,
 )
 
 METRICS = ("frobenius", "mahalanobis", "covariance")
@@ -201,6 +202,7 @@ def factorize_weighted(handler, fqn: str, module: nn.Module, rank, metric: Layer
         a, b = decompose.whitened_truncated_svd(w.reshape(w.shape[0], -1), metric.patch_gram, int(rank))
         cls = LowRankLinear if isinstance(module, nn.Linear) else ChannelSVDConv2d
         layer = cls.from_factors(module, a, b)
+        balance_factors(layer)
         return Factorized(layer, _rel_error(w, layer.reconstruct_weight()), {"metric": "covariance (im2col)"})
     fact = handler.factorize(transformed(module, metric), rank)
     if fact.module is None:
@@ -213,5 +215,6 @@ def factorize_weighted(handler, fqn: str, module: nn.Module, rank, metric: Layer
         undo(fact.module, metric)
     except RankdownError as exc:
         raise RankdownError(f"layer {fqn!r}: {exc}") from None
+    balance_factors(fact.module)
     info = {**fact.info, "metric": "weighted"}
     return Factorized(fact.module, _rel_error(module.weight, fact.module.reconstruct_weight()), info, fact.failure)
