@@ -273,3 +273,17 @@ def test_balancing_keeps_the_function_and_equalises_factor_norms(method):
     n0, n1 = w0.reshape(w0.shape[0], -1).norm(dim=1), w1.transpose(0, 1).reshape(w1.shape[1], -1).norm(dim=1)
     assert torch.allclose(n0, n1)
     assert float(layer[0].weight.norm()) < 1e2  # the 1e3 blow-up is gone
+
+
+def test_bicluster_cp_balance_keeps_the_function():
+    conv = nn.Conv2d(4, 6, 3, padding=1).double()
+    layer = get_method("bicluster-cp", nn.Conv2d).factorize(conv, (2, 2, 3)).module
+    with torch.no_grad():
+        layer[1].weight.mul_(1e4)
+        layer[4].weight.div_(1e4)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    before = layer(x)
+    from rankdown.layers import balance_factors
+
+    balance_factors(layer)
+    assert rel(layer(x), before) < 1e-12 and float(layer[1].weight.abs().max()) < 1e2

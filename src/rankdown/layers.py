@@ -445,6 +445,22 @@ class BiclusterCPConv2d(nn.Sequential):
         g, h = self[1].groups, self[4].groups
         return (g, h, self[1].out_channels // (g * h))
 
+    @torch.no_grad()
+    def balance(self) -> None:
+        """Equal norms for the α, β and γ of every term (see :func:`balance_factors`)."""
+        g, h, k = self.rank
+        a = self[1].weight.detach().double().reshape(g, h, k, -1)
+        b = self[2].weight.detach().double().reshape(g, h, k, -1)
+        c = self[4].weight.detach().double().reshape(h, -1, k, g).permute(3, 0, 2, 1)  # (g, h, k, F/H)
+        norms = [t.norm(dim=-1) for t in (a, b, c)]
+        ok = (norms[0] > 0) & (norms[1] > 0) & (norms[2] > 0)
+        target = (norms[0] * norms[1] * norms[2]).clamp_min(1e-300) ** (1 / 3)
+        scales = [torch.where(ok, target / n.clamp_min(1e-300), 1.0)[..., None] for n in norms]
+        a, b, c = a * scales[0], b * scales[1], c * scales[2]
+        self[1].weight.copy_(a.reshape(self[1].weight.shape).to(self[1].weight.dtype))
+        self[2].weight.copy_(b.reshape(self[2].weight.shape).to(self[2].weight.dtype))
+        self[4].weight.copy_(c.permute(1, 3, 2, 0).reshape(self[4].weight.shape).to(self[4].weight.dtype))
+
     def reconstruct_weight(self) -> torch.Tensor:
         g, h, k = self.rank
         f, c = self[4].out_channels, self[1].in_channels
@@ -462,6 +478,9 @@ def balance_factors(module: nn.Module) -> int:
     that reads it (the product is unchanged). A weighted fit (Mahalanobis, covariance, whitened SVD)
     leaves the scale of its metric in one factor — up to orders of magnitude apart — and gradient
     fine-tuning of badly scaled factors is slow. Returns the number of factor pairs balanced."""
+    if hasattr(module, "balance"):  # chains through grouped or depthwise factors know their own
+        module.balance()
+        return 1
     if not isinstance(module, nn.Sequential):
         return 0
     done = 0
