@@ -287,3 +287,43 @@ def test_bicluster_cp_balance_keeps_the_function():
 
     balance_factors(layer)
     assert rel(layer(x), before) < 1e-12 and float(layer[1].weight.abs().max()) < 1e2
+
+
+def _randomize_bn(model):
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g, dtype=m.running_mean.dtype))
+            m.running_var.copy_(torch.rand(m.num_features, generator=g, dtype=m.running_var.dtype) + 0.5)
+            m.weight.data.copy_(torch.randn(m.num_features, generator=g, dtype=m.weight.dtype))
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g, dtype=m.bias.dtype))
+    return model
+
+
+def test_fold_permutations_is_exact_and_removes_the_gathers():
+    from rankdown.deploy import fold_permutations
+    from rankdown.layers import Permute
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),  # monochromatic: ends with a gather into the BN/ReLU/conv after
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),  # bicluster: gathers at both ends
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),  # bicluster-cp right after: two gathers meet
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 4, 1),
+    ).double()
+    model = _randomize_bn(dense).eval()
+    with torch.no_grad():
+        model[0] = get_method("mono", nn.Conv2d).factorize(model[0], 2).module
+        model[3] = get_method("bicluster", nn.Conv2d).factorize(model[3], (2, 2, 3)).module
+        model[6] = get_method("bicluster-cp", nn.Conv2d).factorize(model[6], (2, 2, 4)).module
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    before = model(x)
+    gathers = sum(isinstance(m, Permute) for m in model.modules())
+    n = fold_permutations(model)
+    assert n >= 3 and sum(isinstance(m, Permute) for m in model.modules()) == gathers - n
+    assert torch.allclose(model(x), before, rtol=1e-12, atol=1e-12)

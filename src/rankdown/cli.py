@@ -686,7 +686,12 @@ def analyze(model_spec, weights, input_shape, method, sensitivity, calibration, 
 @click.option("--runs", type=click.IntRange(min=1), default=30, show_default=True)
 @click.option("--compile", "use_compile", is_flag=True, help="torch.compile the models (compile time excluded).")
 @click.option("--cuda-graphs", is_flag=True, help="Replay captured CUDA graphs (CUDA only).")
-@click.option("--fold-bn", is_flag=True, help="Fold batch norms into the preceding convs first.")
+@click.option(
+    "--fold-bn",
+    is_flag=True,
+    help="Deployment folds first: batch norms into the preceding convs, and the channel gathers of "
+    "clustered layers (mono, bicluster) into their neighbours.",
+)
 @click.option("--per-layer", is_flag=True, help="Also time every factorized layer beside its dense original.")
 @click.option("--no-guard", is_flag=True)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)

@@ -44,3 +44,127 @@ def fold_batchnorm(model: nn.Module) -> int:
             parent._modules[b] = nn.Identity()
             folded += 1
     return folded
+
+
+# Modules that act on each channel alone: a channel gather commutes with them (batch norm once its
+# per-channel parameters are gathered too).
+_CHANNELWISE = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Hardswish,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Identity,
+    nn.Dropout,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.BatchNorm2d,
+)
+
+
+def _permute_bn(bn: nn.BatchNorm2d, index: torch.Tensor) -> None:
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        t = getattr(bn, name)
+        if t is not None:
+            t.data = t.data[index]
+
+
+def _plain(conv: nn.Module) -> bool:
+    return type(conv) is nn.Conv2d and conv.groups == 1
+
+
+def _writer(module: nn.Module) -> tuple[str, nn.Module] | None:
+    """What produces ``module``'s output channels and can reorder them: a dense conv, the last
+    conv of a factorized chain, or the gather that ends a chain."""
+    if _plain(module):
+        return "conv", module
+    if isinstance(module, nn.Sequential) and len(module):
+        last = module[-1]
+        if type(last).__name__ == "Permute":
+            return "gather", last
+        if _plain(last):
+            return "conv", last
+    return None
+
+
+def _reader(module: nn.Module) -> tuple[str, nn.Module] | None:
+    """What consumes ``module``'s input channels and can absorb a reordering of them."""
+    if _plain(module):
+        return "conv", module
+    if isinstance(module, nn.Sequential) and len(module):
+        first = module[0]
+        if type(first).__name__ == "Permute":
+            return "gather", first
+        if _plain(first):
+            return "conv", first
+    return None
+
+
+@torch.no_grad()
+def fold_permutations(model: nn.Module) -> int:
+    """Fold the channel gathers of Denton's clustered layers (monochromatic, biclustered) into
+    their neighbours inside an ``nn.Sequential``: an input gather reorders the output filters of
+    the conv before it, an output gather reorders the input columns of the conv after it (through
+    any channel-wise modules in between, batch norm included), and the gather becomes
+    ``nn.Identity``. The function is unchanged; the gathers' memory copies are gone. The result
+    is for deployment: its state dict no longer matches the plan. Returns how many were folded."""
+    if model.training:
+        raise ValueError("fold_permutations needs a model in eval mode")
+    folded = 0
+    for parent in list(model.modules()):
+        if not isinstance(parent, nn.Sequential):
+            continue
+        names = list(parent._modules)
+        for i, name in enumerate(names):
+            block = parent._modules[name]
+            if not isinstance(block, nn.Sequential) or len(block) < 2:
+                continue
+            # input gather ← the writer before it
+            first = block[0]
+            if type(first).__name__ == "Permute":
+                j = i - 1
+                between = []
+                while j >= 0 and isinstance(parent._modules[names[j]], _CHANNELWISE):
+                    between.append(parent._modules[names[j]])
+                    j -= 1
+                found = _writer(parent._modules[names[j]]) if j >= 0 else None
+                if found is not None:
+                    kind, w = found
+                    idx = first.index
+                    if kind == "conv":
+                        w.weight.data = w.weight.data[idx]
+                        if w.bias is not None:
+                            w.bias.data = w.bias.data[idx]
+                    else:  # two gathers in a row compose into one
+                        w.index.copy_(w.index[idx])
+                    for m in between:
+                        if isinstance(m, nn.BatchNorm2d):
+                            _permute_bn(m, idx)
+                    block[0] = nn.Identity()
+                    folded += 1
+            # output gather → the reader after it
+            last = block[-1]
+            if type(last).__name__ == "Permute":
+                j = i + 1
+                between = []
+                while j < len(names) and isinstance(parent._modules[names[j]], _CHANNELWISE):
+                    between.append(parent._modules[names[j]])
+                    j += 1
+                found = _reader(parent._modules[names[j]]) if j < len(names) else None
+                if found is not None:
+                    kind, r = found
+                    idx = last.index  # y_out[:, c] = y[:, idx[c]]
+                    inv = torch.argsort(idx)
+                    if kind == "conv":
+                        r.weight.data = r.weight.data[:, inv]
+                    else:
+                        r.index.copy_(idx[r.index])
+                    for m in between:
+                        if isinstance(m, nn.BatchNorm2d):
+                            _permute_bn(m, inv)
+                    block[-1] = nn.Identity()
+                    folded += 1
+    return folded
