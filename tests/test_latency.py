@@ -165,3 +165,31 @@ def test_plan_for_mac_budget_keeps_most_macs_within_budget():
     assert (kept, -predicted_ms(opts, plan)) == pytest.approx(best)
     with pytest.raises(RankdownError, match="unreachable"):
         plan_for_mac_budget(opts, 1)
+
+
+def test_plan_for_mac_budget_leaves_no_upgrade_that_still_fits():
+    from rankdown.latency import plan_for_mac_budget
+
+    g = torch.Generator().manual_seed(3)
+    opts = {}
+    for i in range(6):
+        dense_ms, dense_macs = 1.0 + float(torch.rand(1, generator=g)), 100.0
+        cands = [Candidate(None, None, dense_ms, 0.0, dense_macs)]
+        for r in range(1, 9):
+            macs = float(torch.randint(5, 95, (1,), generator=g))
+            cands.append(Candidate("tucker2", (r, r), dense_ms * macs / 100 * 1.5, 0.1, macs))
+        opts[f"l{i}"] = LayerOptions(f"l{i}", dense_ms, cands)
+    budget = 300.0
+    plan = plan_for_mac_budget(opts, budget)
+    chosen = {
+        n: next(
+            c
+            for c in o.candidates
+            if (c.method, c.rank) == ((plan[n].method, plan[n].rank) if plan[n] else (None, None))
+        )
+        for n, o in opts.items()
+    }
+    kept = sum(c.macs for c in chosen.values())
+    assert kept <= budget
+    for n, o in opts.items():  # the fill step spent the slack: no single bigger candidate still fits
+        assert all(c.macs <= chosen[n].macs or kept - chosen[n].macs + c.macs > budget for c in o.candidates)

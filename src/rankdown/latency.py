@@ -357,7 +357,25 @@ def plan_for_mac_budget(options: dict[str, LayerOptions], budget_macs: float) ->
             lo = mid
         else:
             hi = mid
-    return {n: None if c.method is None else Choice(c.method, c.rank) for n, c in pick(lo).items()}
+    choice = pick(lo)
+    # Fill: the relaxation's plan can sit well under the budget (the candidates are discrete, and
+    # one λ serves every layer). Spend the slack, one upgrade at a time, on the move that keeps the
+    # most MACs per millisecond it adds (free ones first).
+    while True:
+        slack = budget_macs - macs(choice)
+        best, best_key = None, None
+        for n, o in options.items():
+            for c in o.candidates:
+                dm, dt = c.macs - choice[n].macs, c.ms - choice[n].ms
+                if dm <= 0 or dm > slack:
+                    continue
+                key = (dt <= 0, dm / dt if dt > 0 else dm)
+                if best_key is None or key > best_key:
+                    best, best_key = (n, c), key
+        if best is None:
+            break
+        choice[best[0]] = best[1]
+    return {n: None if c.method is None else Choice(c.method, c.rank) for n, c in choice.items()}
 
 
 def timing_options(
