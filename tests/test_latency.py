@@ -10,6 +10,7 @@ from torch import nn
 
 from nets import randomize_bn, tiny_resnet, tiny_vgg
 from rankdown import CompressConfig, ParamFraction, compress
+from rankdown.bench import count_macs
 from rankdown.deploy import fold_batchnorm
 from rankdown.errors import RankdownError
 from rankdown.latency import (
@@ -23,6 +24,7 @@ from rankdown.latency import (
     plan_by_macs,
     predicted_ms,
 )
+from rankdown.rank import FixedRank
 
 
 def options():
@@ -193,3 +195,22 @@ def test_plan_for_mac_budget_leaves_no_upgrade_that_still_fits():
     assert kept <= budget
     for n, o in opts.items():  # the fill step spent the slack: no single bigger candidate still fits
         assert all(c.macs <= chosen[n].macs or kept - chosen[n].macs + c.macs > budget for c in o.candidates)
+
+
+def test_merge_pointwise_is_exact_in_float64_and_cheaper():
+    from rankdown.deploy import merge_pointwise
+
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(16, 12, 1), nn.ReLU(), nn.Conv2d(12, 6, 1))
+    lin = nn.Sequential(nn.Linear(20, 30, bias=False), nn.Linear(30, 40), nn.Linear(40, 5))
+    cases = ((conv.double().eval(), torch.randn(2, 8, 6, 6)), (lin.double().eval(), torch.randn(3, 20)))
+    for model, example in cases:
+        example = example.double()
+        res = compress(
+            model, CompressConfig("tucker2", FixedRank(3), layers=("0",) if model is conv else ("1",)), example[:1]
+        )
+        before, macs_before = res.model(example), sum(count_macs(res.model, example[:1]).values())
+        n = merge_pointwise(res.model)
+        assert n >= 1
+        assert torch.allclose(res.model(example), before, rtol=1e-12, atol=1e-12)
+        assert sum(count_macs(res.model, example[:1]).values()) < macs_before

@@ -689,8 +689,9 @@ def analyze(model_spec, weights, input_shape, method, sensitivity, calibration, 
 @click.option(
     "--fold-bn",
     is_flag=True,
-    help="Deployment folds first: batch norms into the preceding convs, and the channel gathers of "
-    "clustered layers (mono, bicluster) into their neighbours.",
+    help="Deployment folds first: batch norms into the preceding convs, the channel gathers of "
+    "clustered layers (mono, bicluster) into their neighbours, and pointwise factors into an "
+    "adjacent 1×1 conv or Linear where the product is cheaper.",
 )
 @click.option("--per-layer", is_flag=True, help="Also time every factorized layer beside its dense original.")
 @click.option("--no-guard", is_flag=True)

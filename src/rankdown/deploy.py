@@ -168,3 +168,71 @@ def fold_permutations(model: nn.Module) -> int:
                     block[-1] = nn.Identity()
                     folded += 1
     return folded
+
+
+def _pointwise(m: nn.Module | None) -> bool:
+    if type(m) is nn.Linear:
+        return True
+    return (
+        type(m) is nn.Conv2d
+        and m.kernel_size == (1, 1)
+        and m.stride == (1, 1)
+        and m.padding in ((0, 0), "valid")
+        and m.groups == 1
+    )
+
+
+def _matrix(m: nn.Module) -> torch.Tensor:
+    return m.weight.reshape(m.weight.shape[0], -1)
+
+
+def _merged(first: nn.Module, second: nn.Module) -> nn.Module | None:
+    """``second ∘ first`` as one layer of the same kind, when it costs fewer MACs than the pair."""
+    if type(first) is not type(second) or not (_pointwise(first) and _pointwise(second)):
+        return None
+    a, b = _matrix(first), _matrix(second)
+    if a.shape[0] != b.shape[1] or b.shape[0] * a.shape[1] >= a.numel() + b.numel():
+        return None
+    w = b @ a
+    has_bias = first.bias is not None or second.bias is not None
+    bias = second.bias.clone() if second.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
+    if first.bias is not None:
+        bias = bias + b @ first.bias
+    kw = {"bias": has_bias, "device": w.device, "dtype": w.dtype}
+    if isinstance(first, nn.Linear):
+        out = nn.Linear(w.shape[1], w.shape[0], **kw)
+    else:
+        out = nn.Conv2d(w.shape[1], w.shape[0], 1, **kw)
+    out.weight.copy_(w.reshape(out.weight.shape))
+    if has_bias:
+        out.bias.copy_(bias)
+    return out
+
+
+@torch.no_grad()
+def merge_pointwise(model: nn.Module) -> int:
+    """Merge a factorized layer's pointwise end factor with a plain 1×1 conv (or Linear) that
+    follows it directly inside an ``nn.Sequential`` — and a plain one before a factorized layer's
+    pointwise first factor — when the product costs fewer MACs than the pair (it does whenever
+    the rank is below the width in between). Nothing non-linear may sit between them: fold batch
+    norms first (:func:`fold_batchnorm`). Returns how many pairs were merged."""
+    merged = 0
+    for parent in list(model.modules()):
+        if not isinstance(parent, nn.Sequential):
+            continue
+        names = list(parent._modules)
+        for left, right in itertools.pairwise(names):
+            a, b = parent._modules[left], parent._modules[right]
+            if isinstance(a, nn.Sequential) and len(a) > 1 and not isinstance(b, nn.Sequential):
+                new = _merged(a[-1], b)
+                if new is not None:
+                    a[-1] = new
+                    parent._modules[right] = nn.Identity()
+                    merged += 1
+            elif isinstance(b, nn.Sequential) and len(b) > 1 and not isinstance(a, nn.Sequential):
+                new = _merged(a, b[0])
+                if new is not None:
+                    b[0] = new
+                    parent._modules[left] = nn.Identity()
+                    merged += 1
+    return merged

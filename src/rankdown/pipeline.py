@@ -479,7 +479,7 @@ def run_bench(
     """End-to-end (and optionally per-layer) latency of a saved compressed model beside its dense
     original, or of one model; each in its fastest layout; with the theoretical MAC reduction."""
     from rankdown.bench import environment
-    from rankdown.deploy import fold_batchnorm, fold_permutations
+    from rankdown.deploy import fold_batchnorm, fold_permutations, merge_pointwise
     from rankdown.latency import DeviceKey, LatencyTable
     from rankdown.surgery import record_inputs
 
@@ -505,6 +505,7 @@ def run_bench(
         for m in models.values():
             fold_batchnorm(m)
             fold_permutations(m)
+            merge_pointwise(m)
     example = torch.zeros((1, *shape))
     costs = {k: model_cost(m, example).macs for k, m in models.items()}
     if o.threads:
