@@ -175,3 +175,15 @@ def test_ddp_two_processes_stay_identical_and_resume_after_a_killed_worker(tmp_p
     assert strip(resumed["history"]) == strip(res["history"])
     assert resumed["sums"][0] == resumed["sums"][1]
     assert resumed["sums"][0] == pytest.approx(res["sums"][0], rel=1e-5)
+
+
+def test_adaptive_force_is_scaled_to_the_loss_gradient():
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 5, bias=False)
+    loss_grad = torch.randn(5, 6) * 7.0
+    layer.weight.grad = loss_grad.clone()
+    ForceRegularizer({"fc": layer}, strength=0.5, adaptive=True).apply()
+    added = layer.weight.grad - loss_grad
+    assert float(added.norm()) == pytest.approx(0.5 * float(loss_grad.norm()), rel=1e-5)
+    direction = ForceRegularizer.force_grad(layer.weight, "l2")
+    assert torch.allclose(added / added.norm(), direction / direction.norm(), atol=1e-6)

@@ -565,6 +565,11 @@ def finetune(
     help="Force Regularization strength λ (Wen 2017): pulls each layer's filters toward low rank.",
 )
 @click.option("--force-kind", type=click.Choice(["l2", "l1"]), default="l2", show_default=True)
+@click.option(
+    "--force-adaptive",
+    is_flag=True,
+    help="Wen's adaptive strength: each layer's force scaled to λ × its loss-gradient norm.",
+)
 @click.option("--from-scratch", is_flag=True, help="Start from random weights instead of the model's own.")
 @_train_options
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None)
@@ -578,6 +583,7 @@ def train(
     epochs,
     force_reg,
     force_kind,
+    force_adaptive,
     from_scratch,
     lr,
     batch_size,
@@ -616,7 +622,16 @@ def train(
         n: m for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and n not in skip
     }
     config = _train_config(
-        epochs, lr, batch_size, weight_decay, 0.0, False, seed, force_reg=force_reg, force_kind=force_kind
+        epochs,
+        lr,
+        batch_size,
+        weight_decay,
+        0.0,
+        False,
+        seed,
+        force_reg=force_reg,
+        force_kind=force_kind,
+        force_adaptive=force_adaptive,
     )
     history = run_training(model, split, config, regularized=layers, test_split=test)
     out_path = Path(out)

@@ -69,14 +69,17 @@ class ForceRegularizer:
     λ‖W_i‖ Σ_j P_i (w_i − w_j)/‖w_i − w_j‖^p, with P_i the projection on the tangent of the unit
     sphere at w_i (forces turn filters, they do not shrink them). ``kind="l2"`` is the authors'
     default "Degradation" force (p = 0); ``kind="l1"`` their "Constant" force (p = 1).
+    ``adaptive``: the authors' ``force_decay_type=adaptive`` — each layer's force is rescaled to
+    λ·‖∇L‖ (λ is then a ratio to the loss gradient, not an absolute strength), so one λ suits
+    layers whose gradients differ by orders of magnitude.
     """
 
-    def __init__(self, layers: dict[str, nn.Module], strength: float, kind: str = "l2") -> None:
+    def __init__(self, layers: dict[str, nn.Module], strength: float, kind: str = "l2", adaptive: bool = False) -> None:
         if strength < 0:
             raise RankdownError(f"force regularization strength must be >= 0, got {strength}")
         if kind not in ("l2", "l1"):
             raise RankdownError(f"force regularization kind must be 'l2' or 'l1', got {kind!r}")
-        self.layers, self.strength, self.kind = layers, strength, kind
+        self.layers, self.strength, self.kind, self.adaptive = layers, strength, kind, adaptive
 
     @staticmethod
     def force_grad(weight: torch.Tensor, kind: str) -> torch.Tensor:
@@ -97,10 +100,14 @@ class ForceRegularizer:
             return
         for module in self.layers.values():
             g = self.force_grad(module.weight, self.kind)
+            lam = self.strength
+            if self.adaptive:
+                grad_norm = 0.0 if module.weight.grad is None else float(module.weight.grad.norm())
+                lam = lam * grad_norm / max(float(g.norm()), 1e-12)
             if module.weight.grad is None:
-                module.weight.grad = self.strength * g
+                module.weight.grad = lam * g
             else:
-                module.weight.grad.add_(g, alpha=self.strength)
+                module.weight.grad.add_(g, alpha=lam)
 
 
 # --------------------------------------------------------------------------- the engine
@@ -121,6 +128,7 @@ class TrainConfig:
     seed: int = 0
     force_reg: float = 0.0
     force_kind: str = "l2"
+    force_adaptive: bool = False  # λ relative to each layer's loss-gradient norm (Wen's "adaptive")
     optimizer: str = "adamw"  # or "sgd" (momentum 0.9, as Wen et al. trained with Force Regularization)
     max_steps_per_epoch: int | None = None  # for tests and smoke runs
 
@@ -247,7 +255,11 @@ def finetune(
         return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    force = ForceRegularizer(regularized or {}, config.force_reg, config.force_kind) if config.force_reg else None
+    force = (
+        ForceRegularizer(regularized or {}, config.force_reg, config.force_kind, config.force_adaptive)
+        if config.force_reg
+        else None
+    )
     history: list[dict] = []
     start_epoch = 0
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
