@@ -9,6 +9,8 @@ Writes benchmarks/results/force_regularization.json, docs/img/force_reg_spectra.
 of docs/training.md.
 
     python benchmarks/force_regularization.py
+    python benchmarks/force_regularization.py --adaptive --strengths 0.03,0.1,0.3 --epochs 2
+                                               # Wen's adaptive strength: λ is a ratio to ‖∇L‖
 """
 
 from __future__ import annotations
@@ -44,11 +46,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--strengths", default="1e-4,3e-4,1e-3")
     ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--adaptive", action="store_true", help="λ relative to each layer's loss gradient (Wen's adaptive)")
     ap.add_argument("--train-limit", type=int, default=None)
     ap.add_argument("--eval-limit", type=int, default=None)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/force_regularization.json"))
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/force_regularization[_adaptive].json")
     ap.add_argument("--from-json", action="store_true")
     args = ap.parse_args()
+    suffix = "_adaptive" if args.adaptive else ""
+    args.out = args.out or str(ROOT / f"benchmarks/results/force_regularization{suffix}.json")
     if args.from_json:
         result = json.loads(Path(args.out).read_text())
     else:
@@ -67,7 +72,14 @@ def main() -> None:
         for lam in [0.0] + [float(v) for v in args.strengths.split(",")]:
             model = copy.deepcopy(base)
             layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in skip}
-            cfg = TrainConfig(epochs=args.epochs, lr=0.01, optimizer="sgd", weight_decay=5e-4, force_reg=lam)
+            cfg = TrainConfig(
+                epochs=args.epochs,
+                lr=0.01,
+                optimizer="sgd",
+                weight_decay=5e-4,
+                force_reg=lam,
+                force_adaptive=args.adaptive,
+            )
             history = finetune(model, train, cfg, regularized=layers)
             dense_acc = acc(model)
             sweep = []
@@ -118,6 +130,7 @@ def main() -> None:
             "command": "python benchmarks/force_regularization.py " + " ".join(sys.argv[1:]),
             "environment": environment(),
             "epochs": args.epochs,
+            "adaptive": args.adaptive,
             "original_accuracy": acc(base),
             "original_spectra": original,
             "runs": runs,
@@ -125,8 +138,9 @@ def main() -> None:
             "seconds": time.time() - t0,
         }
         atomic_write_text(Path(args.out), json.dumps(result, indent=1) + "\n")
-    plot(result, ROOT / "docs/img/force_reg_spectra.png")
-    write_markdown(result, ROOT / "docs/training.md")
+    suffix = "_adaptive" if result.get("adaptive") else ""
+    plot(result, ROOT / f"docs/img/force_reg_spectra{suffix}.png")
+    write_markdown(result, ROOT / "docs/training.md", suffix)
 
 
 def plot(result: dict, path: Path) -> None:
@@ -145,7 +159,8 @@ def plot(result: dict, path: Path) -> None:
         ax.set(title=name, xlabel="index", ylabel="σ / σ₁")
     axes[0].legend(fontsize=7)
     fig.suptitle(
-        f"Filter spectra after {result['epochs']} epoch of fine-tuning, with and without Force Regularization",
+        f"Filter spectra after {result['epochs']} epoch(s) of fine-tuning, with and without Force Regularization"
+        + (" (adaptive)" if result.get("adaptive") else ""),
         fontsize=10,
     )
     fig.tight_layout()
@@ -153,15 +168,16 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def write_markdown(result: dict, path: Path) -> None:
+def write_markdown(result: dict, path: Path, suffix: str = "") -> None:
     env = result["environment"]
+    how = " — adaptive strength (λ × each layer's loss-gradient norm)" if suffix else ""
     lines = [
-        "## Force Regularization before decomposition (Wen et al. 2017)",
+        f"## Force Regularization before decomposition (Wen et al. 2017){how}",
         "",
         f"Command: `{result['command'].strip()}` ({result['seconds'] / 60:.0f} min); raw results "
-        f"`benchmarks/results/force_regularization.json`. Machine: {env['cpu']}, torch {env['torch']}.",
+        f"`benchmarks/results/force_regularization{suffix}.json`. Machine: {env['cpu']}, torch {env['torch']}.",
         "",
-        f"From the shipped weights ({100 * result['original_accuracy']:.2f}%), {result['epochs']} epoch of SGD "
+        f"From the shipped weights ({100 * result['original_accuracy']:.2f}%), {result['epochs']} epoch(s) of SGD "
         "fine-tuning (momentum 0.9, lr 0.01, cosine, weight decay 5e-4) per row, λ = 0 being the same budget "
         'without Force Regularization (the L2 "Degradation" force). Each model is then approximated by channel '
         "SVD (Wen et al.'s PCA basis + 1×1) at energy thresholds from 0.5 to 0.99, **without fine-tuning**; "
@@ -182,8 +198,8 @@ def write_markdown(result: dict, path: Path) -> None:
             f"| {run['lambda']:g} | {100 * run['dense_accuracy']:.2f}% | {b['energy']:g} | "
             f"{100 * b['accuracy']:.2f}% | {b['macs_reduction']:.2f}× | {b['params_reduction']:.2f}× | {ranks} |"
         )
-    lines += ["", "![spectra](img/force_reg_spectra.png)", ""]
-    write_section(path, "force_reg", "\n".join(lines), title="# Training")
+    lines += ["", f"![spectra](img/force_reg_spectra{suffix}.png)", ""]
+    write_section(path, "force_reg" + suffix, "\n".join(lines), title="# Training")
 
 
 if __name__ == "__main__":
