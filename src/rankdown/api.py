@@ -114,6 +114,10 @@ def compress(
     before = layer_costs(model, example, selection.targets + list(selection.skipped))
     rows: list[LayerReport] = []
     plan_layers: dict[str, LayerPlan] = {}
+
+    def kept_dense(fqn: str, ltype: str, note: str, err: float | None = None) -> None:
+        rows.append(LayerReport(fqn, ltype, None, None, before[fqn], before[fqn], err, note))
+
     for fqn in progress(selection.targets, total=len(selection.targets), desc=f"factorize ({config.method})"):
         module = model.get_submodule(fqn)
         handler = _handler(config, fqn, module)
@@ -123,61 +127,24 @@ def compress(
             handler.check(fqn, module)
         ltype = type(module).__name__
         if fqn not in inputs:
-            rows.append(
-                LayerReport(
-                    fqn,
-                    ltype,
-                    None,
-                    None,
-                    before[fqn],
-                    before[fqn],
-                    None,
-                    "not called by the example input: kept dense",
-                )
-            )
+            kept_dense(fqn, ltype, "not called by the example input: kept dense")
             continue
         try:
             rank = choose_rank(handler, module, config.rank, inputs[fqn], before[fqn], fqn)
         except RankdownError as exc:
             raise type(exc)(f"layer {fqn!r} ({ltype} {tuple(module.weight.shape)}): {exc}") from None
         if rank is None:
-            rows.append(
-                LayerReport(
-                    fqn,
-                    ltype,
-                    None,
-                    None,
-                    before[fqn],
-                    before[fqn],
-                    None,
-                    f"no rank meets {config.rank.describe()}: kept dense",
-                )
-            )
+            kept_dense(fqn, ltype, f"no rank meets {config.rank.describe()}: kept dense")
             continue
         cost = candidate_cost(handler, module, rank, inputs[fqn])
         # A latency-aware choice was made on measured time, which is what counts; otherwise a form
         # that saves neither parameters nor MACs is not worth having.
         if not hasattr(choice, "method") and cost.params >= before[fqn].params and cost.macs >= before[fqn].macs:
-            rows.append(
-                LayerReport(
-                    fqn,
-                    ltype,
-                    None,
-                    None,
-                    before[fqn],
-                    before[fqn],
-                    None,
-                    f"rank {rank} would save neither parameters nor MACs: kept dense",
-                )
-            )
+            kept_dense(fqn, ltype, f"rank {rank} would save neither parameters nor MACs: kept dense")
             continue
         fact = factorize_weighted(handler, fqn, module, rank, (metrics or {}).get(fqn))
         if fact.failure is not None:
-            rows.append(
-                LayerReport(
-                    fqn, ltype, None, None, before[fqn], before[fqn], fact.rel_error, f"{fact.failure}: kept dense"
-                )
-            )
+            kept_dense(fqn, ltype, f"{fact.failure}: kept dense", fact.rel_error)
             continue
         replace_module(model, fqn, fact.module)
         plan_layers[fqn] = LayerPlan(handler.name, rank, ltype, tuple(module.weight.shape))
@@ -185,11 +152,7 @@ def compress(
             LayerReport(fqn, ltype, handler.name, rank, before[fqn], before[fqn], fact.rel_error, info=fact.info)
         )
     for fqn, reason in selection.skipped.items():
-        rows.append(
-            LayerReport(
-                fqn, type(model.get_submodule(fqn)).__name__, None, None, before[fqn], before[fqn], None, reason
-            )
-        )
+        kept_dense(fqn, type(model.get_submodule(fqn)).__name__, reason)
     # Costs after, measured on the compressed model by the same counter as before.
     after_costs = layer_costs(model, example, [r.name for r in rows])
     for r in rows:
