@@ -52,6 +52,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(MODELS), default="fashion-vgg")
     ap.add_argument("--steps", type=int, default=150, help="fine-tuning steps (batch 128)")
+    ap.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate (AdamW)")
     ap.add_argument("--calibration", type=int, default=256)
     ap.add_argument("--runs", type=int, default=40)
     ap.add_argument("--eval-limit", type=int, default=None)
@@ -103,7 +104,7 @@ def run(args) -> dict:
         "macs": macs(model),
     }
     print(json.dumps(dense), flush=True)
-    ft_cfg = TrainConfig(epochs=1, lr=1e-3, max_steps_per_epoch=args.steps, seed=0, flip=flip)
+    ft_cfg = TrainConfig(epochs=1, lr=args.lr, max_steps_per_epoch=args.steps, seed=0, flip=flip)
     rows = []
     for cut in CUTS:
         for method in METHODS:
@@ -140,6 +141,7 @@ def run(args) -> dict:
         "environment": environment(),
         "calibration_examples": args.calibration,
         "finetune_steps": args.steps,
+        "finetune_lr": args.lr,
         "test_examples": len(test),
         "dense": dense,
         "rows": rows,
@@ -196,8 +198,8 @@ def write_markdown(result: dict, path: Path, suffix: str, raw: Path) -> None:
         f"Dense: {100 * d['accuracy']:.2f}%, batch 1 {d['latency_ms']['1']:.3f} ms, batch 64 "
         f"{d['latency_ms']['64']:.2f} ms. {', '.join(layers)} each at the stated MAC cut; metrics from "
         f"{result['calibration_examples']} training images; fine-tuning: {result['finetune_steps']} AdamW steps of 128 "
-        f"images. Accuracy on {result['test_examples']:,} test images. Factor scales are balanced after "
-        "every weighted fit (`rankdown.layers.balance_factors`).",
+        f"images at lr {result.get('finetune_lr', 1e-3):g}. Accuracy on {result['test_examples']:,} test images. "
+        "Factor scales are balanced after every weighted fit (`rankdown.layers.balance_factors`).",
         "",
         f"| MAC cut | method | metric | weight error ({', '.join(layers)}) | accuracy | after fine-tuning | "
         "theoretical | measured b1 | measured b64 |",
