@@ -243,7 +243,7 @@ def run_compress(
     if progressive is not None:
         from rankdown.progressive import progressive_compress
 
-        split = train_split_for(spec, opts.data_dir, train_limit)
+        split = train_split_for(spec, opts.data_dir, train_limit, "rankdown.progressive.progressive_compress")
         if BUNDLED[spec].dataset == "chars":
             progressive = dataclasses.replace(progressive, flip=False)
         result, _ = progressive_compress(dense, config, example, split, progressive, metrics=metrics, model_spec=spec)
@@ -349,11 +349,11 @@ def run_eval(
 # --------------------------------------------------------------------------- training
 
 
-def train_split_for(spec: str, data_dir: str | None, limit: int | None = None):
+def train_split_for(spec: str, data_dir: str | None, limit: int | None = None, api: str = "rankdown.train.finetune"):
     if spec not in BUNDLED or not BUNDLED[spec].dataset:
         raise RankdownError(
             f"fine-tuning needs training data: model {spec!r} has no bundled dataset (use the Python API, "
-            "rankdown.train.finetune, with your own data)"
+            f"{api}, with your own data)"
         )
     return DATASETS[BUNDLED[spec].dataset]("train", data_dir, limit=limit)
 
