@@ -103,6 +103,16 @@ def _reader(module: nn.Module) -> tuple[str, nn.Module] | None:
     return None
 
 
+def _neighbour(parent: nn.Sequential, names: list[str], i: int, step: int) -> tuple[list[nn.Module], nn.Module | None]:
+    """The channel-wise modules passed, and the first other module met, walking from position i."""
+    between = []
+    j = i + step
+    while 0 <= j < len(names) and isinstance(parent._modules[names[j]], _CHANNELWISE):
+        between.append(parent._modules[names[j]])
+        j += step
+    return between, (parent._modules[names[j]] if 0 <= j < len(names) else None)
+
+
 @torch.no_grad()
 def fold_permutations(model: nn.Module) -> int:
     """Fold the channel gathers of Denton's clustered layers (monochromatic, biclustered) into
@@ -125,12 +135,8 @@ def fold_permutations(model: nn.Module) -> int:
             # input gather ← the writer before it
             first = block[0]
             if type(first).__name__ == "Permute":
-                j = i - 1
-                between = []
-                while j >= 0 and isinstance(parent._modules[names[j]], _CHANNELWISE):
-                    between.append(parent._modules[names[j]])
-                    j -= 1
-                found = _writer(parent._modules[names[j]]) if j >= 0 else None
+                between, neighbour = _neighbour(parent, names, i, -1)
+                found = None if neighbour is None else _writer(neighbour)
                 if found is not None:
                     kind, w = found
                     idx = first.index
@@ -148,12 +154,8 @@ def fold_permutations(model: nn.Module) -> int:
             # output gather → the reader after it
             last = block[-1]
             if type(last).__name__ == "Permute":
-                j = i + 1
-                between = []
-                while j < len(names) and isinstance(parent._modules[names[j]], _CHANNELWISE):
-                    between.append(parent._modules[names[j]])
-                    j += 1
-                found = _reader(parent._modules[names[j]]) if j < len(names) else None
+                between, neighbour = _neighbour(parent, names, i, +1)
+                found = None if neighbour is None else _reader(neighbour)
                 if found is not None:
                     kind, r = found
                     idx = last.index  # y_out[:, c] = y[:, idx[c]]
