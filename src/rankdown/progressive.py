@@ -44,7 +44,8 @@ def progressive_compress(
 ) -> tuple[CompressResult, list[dict]]:
     """Factorize ``model``'s layers one at a time in execution order, fine-tuning the later layers
     for ``train_config`` after each (a few hundred steps: ``max_steps_per_epoch``). Returns the
-    result (plan and report rows of the schedule, the fine-tuned model) and per-layer histories."""
+    fine-tuned model with the plan and report rows chosen on the dense model (their weight errors
+    are those of the dense fits), and the per-layer training histories."""
     planned = compress(model, config, example, metrics=metrics, model_spec=model_spec)
     current = copy.deepcopy(model)
     order = execution_order(current, list(planned.plan.layers), example[:1])
