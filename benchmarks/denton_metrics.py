@@ -31,13 +31,12 @@ from rankdown import CompressConfig, build_model, compress
 from rankdown.bench import best_latency, count_macs, environment
 from rankdown.metrics import collect
 from rankdown.pipeline import DATASETS
-from rankdown.plan import atomic_write_text
 from rankdown.rank import MacFraction
 from rankdown.train import TrainConfig, evaluate, finetune
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_section  # noqa: E402
+from common import load_or_run, write_section  # noqa: E402
 
 MODELS = {  # layers factorized, dataset, horizontal flips in fine-tuning
     "fashion-vgg": (("features.3", "features.7", "features.10"), "fashion-mnist", True),
@@ -61,11 +60,7 @@ def main() -> None:
     args = ap.parse_args()
     suffix = "" if args.model == "fashion-vgg" else "_" + args.model.replace("-", "_")
     args.out = args.out or str(ROOT / f"benchmarks/results/denton_metrics{suffix}.json")
-    if args.from_json:
-        result = json.loads(Path(args.out).read_text())
-    else:
-        result = run(args)
-        atomic_write_text(Path(args.out), json.dumps(result, indent=1, default=str) + "\n")
+    result = load_or_run(args.out, args.from_json, lambda: run(args))
     plot(result, ROOT / f"docs/img/denton_metrics{suffix}.png")
     out = Path(args.out).resolve()
     raw = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out

@@ -33,14 +33,13 @@ from rankdown import CompressConfig, build_model, compress
 from rankdown.bench import environment
 from rankdown.calibrate import CalibrationConfig, reconstruct
 from rankdown.data import load_fashion_mnist
-from rankdown.plan import atomic_write_text
 from rankdown.progressive import progressive_compress
 from rankdown.rank import MacFraction
 from rankdown.train import TrainConfig, evaluate, finetune
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_section  # noqa: E402
+from common import load_or_run, write_section  # noqa: E402
 
 LAYERS = ("features.3", "features.7", "features.10")
 METHODS = ("channel-svd", "tucker2")
@@ -56,11 +55,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/denton_training.json"))
     ap.add_argument("--from-json", action="store_true")
     args = ap.parse_args()
-    if args.from_json:
-        result = json.loads(Path(args.out).read_text())
-    else:
-        result = run(args)
-        atomic_write_text(Path(args.out), json.dumps(result, indent=1, default=str) + "\n")
+    result = load_or_run(args.out, args.from_json, lambda: run(args))
     plot(result, ROOT / "docs/img/denton_training.png")
     write_markdown(result, ROOT / "docs/benchmarks.md")
 

@@ -29,13 +29,12 @@ from rankdown import CompressConfig, build_model, compress
 from rankdown.bench import best_latency, count_macs, environment
 from rankdown.calibrate import CalibrationConfig, reconstruct
 from rankdown.chars import load_chars
-from rankdown.plan import atomic_write_text
 from rankdown.rank import MacFraction
 from rankdown.train import evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_section  # noqa: E402
+from common import load_or_run, write_section  # noqa: E402
 
 LAYERS = ("conv2", "conv3")
 SPEEDUPS = (2.0, 2.5, 3.0, 4.0, 4.5, 6.0)
@@ -52,11 +51,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/jaderberg_charnet.json"))
     ap.add_argument("--from-json", action="store_true")
     args = ap.parse_args()
-    if args.from_json:
-        result = json.loads(Path(args.out).read_text())
-    else:
-        result = run(args)
-        atomic_write_text(Path(args.out), json.dumps(result, indent=1, default=str) + "\n")
+    result = load_or_run(args.out, args.from_json, lambda: run(args))
     plot(result, ROOT / "docs/img/jaderberg_charnet.png")
     write_markdown(result, ROOT / "docs/benchmarks.md")
 
