@@ -406,6 +406,8 @@ def test_bench_and_latency_aware_compress(tmp_path):
             "--input-shape",
             "3,16,16",
             "--latency-aware",
+            "--sensitivity",
+            "model",
             "--max-error",
             "0.6",
             "--methods",
@@ -423,7 +425,7 @@ def test_bench_and_latency_aware_compress(tmp_path):
         tmp_path,
     )
     assert p.returncode == 0, p.stderr
-    assert "latency-aware" in json.loads((out / "plan.json").read_text())["meta"]["policy"]["layer_ranks"]
+    assert "latency-aware, model error" in json.loads((out / "plan.json").read_text())["meta"]["policy"]["layer_ranks"]
     p = cli(
         [
             "bench",

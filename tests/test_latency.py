@@ -20,11 +20,13 @@ from rankdown.latency import (
     LatencyTable,
     LayerOptions,
     latency_ranks,
+    layer_options,
     plan_by_latency,
     plan_by_macs,
     predicted_ms,
 )
 from rankdown.rank import FixedRank
+from rankdown.surgery import get_module
 
 
 def options():
@@ -120,6 +122,46 @@ def test_latency_ranks_end_to_end(tmp_path):
     # The saved plan records each layer's own method, and reloads.
     plan = json.loads(res.plan.to_json())
     assert {v["method"] for v in plan["layers"].values()} <= {"tucker2", "separable", "svd"}
+
+
+def test_model_criterion_scores_each_candidate_by_the_models_output(tmp_path):
+    """With criterion="model", a candidate's error is the model's relative output error with only
+    that layer replaced, and the model comes back untouched."""
+    from rankdown.methods import METHODS
+    from rankdown.surgery import replace_module
+
+    model = tiny_vgg().eval()
+    before = copy.deepcopy(model.state_dict())
+    calib = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    targets = ["features.3", "classifier.1"]
+    inputs = {}
+    hooks = [
+        get_module(model, t).register_forward_pre_hook(lambda _m, a, t=t: inputs.setdefault(t, a[0])) for t in targets
+    ]
+    with torch.no_grad():
+        model(calib)
+    for h in hooks:
+        h.remove()
+    table = LatencyTable(DeviceKey.current(batch=1, threads=1), tmp_path, runs=2, guard=False)
+    opts = layer_options(model, targets, inputs, table, ["tucker2", "svd"], criterion="model", calibration=calib)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    checked = 0
+    for fqn, o in opts.items():
+        for c in o.candidates[1:]:
+            handler = METHODS[(c.method, type(get_module(model, fqn)))]
+            probe = copy.deepcopy(model)
+            replace_module(probe, fqn, handler.factorize(get_module(model, fqn), c.rank).module)
+            with torch.no_grad():
+                want = float(
+                    torch.linalg.vector_norm(probe(calib) - model(calib)) / torch.linalg.vector_norm(model(calib))
+                )
+            assert c.error == pytest.approx(want, rel=1e-5, abs=1e-7)
+            checked += 1
+    assert checked >= 4
+    with pytest.raises(RankdownError, match="criterion"):
+        layer_options(model, targets, inputs, table, ["svd"], criterion="output")
+    with pytest.raises(RankdownError, match="calibration"):
+        layer_options(model, targets, inputs, table, ["svd"], criterion="model")
 
 
 def test_fold_batchnorm_is_exact_in_float64():

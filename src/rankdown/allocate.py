@@ -90,7 +90,8 @@ def _grid(cands: list[Rank], points: int, round_to: int) -> list[Rank]:
     return [cands[i] for i in idx]
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖: b is the reference."""
     return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-30))
 
 
@@ -174,11 +175,11 @@ def sensitivity(
                 continue
             with torch.no_grad():
                 if criterion == "layer":
-                    err = _rel(fact.module(inputs[fqn]), dense_out)
+                    err = relative_error(fact.module(inputs[fqn]), dense_out)
                 else:
                     replace_module(model, fqn, fact.module)
                     try:
-                        err = _rel(model(calib), reference)
+                        err = relative_error(model(calib), reference)
                     finally:
                         replace_module(model, fqn, module)
             curve.options.append(Option(rank, cost.params, cost.macs, err))

@@ -84,6 +84,11 @@ def _measure_options(f):
     return f
 
 
+def _given(param: str) -> bool:
+    """Whether the user set ``param`` (rather than click filling in its default)."""
+    return click.get_current_context().get_parameter_source(param).name != "DEFAULT"
+
+
 def _opts(data_dir, eval_limit, batch_sizes, latency_runs, threads, no_latency, no_guard):
     from rankdown.pipeline import MeasureOptions
 
@@ -230,8 +235,8 @@ def main() -> None:
     type=click.Choice(["model", "layer"]),
     default="model",
     show_default=True,
-    help="For global budgets: error of the model's output (model) or of each layer's own output "
-    "(layer, faster) at candidate ranks.",
+    help="For global budgets and --latency-aware: error of the model's output (model) or of each "
+    "layer's own output (layer, faster) at candidate ranks. --latency-aware defaults to layer.",
 )
 @click.option(
     "--calibration",
@@ -299,7 +304,8 @@ def main() -> None:
     type=float,
     default=0.3,
     show_default=True,
-    help="With --latency-aware: largest relative output error allowed per layer.",
+    help="With --latency-aware: largest relative output error allowed per layer (of the layer's own "
+    "output; with --sensitivity model, of the model's output when only that layer is factorized).",
 )
 @click.option(
     "--methods",
@@ -471,6 +477,7 @@ def compress(
             max_error,
             method_list.split(","),
             latency_batch,
+            criterion=sensitivity if _given("sensitivity") else "layer",
             calibration=min(calibration or 64, 64),
             cache_dir=cache_dir,
         )

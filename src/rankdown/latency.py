@@ -17,12 +17,12 @@ import torch
 from torch import nn
 
 from rankdown import __version__
-from rankdown.allocate import default_cache_dir
+from rankdown.allocate import default_cache_dir, relative_error
 from rankdown.bench import measure_latency
 from rankdown.errors import RankdownError
 from rankdown.methods import METHODS, Method, Rank
 from rankdown.progress import progress
-from rankdown.surgery import get_module
+from rankdown.surgery import get_module, replace_module
 
 
 @dataclass(frozen=True)
@@ -204,11 +204,25 @@ def layer_options(
     methods: list[str],
     fractions: tuple[float, ...] = (0.125, 0.25, 0.375, 0.5, 0.75),
     multiple: int = 8,
+    *,
+    criterion: str = "layer",
+    calibration: torch.Tensor | None = None,
 ) -> dict[str, LayerOptions]:
     """For each target layer: its dense time, and every (method, rank) candidate with its measured
-    time and its layer-local output error on the calibration ``inputs``."""
+    time and its output error on the calibration data. ``criterion="layer"``: the layer's own
+    output on ``inputs`` (cheap, but blind to how much the model cares: a 0.3 error in an early
+    conv can cost far more accuracy than in the classifier). ``"model"``: the whole model's output
+    on ``calibration`` with only this layer replaced (one forward pass per candidate)."""
     from rankdown.bench import count_macs
 
+    if criterion not in ("layer", "model"):
+        raise RankdownError(f"error criterion must be 'layer' or 'model', got {criterion!r}")
+    if criterion == "model":
+        if calibration is None:
+            raise RankdownError("criterion='model' needs the calibration batch")
+        model = model.eval()
+        with torch.no_grad():
+            reference = model(calibration)
     out: dict[str, LayerOptions] = {}
     for fqn in progress(targets, total=len(targets), desc="latency candidates"):
         module = get_module(model, fqn)
@@ -237,7 +251,14 @@ def layer_options(
                 if fact.module is None:
                     continue
                 with torch.no_grad():
-                    err = float(torch.linalg.vector_norm(fact.module(x) - ref) / torch.linalg.vector_norm(ref))
+                    if criterion == "layer":
+                        err = relative_error(fact.module(x), ref)
+                    else:
+                        replace_module(model, fqn, fact.module)
+                        try:
+                            err = relative_error(model(calibration), reference)
+                        finally:
+                            replace_module(model, fqn, module)
                 macs = sum(count_macs(fact.module, x[:1]).values())
                 ms = table.time(_clone(fact.module), in_shape)
                 opts.candidates.append(Candidate(name, rank, ms, err, macs))
@@ -308,9 +329,11 @@ def latency_ranks(
     mac_only: bool = False,
     runs: int = 20,
     guard: bool = True,
+    criterion: str = "layer",
 ):
     """A LayerRanks policy of per-layer Choices, chosen by measured time (or by MACs, for
-    comparison) under a per-layer output-error budget. Returns (policy, options)."""
+    comparison) under a per-layer error budget (``criterion``: see ``layer_options``). Returns
+    (policy, options)."""
     from rankdown.api import select_targets
     from rankdown.rank import LayerRanks
 
@@ -325,9 +348,19 @@ def latency_ranks(
     for h in hooks:
         h.remove()
     table = LatencyTable(key, cache_dir, runs=runs, guard=guard)
-    options = layer_options(model, [t for t in selection.targets if t in inputs], inputs, table, methods)
+    options = layer_options(
+        model,
+        [t for t in selection.targets if t in inputs],
+        inputs,
+        table,
+        methods,
+        criterion=criterion,
+        calibration=calibration,
+    )
     plan = plan_by_macs(options, max_error) if mac_only else plan_by_latency(options, max_error)
-    src = f"{'MAC' if mac_only else 'latency'}-aware, error <= {max_error:g}, {key.device} batch {key.batch}"
+    src = (
+        f"{'MAC' if mac_only else 'latency'}-aware, {criterion} error <= {max_error:g}, {key.device} batch {key.batch}"
+    )
     return LayerRanks(plan, source=src), options
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rankdown.allocate import Budget
+from rankdown.allocate import Budget, relative_error
 from rankdown.api import CompressConfig, CompressResult, allocate_ranks, compress, select_targets
 from rankdown.bench import compare_latency, model_cost
 from rankdown.calibrate import CalibrationConfig
@@ -68,6 +68,7 @@ class LatencyOptions:
     channels_last: bool = False
     calibration: int = 64
     cache_dir: str | None = None
+    criterion: str = "layer"  # whose output max_error is measured on: the layer's own, or the model's
 
 
 @dataclass
@@ -124,8 +125,7 @@ def input_shape_for(spec: str, input_shape: tuple[int, ...] | None) -> tuple[int
 @torch.no_grad()
 def output_rel_error(dense: nn.Module, compressed: nn.Module, input_shape: tuple[int, ...], n: int = 32) -> float:
     x = torch.randn((n, *input_shape), generator=torch.Generator().manual_seed(0))
-    a, b = dense.eval()(x), compressed.eval()(x)
-    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(a).clamp_min(1e-30))
+    return relative_error(compressed.eval()(x), dense.eval()(x))
 
 
 def load_test_split(spec: str, opts: MeasureOptions):
@@ -220,6 +220,7 @@ def run_compress(
             methods=latency_aware.methods,
             cache_dir=latency_aware.cache_dir,
             guard=opts.guard,
+            criterion=latency_aware.criterion,
         )
         config = dataclasses.replace(config, rank=policy)
     if allocation is not None:
