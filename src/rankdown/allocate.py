@@ -30,7 +30,7 @@ from rankdown.errors import RankdownError
 from rankdown.methods import Method, Rank
 from rankdown.progress import progress
 from rankdown.rank import candidate_cost
-from rankdown.surgery import get_module, replace_module
+from rankdown.surgery import get_module, swapped
 
 
 @dataclass(frozen=True)
@@ -177,11 +177,8 @@ def sensitivity(
                 if criterion == "layer":
                     err = relative_error(fact.module(inputs[fqn]), dense_out)
                 else:
-                    replace_module(model, fqn, fact.module)
-                    try:
+                    with swapped(model, fqn, fact.module):
                         err = relative_error(model(calib), reference)
-                    finally:
-                        replace_module(model, fqn, module)
             curve.options.append(Option(rank, cost.params, cost.macs, err))
         curve.options.append(Option(None, dense_cost.params, dense_cost.macs, 0.0))
         curves[fqn] = curve

@@ -22,7 +22,7 @@ from rankdown.bench import measure_latency
 from rankdown.errors import RankdownError
 from rankdown.methods import METHODS, Method, Rank
 from rankdown.progress import progress
-from rankdown.surgery import get_module, replace_module
+from rankdown.surgery import get_module, swapped
 
 
 @dataclass(frozen=True)
@@ -196,6 +196,21 @@ def _round_rank(method: Method, module: nn.Module, fraction: float, multiple: in
     return min(method.max_rank(module), rnd(int(r)))
 
 
+def _applicable(fqn: str, module: nn.Module, methods: list[str]) -> list[tuple[str, Method]]:
+    """The methods (of those asked for) that can factorize this layer; the others are skipped."""
+    out = []
+    for name in methods:
+        handler = METHODS.get((name, type(module)))
+        if handler is None:
+            continue
+        try:
+            handler.check(fqn, module)
+        except RankdownError:
+            continue
+        out.append((name, handler))
+    return out
+
+
 def layer_options(
     model: nn.Module,
     targets: list[str],
@@ -233,14 +248,7 @@ def layer_options(
             ref = module(x)
         dense_macs = sum(count_macs(module, x[:1]).values())
         opts.candidates.append(Candidate(None, None, opts.dense_ms, 0.0, dense_macs))
-        for name in methods:
-            handler = METHODS.get((name, type(module)))
-            if handler is None:
-                continue
-            try:
-                handler.check(fqn, module)
-            except RankdownError:
-                continue
+        for name, handler in _applicable(fqn, module, methods):
             seen = set()
             for f in fractions:
                 rank = _round_rank(handler, module, f, multiple)
@@ -254,11 +262,8 @@ def layer_options(
                     if criterion == "layer":
                         err = relative_error(fact.module(x), ref)
                     else:
-                        replace_module(model, fqn, fact.module)
-                        try:
+                        with swapped(model, fqn, fact.module):
                             err = relative_error(model(calibration), reference)
-                        finally:
-                            replace_module(model, fqn, module)
                 macs = sum(count_macs(fact.module, x[:1]).values())
                 ms = table.time(_clone(fact.module), in_shape)
                 opts.candidates.append(Candidate(name, rank, ms, err, macs))
@@ -434,14 +439,7 @@ def timing_options(
         dense_macs = module_cost(_meta_copy(module), inputs[fqn]).macs
         opts = LayerOptions(fqn, table.time(_clone(module), in_shape))
         opts.candidates.append(Candidate(None, None, opts.dense_ms, 0.0, dense_macs))
-        for name in methods:
-            handler = METHODS.get((name, type(module)))
-            if handler is None:
-                continue
-            try:
-                handler.check(fqn, module)
-            except RankdownError:
-                continue
+        for name, handler in _applicable(fqn, module, methods):
             for rank in {_round_rank(handler, module, f, multiple) for f in fractions}:
                 cost = candidate_cost(handler, module, rank, inputs[fqn])
                 if cost.macs >= dense_macs:

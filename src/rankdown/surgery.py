@@ -6,9 +6,10 @@ expressions written ``re:PATTERN`` (full match). A name that matches nothing rai
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,17 @@ def replace_module(model: nn.Module, fqn: str, new: nn.Module) -> nn.Module:
     parent = get_module(model, parent_name) if parent_name else model
     setattr(parent, child, new)
     return old
+
+
+@contextlib.contextmanager
+def swapped(model: nn.Module, fqn: str, new: nn.Module) -> Iterator[nn.Module]:
+    """``new`` at ``fqn`` for the duration of the block, the original back afterwards (also on
+    error): for scoring one candidate layer inside the whole model."""
+    old = replace_module(model, fqn, new)
+    try:
+        yield model
+    finally:
+        replace_module(model, fqn, old)
 
 
 def shared_modules(model: nn.Module) -> dict[str, list[str]]:

@@ -366,7 +366,7 @@ def train_classifier(
     flip: bool = True,
 ) -> list[dict]:
     """Training from scratch as the bundled model was trained (AdamW, one-cycle schedule): kept
-    unchanged so that scripts/train_fashion_vgg.py reproduces the shipped weights."""
+    unchanged so that scripts/train_bundled.py reproduces the shipped weights."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
