@@ -181,6 +181,39 @@ def test_fold_batchnorm_is_exact_in_float64():
         fold_batchnorm(tiny_vgg().train())
 
 
+def test_fold_batchnorm_reaches_resnet_blocks_by_tracing():
+    """bn1/bn2 inside a block's custom forward are folded too (dense and factorized), while a conv
+    whose output also feeds something else, and a model fx cannot trace, keep their batch norms."""
+    model = randomize_bn(tiny_resnet()).double().eval()
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    res = compress(model, CompressConfig("tucker2", ParamFraction(0.5)), torch.zeros(1, 3, 16, 16, dtype=torch.float64))
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    for m in (model, res.model):
+        folded = copy.deepcopy(m)
+        assert fold_batchnorm(folded) == n_bn
+        assert not any(isinstance(mm, nn.BatchNorm2d) for mm in folded.modules())
+        with torch.no_grad():
+            assert torch.allclose(folded(x), m(x), rtol=1e-12, atol=1e-12)
+
+    class Tap(nn.Module):  # conv output used twice: folding would change the second use
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y
+
+    class Branchy(Tap):  # data-dependent control flow: not traceable
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            return y if float(y.sum()) > 0 else -y
+
+    for cls in (Tap, Branchy):
+        m = randomize_bn(cls()).eval()
+        assert fold_batchnorm(m) == 0 and isinstance(m.bn, nn.BatchNorm2d)
+
+
 def test_plan_for_mac_budget_keeps_most_macs_within_budget():
     from rankdown.latency import plan_for_mac_budget
 

@@ -1,5 +1,6 @@
 """Deployment transforms that keep stock modules: folding batch norm into the preceding conv
-(dense or the last conv of a factorized chain)."""
+(dense or the last conv of a factorized chain), folding channel gathers into neighbours, and
+merging adjacent pointwise factors."""
 
 from __future__ import annotations
 
@@ -18,12 +19,24 @@ def _last_conv(module: nn.Module) -> nn.Conv2d | None:
     return None
 
 
+def _fuse(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> bool:
+    if type(bn) is not nn.BatchNorm2d or not bn.track_running_stats or bn.num_features != conv.out_channels:
+        return False
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    w, b = fuse_conv_bn_weights(conv.weight, bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+    conv.weight, conv.bias = w, b
+    return True
+
+
 @torch.no_grad()
 def fold_batchnorm(model: nn.Module) -> int:
-    """Fold every eval-mode BatchNorm2d that directly follows a conv inside an ``nn.Sequential``
-    into that conv (its weight and bias), replacing the batch norm by ``nn.Identity``. Returns how
-    many were folded. Batch norms reached only through a custom forward (e.g. ResNet blocks' bn1)
-    are left alone: their order of use is not visible without tracing."""
+    """Fold every eval-mode BatchNorm2d that directly follows a conv (dense, or the last conv of a
+    factorized chain) into that conv's weight and bias, replacing the batch norm by
+    ``nn.Identity``. Returns how many were folded.
+
+    Pairs inside an ``nn.Sequential`` are found by position. Pairs wired by a custom forward (a
+    ResNet block's conv2 → bn2) are found by tracing the model with torch.fx; a model that does
+    not trace keeps those batch norms, since their order of use cannot be seen otherwise."""
     if model.training:
         raise ValueError("fold_batchnorm needs a model in eval mode (batch statistics would change)")
     folded = 0
@@ -33,15 +46,35 @@ def fold_batchnorm(model: nn.Module) -> int:
         names = list(parent._modules)
         for a, b in itertools.pairwise(names):
             conv, bn = _last_conv(parent._modules[a]), parent._modules[b]
-            if conv is None or type(bn) is not nn.BatchNorm2d or not bn.track_running_stats:
-                continue
-            if bn.num_features != conv.out_channels:
-                continue
-            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-            w, b_ = fuse_conv_bn_weights(conv.weight, bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
-            conv.weight = w
-            conv.bias = b_
-            parent._modules[b] = nn.Identity()
+            if conv is not None and type(bn) is nn.BatchNorm2d and _fuse(conv, bn):
+                parent._modules[b] = nn.Identity()
+                folded += 1
+    return folded + _fold_traced(model)
+
+
+def _fold_traced(model: nn.Module) -> int:
+    import torch.fx
+
+    from rankdown.surgery import replace_module
+
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # any model fx cannot trace keeps its remaining batch norms
+        return 0
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    folded = 0
+    for node in graph.nodes:
+        if node.op != "call_module" or len(node.args) != 1 or not isinstance(node.args[0], torch.fx.Node):
+            continue
+        src = node.args[0]
+        if src.op != "call_module" or len(src.users) != 1 or calls[src.target] > 1 or calls[node.target] > 1:
+            continue  # the conv's output is used elsewhere too, or a module is called twice: not foldable
+        conv, bn = model.get_submodule(src.target), model.get_submodule(node.target)
+        if type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d and _fuse(conv, bn):
+            replace_module(model, node.target, nn.Identity())
             folded += 1
     return folded
 
@@ -238,3 +271,14 @@ def merge_pointwise(model: nn.Module) -> int:
                     parent._modules[left] = nn.Identity()
                     merged += 1
     return merged
+
+
+def deploy(model: nn.Module) -> dict[str, int]:
+    """Every transform above, in the order they depend on (batch norms out of the way first, so
+    that pointwise factors can meet): what ``rankdown bench --fold-bn`` measures. In place; the
+    function is unchanged up to float rounding. Returns how many of each were applied."""
+    return {
+        "batchnorm": fold_batchnorm(model),
+        "gathers": fold_permutations(model),
+        "pointwise": merge_pointwise(model),
+    }

@@ -480,7 +480,7 @@ def run_bench(
     """End-to-end (and optionally per-layer) latency of a saved compressed model beside its dense
     original, or of one model; each in its fastest layout; with the theoretical MAC reduction."""
     from rankdown.bench import environment
-    from rankdown.deploy import fold_batchnorm, fold_permutations, merge_pointwise
+    from rankdown.deploy import deploy
     from rankdown.latency import DeviceKey, LatencyTable
     from rankdown.surgery import record_inputs
 
@@ -504,9 +504,7 @@ def run_bench(
         shape = input_shape_for(target, input_shape)
     if o.fold_bn:
         for m in models.values():
-            fold_batchnorm(m)
-            fold_permutations(m)
-            merge_pointwise(m)
+            deploy(m)
     example = torch.zeros((1, *shape))
     costs = {k: model_cost(m, example).macs for k, m in models.items()}
     if o.threads:
