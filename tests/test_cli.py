@@ -408,6 +408,8 @@ def test_bench_and_latency_aware_compress(tmp_path):
             "--latency-aware",
             "--sensitivity",
             "model",
+            "--error-scope",
+            "sum",
             "--max-error",
             "0.6",
             "--methods",
@@ -425,7 +427,10 @@ def test_bench_and_latency_aware_compress(tmp_path):
         tmp_path,
     )
     assert p.returncode == 0, p.stderr
-    assert "latency-aware, model error" in json.loads((out / "plan.json").read_text())["meta"]["policy"]["layer_ranks"]
+    assert (
+        "latency-aware, model error summed"
+        in json.loads((out / "plan.json").read_text())["meta"]["policy"]["layer_ranks"]
+    )
     p = cli(
         [
             "bench",

@@ -70,6 +70,38 @@ def test_planner_never_picks_what_its_table_says_is_slower():
         plan_by_latency(opts, 0.0)
 
 
+def test_sum_budget_plan_fits_and_matches_brute_force():
+    """plan_by_latency_sum: errors sum within the budget, only forms faster than dense (beyond the
+    margin), and on this small case the least total time any combination achieves."""
+    import itertools
+
+    from rankdown.latency import plan_by_latency_sum
+
+    opts = options()
+    opts["c"] = LayerOptions(
+        "c",
+        2.0,
+        [Candidate(None, None, 2.0, 0.0, 100), Candidate("svd", 8, 0.5, 0.35, 20), Candidate("svd", 16, 1.0, 0.05, 40)],
+    )
+    pools = {n: [c for c in o.candidates if c.method is None or c.ms < o.dense_ms * 0.97] for n, o in opts.items()}
+    for budget in (0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 1.0):
+        plan = plan_by_latency_sum(opts, budget)
+        chosen = {
+            n: next(c for c in opts[n].candidates if (c.method, c.rank) == ((p.method, p.rank) if p else (None, None)))
+            for n, p in plan.items()
+        }
+        assert sum(c.error for c in chosen.values()) <= budget + 1e-12
+        assert all(c.method is None or c.ms < opts[n].dense_ms * 0.97 for n, c in chosen.items())
+        best = min(
+            sum(c.ms for c in combo)
+            for combo in itertools.product(*pools.values())
+            if sum(c.error for c in combo) <= budget + 1e-12
+        )
+        assert sum(c.ms for c in chosen.values()) == pytest.approx(best)
+    with pytest.raises(RankdownError, match="budget"):
+        plan_by_latency_sum(opts, 0.0)
+
+
 def test_latency_table_is_keyed_by_device_dtype_batch_and_shape(tmp_path):
     k1 = DeviceKey.current(batch=1, threads=1)
     assert (

@@ -308,6 +308,14 @@ def main() -> None:
     "output; with --sensitivity model, of the model's output when only that layer is factorized).",
 )
 @click.option(
+    "--error-scope",
+    type=click.Choice(["each", "sum"]),
+    default="each",
+    show_default=True,
+    help="With --latency-aware: --max-error bounds each layer's error, or the sum over all layers "
+    "(layers that cost the model little then take more, the least measured time overall).",
+)
+@click.option(
     "--methods",
     "method_list",
     default="tucker2,channel-svd,separable,cp,svd",
@@ -369,6 +377,7 @@ def compress(
     skip,
     latency_aware,
     max_error,
+    error_scope,
     method_list,
     latency_batch,
     finetune_epochs,
@@ -478,6 +487,7 @@ def compress(
             method_list.split(","),
             latency_batch,
             criterion=sensitivity if _given("sensitivity") else "layer",
+            scope=error_scope,
             calibration=min(calibration or 64, 64),
             cache_dir=cache_dir,
         )

@@ -297,6 +297,55 @@ def plan_by_latency(
     return plan
 
 
+def plan_by_latency_sum(
+    options: dict[str, LayerOptions], error_budget: float, margin: float = 0.03
+) -> dict[str, Choice | None]:
+    """The least measured time whose per-layer errors *sum* to at most ``error_budget``: a layer
+    that costs the model little may take more error than one that costs it much, where
+    ``plan_by_latency`` lets every layer use the whole budget. Each layer minimises ms + μ·error,
+    μ is bisected to the smallest value that fits, and the slack left is then spent on the moves
+    that save the most ms per unit of error. Candidates within ``margin`` of the dense time are
+    not considered (noise), so dense stays the choice where nothing is clearly faster."""
+    if not error_budget > 0:
+        raise RankdownError(f"error budget must be > 0, got {error_budget}")
+    pool = {
+        n: [o.candidates[0]] + [c for c in o.candidates[1:] if c.ms < o.dense_ms * (1 - margin)]
+        for n, o in options.items()
+    }
+
+    def pick(mu: float) -> dict[str, Candidate]:
+        return {n: min(cs, key=lambda c: (c.ms + mu * c.error, c.error)) for n, cs in pool.items()}
+
+    def spent(choice: dict[str, Candidate]) -> float:
+        return sum(c.error for c in choice.values())
+
+    lo, hi = 0.0, 1e-6
+    while spent(pick(hi)) > error_budget and hi < 1e12:
+        lo, hi = hi, hi * 4
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        if spent(pick(mid)) <= error_budget:
+            hi = mid
+        else:
+            lo = mid
+    choice = pick(hi)
+    while True:  # fill: spend the slack on the best ms saved per error added
+        slack = error_budget - spent(choice)
+        best, best_key = None, None
+        for n, cs in pool.items():
+            for c in cs:
+                dt, de = choice[n].ms - c.ms, c.error - choice[n].error
+                if dt <= 0 or de > slack:
+                    continue
+                key = dt / de if de > 0 else float("inf")
+                if best_key is None or key > best_key:
+                    best, best_key = (n, c), key
+        if best is None:
+            break
+        choice[best[0]] = best[1]
+    return {n: None if c.method is None else Choice(c.method, c.rank) for n, c in choice.items()}
+
+
 def plan_by_macs(options: dict[str, LayerOptions], max_error: float) -> dict[str, Choice | None]:
     """The MAC-only counterpart (what peers do): the fewest MACs within the error budget."""
     plan: dict[str, Choice | None] = {}
@@ -335,10 +384,14 @@ def latency_ranks(
     runs: int = 20,
     guard: bool = True,
     criterion: str = "layer",
+    scope: str = "each",
 ):
     """A LayerRanks policy of per-layer Choices, chosen by measured time (or by MACs, for
-    comparison) under a per-layer error budget (``criterion``: see ``layer_options``). Returns
+    comparison) under an error budget (``criterion``: see ``layer_options``) that bounds each
+    layer's error (``scope="each"``) or their sum (``"sum"``, latency-aware only). Returns
     (policy, options)."""
+    if scope not in ("each", "sum") or (scope == "sum" and mac_only):
+        raise RankdownError(f"error scope must be 'each' or (latency-aware only) 'sum', got {scope!r}")
     from rankdown.api import select_targets
     from rankdown.rank import LayerRanks
 
@@ -362,9 +415,16 @@ def latency_ranks(
         criterion=criterion,
         calibration=calibration,
     )
-    plan = plan_by_macs(options, max_error) if mac_only else plan_by_latency(options, max_error)
+    if mac_only:
+        plan = plan_by_macs(options, max_error)
+    elif scope == "sum":
+        plan = plan_by_latency_sum(options, max_error)
+    else:
+        plan = plan_by_latency(options, max_error)
+    summed = "summed " if scope == "sum" else ""
     src = (
-        f"{'MAC' if mac_only else 'latency'}-aware, {criterion} error <= {max_error:g}, {key.device} batch {key.batch}"
+        f"{'MAC' if mac_only else 'latency'}-aware, {criterion} error {summed}<= {max_error:g}, "
+        f"{key.device} batch {key.batch}"
     )
     return LayerRanks(plan, source=src), options
 

@@ -69,6 +69,7 @@ class LatencyOptions:
     calibration: int = 64
     cache_dir: str | None = None
     criterion: str = "layer"  # whose output max_error is measured on: the layer's own, or the model's
+    scope: str = "each"  # max_error bounds each layer's error, or their sum
 
 
 @dataclass
@@ -221,6 +222,7 @@ def run_compress(
             cache_dir=latency_aware.cache_dir,
             guard=opts.guard,
             criterion=latency_aware.criterion,
+            scope=latency_aware.scope,
         )
         config = dataclasses.replace(config, rank=policy)
     if allocation is not None:
