@@ -24,3 +24,23 @@ def test_readme_opens_with_two_commands_and_ci_runs_the_second():
     assert len(first) == 2
     ci = (README.parent / ".ci/run").read_text()
     assert first[1] in ci
+
+
+def test_readme_command_lines_use_real_options():
+    """Every flag in the README's command-line block is an option of that subcommand (docs that
+    name a renamed or removed flag fail here, not in a user's terminal)."""
+    from rankdown.cli import main
+
+    block = re.search(r"## Command line\n\n```bash\n(.*?)```", README.read_text(), re.S).group(1)
+    checked = 0
+    for line in block.splitlines():
+        words = line.split("#")[0].split()
+        if len(words) < 2 or words[0] != "rankdown":
+            continue
+        command = main.commands.get(words[1])
+        assert command is not None, f"README names an unknown command: {line}"
+        known = {o for p in command.params for o in (*p.opts, *p.secondary_opts)}
+        for flag in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", line.split("#")[0]):
+            assert flag in known, f"README: {flag} is not an option of `rankdown {words[1]}`: {line}"
+            checked += 1
+    assert checked > 30
