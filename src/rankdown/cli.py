@@ -439,6 +439,15 @@ def compress(
 
     if latency_aware and (given or target_macs or target_params or speedup):
         raise click.UsageError("--latency-aware chooses ranks itself: give no other rank policy or budget")
+    latency_only = {
+        "max_error": "--max-error",
+        "error_scope": "--error-scope",
+        "method_list": "--methods",
+        "latency_batch": "--latency-batch",
+    }
+    stray = [flag for param, flag in latency_only.items() if _given(param)]
+    if stray and not latency_aware:
+        raise click.UsageError(f"{', '.join(stray)}: only used with --latency-aware")
     allocation = None
     if target_macs is not None or target_params is not None or speedup is not None:
         from rankdown.allocate import Budget
