@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -32,11 +31,10 @@ from rankdown.bench import environment, model_cost
 from rankdown.data import load_fashion_mnist
 from rankdown.models import BUNDLED
 from rankdown.plan import atomic_write_text
-from rankdown.train import evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_section  # noqa: E402
+from common import test_accuracy, write_section  # noqa: E402
 from fashion_speed import compress_to_target  # noqa: E402
 
 
@@ -60,7 +58,7 @@ def main() -> None:
         dense_macs = model_cost(model, example).macs
 
         def acc(m):
-            return evaluate(m, test.batches(500), total=math.ceil(len(test) / 500))
+            return test_accuracy(m, test)
 
         rows = []
         skip = BUNDLED["fashion-vgg"].default_skip

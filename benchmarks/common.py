@@ -3,10 +3,30 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+from torch import nn
+
+from rankdown.bench import best_latency
 from rankdown.plan import atomic_write_text
+from rankdown.train import evaluate
+
+
+def test_accuracy(model: nn.Module, split) -> float:
+    """Top-1 accuracy on a whole test split, in batches of 500."""
+    return evaluate(model, split.batches(500), total=math.ceil(len(split) / 500))
+
+
+def batch_latencies(model: nn.Module, xs: dict[int, torch.Tensor], runs: int, threads: int = 2) -> dict:
+    """Guarded best-layout latency at each batch size: ``runs`` windows at batch 1, a quarter of
+    them (at least 5) at larger batches, whose single runs are long enough to need fewer."""
+    return {
+        str(b): best_latency(model, x, runs=runs if b == 1 else max(5, runs // 4), threads=threads, guard=True)
+        for b, x in xs.items()
+    }
 
 
 def load_or_run(out: str | Path, from_json: bool, run: Callable[[], dict]) -> dict:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -28,15 +27,15 @@ from pathlib import Path
 import torch
 
 from rankdown import CompressConfig, build_model, compress
-from rankdown.bench import best_latency, count_macs, environment
+from rankdown.bench import count_macs, environment
 from rankdown.metrics import collect
 from rankdown.pipeline import DATASETS
 from rankdown.rank import MacFraction
-from rankdown.train import TrainConfig, evaluate, finetune
+from rankdown.train import TrainConfig, finetune
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
-from common import load_or_run, write_section  # noqa: E402
+from common import batch_latencies, load_or_run, test_accuracy, write_section  # noqa: E402
 
 MODELS = {  # layers factorized, dataset, horizontal flips in fine-tuning
     "fashion-vgg": (("features.3", "features.7", "features.10"), "fashion-mnist", True),
@@ -80,13 +79,10 @@ def run(args) -> dict:
     xs = {b: torch.randn(b, *shape, generator=torch.Generator().manual_seed(0)) for b in (1, 64)}
 
     def acc(m):
-        return evaluate(m, test.batches(500), total=math.ceil(len(test) / 500))
+        return test_accuracy(m, test)
 
     def lat(m):
-        return {
-            str(b): best_latency(m, x, runs=args.runs if b == 1 else max(5, args.runs // 4), threads=2, guard=True)
-            for b, x in xs.items()
-        }
+        return batch_latencies(m, xs, args.runs)
 
     def macs(m):
         return sum(count_macs(m, example).values())

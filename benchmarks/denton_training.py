@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -35,11 +34,11 @@ from rankdown.calibrate import CalibrationConfig, reconstruct
 from rankdown.data import load_fashion_mnist
 from rankdown.progressive import progressive_compress
 from rankdown.rank import MacFraction
-from rankdown.train import TrainConfig, evaluate, finetune
+from rankdown.train import TrainConfig, finetune
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
-from common import load_or_run, write_section  # noqa: E402
+from common import load_or_run, test_accuracy, write_section  # noqa: E402
 
 LAYERS = ("features.3", "features.7", "features.10")
 METHODS = ("channel-svd", "tucker2")
@@ -70,7 +69,7 @@ def run(args) -> dict:
     example = calib[:1]
 
     def acc(m):
-        return evaluate(m.eval(), test.batches(500), total=math.ceil(len(test) / 500))
+        return test_accuracy(m, test)
 
     total = args.steps * len(LAYERS)
     ft_all = TrainConfig(epochs=1, lr=1e-3, max_steps_per_epoch=total, seed=0)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -25,16 +24,15 @@ from pathlib import Path
 import torch
 
 from rankdown import CompressConfig, build_model, compress
-from rankdown.bench import best_latency, environment, model_cost
+from rankdown.bench import environment, model_cost
 from rankdown.data import load_fashion_mnist
 from rankdown.latency import DeviceKey, latency_ranks, plan_by_latency, plan_by_latency_sum, plan_by_macs
 from rankdown.plan import atomic_write_text
 from rankdown.rank import LayerRanks
-from rankdown.train import evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_section  # noqa: E402
+from common import batch_latencies, test_accuracy, write_section  # noqa: E402
 
 LAYERS = ("features.3", "features.7", "features.10", "classifier.2")
 BUDGETS = {
@@ -85,15 +83,10 @@ def main() -> None:
         xs = {b: torch.randn(b, 1, 28, 28, generator=torch.Generator().manual_seed(0)) for b in (1, 64)}
 
         def lat(m):
-            return {
-                str(b): best_latency(
-                    m, x, runs=args.runs if b == 1 else max(5, args.runs // 4), threads=2, guard=True
-                ).median_ms
-                for b, x in xs.items()
-            }
+            return {b: v.median_ms for b, v in batch_latencies(m, xs, args.runs).items()}
 
         dense = {
-            "accuracy": evaluate(model, test.batches(500), total=math.ceil(len(test) / 500)),
+            "accuracy": test_accuracy(model, test),
             "latency": lat(model),
             "macs": model_cost(model, example).macs,
         }
@@ -112,7 +105,7 @@ def main() -> None:
                     "max_error": tau,
                     "plan": how,
                     "choices": {k: None if v is None else [v.method, v.rank] for k, v in plan.items()},
-                    "accuracy": evaluate(res.model, test.batches(500), total=math.ceil(len(test) / 500)),
+                    "accuracy": test_accuracy(res.model, test),
                     "macs": model_cost(res.model, example).macs,
                     "latency": lat(res.model),
                 }
@@ -189,7 +182,10 @@ def write_markdown(result: dict, path: Path) -> None:
         "|---|---:|---|---|---:|---:|---:|",
     ]
     for r in result["rows"]:
-        forms = ", ".join("dense" if v is None else f"{v[0]} {v[1]}" for v in r["choices"].values())
+        forms = ", ".join(
+            "dense" if v is None else f"{v[0]} {tuple(v[1]) if isinstance(v[1], list) else v[1]}"  # JSON lists
+            for v in r["choices"].values()
+        )
         lines.append(
             f"| {r.get('criterion', 'layer')} | {r['max_error']:g} | {r['plan']} | {forms} | "
             f"{100 * r['accuracy']:.2f}% | "

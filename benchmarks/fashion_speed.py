@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -26,11 +25,10 @@ from rankdown.bench import best_latency, environment, model_cost
 from rankdown.data import load_fashion_mnist
 from rankdown.models import BUNDLED
 from rankdown.plan import atomic_write_text
-from rankdown.train import evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_section  # noqa: E402
+from common import test_accuracy, write_section  # noqa: E402
 
 
 def compress_to_target(model, method: str, target: float, example: torch.Tensor):
@@ -73,7 +71,7 @@ def main() -> None:
     test = load_fashion_mnist("test", limit=args.eval_limit)
 
     def acc(m):
-        return evaluate(m, test.batches(500), total=math.ceil(len(test) / 500))
+        return test_accuracy(m, test)
 
     g = torch.Generator().manual_seed(0)
     inputs = {b: torch.randn(b, 1, 28, 28, generator=g) for b in (1, 64)}

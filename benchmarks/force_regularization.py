@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -34,11 +33,11 @@ from rankdown.data import load_fashion_mnist
 from rankdown.decompose import singular_values
 from rankdown.models import BUNDLED
 from rankdown.plan import atomic_write_text
-from rankdown.train import TrainConfig, evaluate, finetune
+from rankdown.train import TrainConfig, finetune
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_section  # noqa: E402
+from common import test_accuracy, write_section  # noqa: E402
 
 ENERGIES = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.99)
 LAYERS = ("features.3", "features.7", "features.10")
@@ -77,7 +76,7 @@ def main() -> None:
         skip = BUNDLED["fashion-vgg"].default_skip
 
         def acc(m):
-            return evaluate(m, test.batches(500), total=math.ceil(len(test) / 500))
+            return test_accuracy(m, test)
 
         runs = []
         for lam in [0.0] + [float(v) for v in args.strengths.split(",")]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -26,15 +25,14 @@ from pathlib import Path
 import torch
 
 from rankdown import CompressConfig, build_model, compress
-from rankdown.bench import best_latency, count_macs, environment
+from rankdown.bench import count_macs, environment
 from rankdown.calibrate import CalibrationConfig, reconstruct
 from rankdown.chars import load_chars
 from rankdown.rank import MacFraction
-from rankdown.train import evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
-from common import load_or_run, write_section  # noqa: E402
+from common import batch_latencies, load_or_run, test_accuracy, write_section  # noqa: E402
 
 LAYERS = ("conv2", "conv3")
 SPEEDUPS = (2.0, 2.5, 3.0, 4.0, 4.5, 6.0)
@@ -66,13 +64,10 @@ def run(args) -> dict:
     xs = {b: torch.rand(b, 1, 24, 24, generator=torch.Generator().manual_seed(0)) for b in (1, 64)}
 
     def acc(m):
-        return evaluate(m, test.batches(500), total=math.ceil(len(test) / 500))
+        return test_accuracy(m, test)
 
     def lat(m):
-        return {
-            str(b): best_latency(m, x, runs=args.runs if b == 1 else max(5, args.runs // 4), threads=2, guard=True)
-            for b, x in xs.items()
-        }
+        return batch_latencies(m, xs, args.runs)
 
     def layer_macs(m):
         macs = count_macs(m, example)

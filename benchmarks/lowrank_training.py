@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -32,11 +31,11 @@ from rankdown.layers import SeparableConv2d
 from rankdown.models import FashionVGG
 from rankdown.plan import atomic_write_text
 from rankdown.surgery import get_module, replace_module
-from rankdown.train import TrainConfig, evaluate, finetune, train_classifier
+from rankdown.train import TrainConfig, finetune, train_classifier
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_section  # noqa: E402
+from common import test_accuracy, write_section  # noqa: E402
 
 LAYERS = ("features.3", "features.7", "features.10")
 
@@ -60,7 +59,7 @@ def main() -> None:
         example = test.images[:1]
 
         def acc(m):
-            return evaluate(m, test.batches(500), total=math.ceil(len(test) / 500))
+            return test_accuracy(m, test)
 
         dense = build_model("fashion-vgg")
         res = compress(dense, CompressConfig("separable", MacFraction(0.5), layers=LAYERS), example)
