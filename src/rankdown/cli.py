@@ -301,7 +301,7 @@ def main() -> None:
 )
 @click.option(
     "--max-error",
-    type=float,
+    type=click.FloatRange(min=0, min_open=True),
     default=0.3,
     show_default=True,
     help="With --latency-aware: largest relative output error allowed per layer (of the layer's own "
