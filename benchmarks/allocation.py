@@ -30,11 +30,10 @@ from rankdown.api import allocate_ranks
 from rankdown.bench import environment, model_cost
 from rankdown.data import load_fashion_mnist
 from rankdown.models import BUNDLED
-from rankdown.plan import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
-from common import test_accuracy, write_section  # noqa: E402
+from common import load_or_run, test_accuracy, write_section  # noqa: E402
 from fashion_speed import compress_to_target  # noqa: E402
 
 
@@ -46,64 +45,65 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/allocation.json"))
     ap.add_argument("--from-json", action="store_true")
     args = ap.parse_args()
-    if args.from_json:
-        result = json.loads(Path(args.out).read_text())
-    else:
-        torch.set_num_threads(2)
-        t0 = time.time()
-        model = build_model("fashion-vgg")
-        test = load_fashion_mnist("test", limit=args.eval_limit)
-        calib = load_fashion_mnist("train", limit=args.calibration).images
-        example = calib[:1]
-        dense_macs = model_cost(model, example).macs
+    result = load_or_run(args.out, args.from_json, lambda: run(args))
+    plot(result, ROOT / "docs/img/allocation.png")
+    write_markdown(result, ROOT / "docs/benchmarks.md")
 
-        def acc(m):
-            return test_accuracy(m, test)
 
-        rows = []
-        skip = BUNDLED["fashion-vgg"].default_skip
-        for method in ("tucker2", "cp"):
-            for target in (2.0, 3.0, 4.0):
-                _, res = compress_to_target(model, method, target, example)
+def run(args) -> dict:
+    torch.set_num_threads(2)
+    t0 = time.time()
+    model = build_model("fashion-vgg")
+    test = load_fashion_mnist("test", limit=args.eval_limit)
+    calib = load_fashion_mnist("train", limit=args.calibration).images
+    example = calib[:1]
+    dense_macs = model_cost(model, example).macs
+
+    def acc(m):
+        return test_accuracy(m, test)
+
+    rows = []
+    skip = BUNDLED["fashion-vgg"].default_skip
+    for method in ("tucker2", "cp"):
+        for target in (2.0, 3.0, 4.0):
+            _, res = compress_to_target(model, method, target, example)
+            rows.append(
+                {
+                    "method": method,
+                    "target": target,
+                    "how": "uniform",
+                    "macs_reduction": dense_macs / model_cost(res.model, example).macs,
+                    "accuracy": acc(res.model),
+                }
+            )
+            for criterion in ("layer", "model"):
+                cfg = CompressConfig(method, skip=skip)
+                policy = allocate_ranks(
+                    model, cfg, calib, Budget(speedup=target), criterion=criterion, cache_dir=args.cache_dir
+                )
+                res = compress(model, dataclasses.replace(cfg, rank=policy), example)
                 rows.append(
                     {
                         "method": method,
                         "target": target,
-                        "how": "uniform",
+                        "how": f"allocated ({criterion})",
                         "macs_reduction": dense_macs / model_cost(res.model, example).macs,
                         "accuracy": acc(res.model),
+                        "ranks": {k: list(v) if isinstance(v, tuple) else v for k, v in policy.ranks.items()},
                     }
                 )
-                for criterion in ("layer", "model"):
-                    cfg = CompressConfig(method, skip=skip)
-                    policy = allocate_ranks(
-                        model, cfg, calib, Budget(speedup=target), criterion=criterion, cache_dir=args.cache_dir
-                    )
-                    res = compress(model, dataclasses.replace(cfg, rank=policy), example)
-                    rows.append(
-                        {
-                            "method": method,
-                            "target": target,
-                            "how": f"allocated ({criterion})",
-                            "macs_reduction": dense_macs / model_cost(res.model, example).macs,
-                            "accuracy": acc(res.model),
-                            "ranks": {k: list(v) if isinstance(v, tuple) else v for k, v in policy.ranks.items()},
-                        }
-                    )
-                for r in rows[-3:]:
-                    print(json.dumps({k: v for k, v in r.items() if k != "ranks"}), flush=True)
-        result = {
-            "command": "python benchmarks/allocation.py " + " ".join(sys.argv[1:]),
-            "environment": environment(),
-            "dense_accuracy": acc(model),
-            "test_examples": len(test),
-            "calibration": args.calibration,
-            "rows": rows,
-            "seconds": time.time() - t0,
-        }
-        atomic_write_text(Path(args.out), json.dumps(result, indent=1) + "\n")
-    plot(result, ROOT / "docs/img/allocation.png")
-    write_markdown(result, ROOT / "docs/benchmarks.md")
+            for r in rows[-3:]:
+                print(json.dumps({k: v for k, v in r.items() if k != "ranks"}), flush=True)
+    result = {
+        "command": "python benchmarks/allocation.py " + " ".join(sys.argv[1:]),
+        "environment": environment(),
+        "dense_accuracy": acc(model),
+        "test_examples": len(test),
+        "calibration": args.calibration,
+        "rows": rows,
+        "seconds": time.time() - t0,
+    }
+    return result
 
 
 def plot(result: dict, path: Path) -> None:

@@ -33,11 +33,10 @@ import torch
 
 from rankdown.bench import LoadGuard, environment
 from rankdown.decompose import cp, tucker2
-from rankdown.plan import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_section  # noqa: E402
+from common import load_or_run, write_section  # noqa: E402
 
 
 def vgg16_convs() -> list[tuple[int, int, int, int]]:
@@ -234,37 +233,38 @@ def main() -> None:
     ap.add_argument("--markdown", default=str(ROOT / "docs/benchmarks.md"))
     ap.add_argument("--from-json", action="store_true", help="only rewrite the markdown from --out")
     args = ap.parse_args()
-    if args.from_json:
-        result = json.loads(Path(args.out).read_text())
-    else:
-        torch.set_num_threads(args.threads)
-        import tensorly
-
-        try:
-            import tltorch
-
-            tlt_version = tltorch.__version__
-        except ImportError:
-            tlt_version = "not installed"
-        nets = {"VGG-16": vgg16_convs(), "ResNet-50": resnet50_convs()}
-        assert len(nets["VGG-16"]) == 13 and len(nets["ResNet-50"]) == 53
-        devices = ["cpu"] if args.device == "cpu" else (["cuda"] if args.device == "cuda" else ["cpu", "cuda"])
-        devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
-        t0 = time.time()
-        rows = [r for d in devices for r in run(d, args.tools.split(","), nets, args.cp_iters)]
-        result = {
-            "command": "python benchmarks/decompose_speed.py " + " ".join(sys.argv[1:]),
-            "environment": environment(),
-            "tensorly": tensorly.__version__,
-            "tltorch": tlt_version,
-            "cp_iters": args.cp_iters,
-            "rows": rows,
-            "summary": summarize(rows, list(nets)),
-            "seconds": time.time() - t0,
-        }
-        atomic_write_text(Path(args.out), json.dumps(result, indent=1) + "\n")
+    result = load_or_run(args.out, args.from_json, lambda: measure(args))
     write_section(Path(args.markdown), "decompose_speed", markdown(result))
     print(markdown(result))
+
+
+def measure(args) -> dict:
+    torch.set_num_threads(args.threads)
+    import tensorly
+
+    try:
+        import tltorch
+
+        tlt_version = tltorch.__version__
+    except ImportError:
+        tlt_version = "not installed"
+    nets = {"VGG-16": vgg16_convs(), "ResNet-50": resnet50_convs()}
+    assert len(nets["VGG-16"]) == 13 and len(nets["ResNet-50"]) == 53
+    devices = ["cpu"] if args.device == "cpu" else (["cuda"] if args.device == "cuda" else ["cpu", "cuda"])
+    devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
+    t0 = time.time()
+    rows = [r for d in devices for r in run(d, args.tools.split(","), nets, args.cp_iters)]
+    result = {
+        "command": "python benchmarks/decompose_speed.py " + " ".join(sys.argv[1:]),
+        "environment": environment(),
+        "tensorly": tensorly.__version__,
+        "tltorch": tlt_version,
+        "cp_iters": args.cp_iters,
+        "rows": rows,
+        "summary": summarize(rows, list(nets)),
+        "seconds": time.time() - t0,
+    }
+    return result
 
 
 if __name__ == "__main__":

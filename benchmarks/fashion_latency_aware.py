@@ -27,12 +27,11 @@ from rankdown import CompressConfig, build_model, compress
 from rankdown.bench import environment, model_cost
 from rankdown.data import load_fashion_mnist
 from rankdown.latency import DeviceKey, latency_ranks, plan_by_latency, plan_by_latency_sum, plan_by_macs
-from rankdown.plan import atomic_write_text
 from rankdown.rank import LayerRanks
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
-from common import batch_latencies, test_accuracy, write_section  # noqa: E402
+from common import batch_latencies, load_or_run, test_accuracy, write_section  # noqa: E402
 
 LAYERS = ("features.3", "features.7", "features.10", "classifier.2")
 BUDGETS = {
@@ -54,78 +53,79 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/fashion_latency_aware.json"))
     ap.add_argument("--from-json", action="store_true")
     args = ap.parse_args()
-    if args.from_json:
-        result = json.loads(Path(args.out).read_text())
-    else:
-        torch.set_num_threads(2)
-        t0 = time.time()
-        model = build_model("fashion-vgg")
-        test = load_fashion_mnist("test", limit=args.eval_limit)
-        calib = load_fashion_mnist("train", limit=64).images
-        example = calib[:1]
-        cfg = CompressConfig("tucker2", layers=LAYERS)
-        key = DeviceKey.current("cpu", batch=1, threads=2)
-        criteria = args.criteria.split(",")
-        options = {
-            c: latency_ranks(
-                model,
-                cfg,
-                calib,
-                key,
-                max_error=1.0,
-                methods=["tucker2", "channel-svd", "separable", "cp", "svd"],
-                criterion=c,
-            )[1]
-            for c in ("layer", "model")
-            if any(k.startswith(c) for k in criteria)
-        }
-        options["model-sum"] = options.get("model")
-        xs = {b: torch.randn(b, 1, 28, 28, generator=torch.Generator().manual_seed(0)) for b in (1, 64)}
-
-        def lat(m):
-            return {b: v.median_ms for b, v in batch_latencies(m, xs, args.runs).items()}
-
-        dense = {
-            "accuracy": test_accuracy(model, test),
-            "latency": lat(model),
-            "macs": model_cost(model, example).macs,
-        }
-        rows = []
-        for crit, tau in ((c, t) for c in criteria for t in BUDGETS[c]):
-            planners = (
-                (("latency-aware", plan_by_latency_sum),)
-                if crit == "model-sum"
-                else (("latency-aware", plan_by_latency), ("MAC-only", plan_by_macs))
-            )
-            for how, planner in planners:
-                plan = planner(options[crit], tau)
-                res = compress(model, CompressConfig("tucker2", LayerRanks(plan, how), layers=LAYERS), example)
-                row = {
-                    "criterion": crit,
-                    "max_error": tau,
-                    "plan": how,
-                    "choices": {k: None if v is None else [v.method, v.rank] for k, v in plan.items()},
-                    "accuracy": test_accuracy(res.model, test),
-                    "macs": model_cost(res.model, example).macs,
-                    "latency": lat(res.model),
-                }
-                row["speedup"] = {b: dense["latency"][b] / row["latency"][b] for b in row["latency"]}
-                rows.append(row)
-                print(
-                    json.dumps({k: row[k] for k in ("criterion", "max_error", "plan", "accuracy", "speedup")}),
-                    flush=True,
-                )
-        result = {
-            "command": "python benchmarks/fashion_latency_aware.py " + " ".join(sys.argv[1:]),
-            "environment": environment(),
-            "dense": dense,
-            "rows": rows,
-            "test_examples": len(test),
-            "seconds": time.time() - t0,
-        }
-        atomic_write_text(Path(args.out), json.dumps(result, indent=1, default=str) + "\n")
+    result = load_or_run(args.out, args.from_json, lambda: run(args))
     plot(result, ROOT / "docs/img/fashion_latency_aware.png")
     write_markdown(result, ROOT / "docs/benchmarks.md")
+
+
+def run(args) -> dict:
+    torch.set_num_threads(2)
+    t0 = time.time()
+    model = build_model("fashion-vgg")
+    test = load_fashion_mnist("test", limit=args.eval_limit)
+    calib = load_fashion_mnist("train", limit=64).images
+    example = calib[:1]
+    cfg = CompressConfig("tucker2", layers=LAYERS)
+    key = DeviceKey.current("cpu", batch=1, threads=2)
+    criteria = args.criteria.split(",")
+    options = {
+        c: latency_ranks(
+            model,
+            cfg,
+            calib,
+            key,
+            max_error=1.0,
+            methods=["tucker2", "channel-svd", "separable", "cp", "svd"],
+            criterion=c,
+        )[1]
+        for c in ("layer", "model")
+        if any(k.startswith(c) for k in criteria)
+    }
+    options["model-sum"] = options.get("model")
+    xs = {b: torch.randn(b, 1, 28, 28, generator=torch.Generator().manual_seed(0)) for b in (1, 64)}
+
+    def lat(m):
+        return {b: v.median_ms for b, v in batch_latencies(m, xs, args.runs).items()}
+
+    dense = {
+        "accuracy": test_accuracy(model, test),
+        "latency": lat(model),
+        "macs": model_cost(model, example).macs,
+    }
+    rows = []
+    for crit, tau in ((c, t) for c in criteria for t in BUDGETS[c]):
+        planners = (
+            (("latency-aware", plan_by_latency_sum),)
+            if crit == "model-sum"
+            else (("latency-aware", plan_by_latency), ("MAC-only", plan_by_macs))
+        )
+        for how, planner in planners:
+            plan = planner(options[crit], tau)
+            res = compress(model, CompressConfig("tucker2", LayerRanks(plan, how), layers=LAYERS), example)
+            row = {
+                "criterion": crit,
+                "max_error": tau,
+                "plan": how,
+                "choices": {k: None if v is None else [v.method, v.rank] for k, v in plan.items()},
+                "accuracy": test_accuracy(res.model, test),
+                "macs": model_cost(res.model, example).macs,
+                "latency": lat(res.model),
+            }
+            row["speedup"] = {b: dense["latency"][b] / row["latency"][b] for b in row["latency"]}
+            rows.append(row)
+            print(
+                json.dumps({k: row[k] for k in ("criterion", "max_error", "plan", "accuracy", "speedup")}),
+                flush=True,
+            )
+    result = {
+        "command": "python benchmarks/fashion_latency_aware.py " + " ".join(sys.argv[1:]),
+        "environment": environment(),
+        "dense": dense,
+        "rows": rows,
+        "test_examples": len(test),
+        "seconds": time.time() - t0,
+    }
+    return result
 
 
 def plot(result: dict, path: Path) -> None:

@@ -32,13 +32,12 @@ from rankdown import CompressConfig, MacFraction, compress
 from rankdown.bench import best_latency, environment, model_cost
 from rankdown.deploy import deploy
 from rankdown.latency import DeviceKey, LatencyTable, cuda_latency, plan_for_mac_budget, predicted_ms, timing_options
-from rankdown.plan import atomic_write_text
 from rankdown.rank import LayerRanks
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
 import zoo  # noqa: E402
-from common import write_section  # noqa: E402
+from common import load_or_run, write_section  # noqa: E402
 
 METHODS = ["tucker2", "channel-svd", "separable", "cp"]
 
@@ -88,87 +87,88 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/latency_plans.json"))
     ap.add_argument("--from-json", action="store_true")
     args = ap.parse_args()
-    if args.from_json:
-        result = json.loads(Path(args.out).read_text())
-    else:
-        torch.set_num_threads(2)
-        t0 = time.time()
-        rows = []
-        for net in args.nets.split(","):
-            torch.manual_seed(0)
-            model = getattr(zoo, net)().eval()
-            stem = "features.0" if net == "vgg16" else "conv1"
-            targets = targets_of(model, stem)
-            example = torch.zeros(1, 3, 224, 224)
-            x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-            dense_cost = model_cost(model, example).macs
-            dense_lats = {"as built": e2e(model, x, args.device, args.runs)}
-            dense_lats["deployed"] = e2e(deployed(model), x, args.device, args.runs)
-            dense_lat = min(dense_lats.values(), key=lambda d: d["median_ms"])
-            dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-            key = DeviceKey.current(args.device, dtype, 1, 2, channels_last=True)
-            table = LatencyTable(key, args.cache_dir, runs=10)
-            options = timing_options(model, targets, example, table, METHODS)
-            fixed = dense_cost - sum(o.candidates[0].macs for o in options.values())
-            for target in (float(t) for t in args.targets.split(",")):
-                naive = uniform_tucker(model, targets, target, example)
-                plan = plan_for_mac_budget(options, dense_cost / target - fixed)
-                aware = compress(
-                    model, CompressConfig("tucker2", LayerRanks(plan, "latency"), layers=tuple(targets)), example
-                )
-                for how, res in (("MAC-only (uniform Tucker-2)", naive), ("latency-aware", aware)):
-                    lat = e2e(res.model, x, args.device, args.runs)
-                    dep = e2e(deployed(res.model), x, args.device, args.runs)
-                    theo = dense_cost / model_cost(res.model, example).macs
-                    row = {
-                        "net": net,
-                        "target": target,
-                        "plan": how,
-                        "theoretical": theo,
-                        "dense_ms": dense_lat["median_ms"],
-                        "ms": lat["median_ms"],
-                        "speedup": dense_lat["median_ms"] / lat["median_ms"],
-                        "latency": lat,
-                        "dense_latency": dense_lats,
-                        "deployed_ms": dep["median_ms"],
-                        "deployed_speedup": dense_lat["median_ms"] / dep["median_ms"],
-                        "methods": sorted({r.method for r in res.layers if r.method}),
-                        "dense_layers": sum(1 for r in res.layers if not r.method),
-                    }
-                    row["ratio"] = row["speedup"] / theo
-                    row["deployed_ratio"] = row["deployed_speedup"] / theo
-                    if how == "latency-aware":
-                        row["predicted_layer_ms"] = predicted_ms(options, plan)
-                        row["choices"] = {k: dataclasses.asdict(v) if v else None for k, v in plan.items()}
-                    rows.append(row)
-                    print(
-                        json.dumps(
-                            {
-                                k: row[k]
-                                for k in (
-                                    "net",
-                                    "target",
-                                    "plan",
-                                    "theoretical",
-                                    "dense_ms",
-                                    "ms",
-                                    "deployed_ms",
-                                    "ratio",
-                                    "deployed_ratio",
-                                )
-                            }
-                        ),
-                        flush=True,
-                    )
-        result = {
-            "command": "python benchmarks/latency_plans.py " + " ".join(sys.argv[1:]),
-            "environment": environment(),
-            "device": args.device,
-            "rows": rows,
-            "seconds": time.time() - t0,
-        }
-        atomic_write_text(Path(args.out), json.dumps(result, indent=1, default=str) + "\n")
+    result = load_or_run(args.out, args.from_json, lambda: run(args))
     write_markdown(result, ROOT / "docs/benchmarks.md")
+
+
+def run(args) -> dict:
+    torch.set_num_threads(2)
+    t0 = time.time()
+    rows = []
+    for net in args.nets.split(","):
+        torch.manual_seed(0)
+        model = getattr(zoo, net)().eval()
+        stem = "features.0" if net == "vgg16" else "conv1"
+        targets = targets_of(model, stem)
+        example = torch.zeros(1, 3, 224, 224)
+        x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+        dense_cost = model_cost(model, example).macs
+        dense_lats = {"as built": e2e(model, x, args.device, args.runs)}
+        dense_lats["deployed"] = e2e(deployed(model), x, args.device, args.runs)
+        dense_lat = min(dense_lats.values(), key=lambda d: d["median_ms"])
+        dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+        key = DeviceKey.current(args.device, dtype, 1, 2, channels_last=True)
+        table = LatencyTable(key, args.cache_dir, runs=10)
+        options = timing_options(model, targets, example, table, METHODS)
+        fixed = dense_cost - sum(o.candidates[0].macs for o in options.values())
+        for target in (float(t) for t in args.targets.split(",")):
+            naive = uniform_tucker(model, targets, target, example)
+            plan = plan_for_mac_budget(options, dense_cost / target - fixed)
+            aware = compress(
+                model, CompressConfig("tucker2", LayerRanks(plan, "latency"), layers=tuple(targets)), example
+            )
+            for how, res in (("MAC-only (uniform Tucker-2)", naive), ("latency-aware", aware)):
+                lat = e2e(res.model, x, args.device, args.runs)
+                dep = e2e(deployed(res.model), x, args.device, args.runs)
+                theo = dense_cost / model_cost(res.model, example).macs
+                row = {
+                    "net": net,
+                    "target": target,
+                    "plan": how,
+                    "theoretical": theo,
+                    "dense_ms": dense_lat["median_ms"],
+                    "ms": lat["median_ms"],
+                    "speedup": dense_lat["median_ms"] / lat["median_ms"],
+                    "latency": lat,
+                    "dense_latency": dense_lats,
+                    "deployed_ms": dep["median_ms"],
+                    "deployed_speedup": dense_lat["median_ms"] / dep["median_ms"],
+                    "methods": sorted({r.method for r in res.layers if r.method}),
+                    "dense_layers": sum(1 for r in res.layers if not r.method),
+                }
+                row["ratio"] = row["speedup"] / theo
+                row["deployed_ratio"] = row["deployed_speedup"] / theo
+                if how == "latency-aware":
+                    row["predicted_layer_ms"] = predicted_ms(options, plan)
+                    row["choices"] = {k: dataclasses.asdict(v) if v else None for k, v in plan.items()}
+                rows.append(row)
+                print(
+                    json.dumps(
+                        {
+                            k: row[k]
+                            for k in (
+                                "net",
+                                "target",
+                                "plan",
+                                "theoretical",
+                                "dense_ms",
+                                "ms",
+                                "deployed_ms",
+                                "ratio",
+                                "deployed_ratio",
+                            )
+                        }
+                    ),
+                    flush=True,
+                )
+    result = {
+        "command": "python benchmarks/latency_plans.py " + " ".join(sys.argv[1:]),
+        "environment": environment(),
+        "device": args.device,
+        "rows": rows,
+        "seconds": time.time() - t0,
+    }
+    return result
 
 
 def write_markdown(result: dict, path: Path) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -29,13 +28,12 @@ from rankdown.bench import environment, model_cost
 from rankdown.data import load_fashion_mnist
 from rankdown.layers import SeparableConv2d
 from rankdown.models import FashionVGG
-from rankdown.plan import atomic_write_text
 from rankdown.surgery import get_module, replace_module
 from rankdown.train import TrainConfig, finetune, train_classifier
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
-from common import test_accuracy, write_section  # noqa: E402
+from common import load_or_run, test_accuracy, write_section  # noqa: E402
 
 LAYERS = ("features.3", "features.7", "features.10")
 
@@ -49,63 +47,62 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/lowrank_training.json"))
     ap.add_argument("--from-json", action="store_true")
     args = ap.parse_args()
-    if args.from_json:
-        result = json.loads(Path(args.out).read_text())
-    else:
-        torch.set_num_threads(2)
-        t0 = time.time()
-        train = load_fashion_mnist("train", limit=args.train_limit)
-        test = load_fashion_mnist("test", limit=args.eval_limit)
-        example = test.images[:1]
-
-        def acc(m):
-            return test_accuracy(m, test)
-
-        dense = build_model("fashion-vgg")
-        res = compress(dense, CompressConfig("separable", MacFraction(0.5), layers=LAYERS), example)
-        ranks = {r.name: r.rank for r in res.layers if r.method}
-        decomposed = res.model
-        acc_decomposed = acc(decomposed)
-        t1 = time.time()
-        ft_history = finetune(decomposed, train, TrainConfig(epochs=args.finetune_epochs, lr=1e-3))
-        ft_seconds = time.time() - t1
-        acc_finetuned = acc(decomposed)
-
-        torch.manual_seed(0)
-        scratch = FashionVGG()
-        for name in LAYERS:
-            replace_module(
-                scratch, name, SeparableConv2d.build(get_module(scratch, name), ranks[name], batch_norm=True)
-            )
-        t1 = time.time()
-        sc_history = train_classifier(scratch, train, epochs=args.scratch_epochs, seed=0, test_split=None)
-        sc_seconds = time.time() - t1
-        acc_scratch = acc(scratch.eval())
-        macs = {
-            "dense": model_cost(dense, example).macs,
-            "decomposed": model_cost(decomposed, example).macs,
-            "scratch": model_cost(copy.deepcopy(scratch), example).macs,
-        }
-        result = {
-            "command": "python benchmarks/lowrank_training.py " + " ".join(sys.argv[1:]),
-            "environment": environment(),
-            "ranks": ranks,
-            "macs": macs,
-            "test_examples": len(test),
-            "dense_accuracy": acc(dense),
-            "decomposed_accuracy": acc_decomposed,
-            "finetuned_accuracy": acc_finetuned,
-            "finetune_epochs": args.finetune_epochs,
-            "finetune_seconds": ft_seconds,
-            "finetune_history": ft_history,
-            "scratch_accuracy": acc_scratch,
-            "scratch_epochs": args.scratch_epochs,
-            "scratch_seconds": sc_seconds,
-            "scratch_history": sc_history,
-            "seconds": time.time() - t0,
-        }
-        atomic_write_text(Path(args.out), json.dumps(result, indent=1) + "\n")
+    result = load_or_run(args.out, args.from_json, lambda: run(args))
     write_markdown(result, ROOT / "docs/training.md")
+
+
+def run(args) -> dict:
+    torch.set_num_threads(2)
+    t0 = time.time()
+    train = load_fashion_mnist("train", limit=args.train_limit)
+    test = load_fashion_mnist("test", limit=args.eval_limit)
+    example = test.images[:1]
+
+    def acc(m):
+        return test_accuracy(m, test)
+
+    dense = build_model("fashion-vgg")
+    res = compress(dense, CompressConfig("separable", MacFraction(0.5), layers=LAYERS), example)
+    ranks = {r.name: r.rank for r in res.layers if r.method}
+    decomposed = res.model
+    acc_decomposed = acc(decomposed)
+    t1 = time.time()
+    ft_history = finetune(decomposed, train, TrainConfig(epochs=args.finetune_epochs, lr=1e-3))
+    ft_seconds = time.time() - t1
+    acc_finetuned = acc(decomposed)
+
+    torch.manual_seed(0)
+    scratch = FashionVGG()
+    for name in LAYERS:
+        replace_module(scratch, name, SeparableConv2d.build(get_module(scratch, name), ranks[name], batch_norm=True))
+    t1 = time.time()
+    sc_history = train_classifier(scratch, train, epochs=args.scratch_epochs, seed=0, test_split=None)
+    sc_seconds = time.time() - t1
+    acc_scratch = acc(scratch.eval())
+    macs = {
+        "dense": model_cost(dense, example).macs,
+        "decomposed": model_cost(decomposed, example).macs,
+        "scratch": model_cost(copy.deepcopy(scratch), example).macs,
+    }
+    result = {
+        "command": "python benchmarks/lowrank_training.py " + " ".join(sys.argv[1:]),
+        "environment": environment(),
+        "ranks": ranks,
+        "macs": macs,
+        "test_examples": len(test),
+        "dense_accuracy": acc(dense),
+        "decomposed_accuracy": acc_decomposed,
+        "finetuned_accuracy": acc_finetuned,
+        "finetune_epochs": args.finetune_epochs,
+        "finetune_seconds": ft_seconds,
+        "finetune_history": ft_history,
+        "scratch_accuracy": acc_scratch,
+        "scratch_epochs": args.scratch_epochs,
+        "scratch_seconds": sc_seconds,
+        "scratch_history": sc_history,
+        "seconds": time.time() - t0,
+    }
+    return result
 
 
 def write_markdown(r: dict, path: Path) -> None:
