@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -297,6 +298,22 @@ def plan_by_latency(
     return plan
 
 
+def _flip(holds: Callable[[float], bool], start: float, cap: float = 1e12) -> tuple[float, float]:
+    """(lo, hi) around the multiplier where ``holds`` (true at 0, monotone) turns false: hi grows
+    ×4 from ``start`` until it does (or reaches ``cap``), then 80 halvings. The Lagrangian planners
+    take lo (the last value that fits) or hi (the first), depending on which side fits."""
+    lo, hi = 0.0, start
+    while holds(hi) and hi < cap:
+        lo, hi = hi, hi * 4
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        if holds(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo, hi
+
+
 def plan_by_latency_sum(
     options: dict[str, LayerOptions], error_budget: float, margin: float = 0.03
 ) -> dict[str, Choice | None]:
@@ -319,15 +336,7 @@ def plan_by_latency_sum(
     def spent(choice: dict[str, Candidate]) -> float:
         return sum(c.error for c in choice.values())
 
-    lo, hi = 0.0, 1e-6
-    while spent(pick(hi)) > error_budget and hi < 1e12:
-        lo, hi = hi, hi * 4
-    for _ in range(80):
-        mid = (lo + hi) / 2
-        if spent(pick(mid)) <= error_budget:
-            hi = mid
-        else:
-            lo = mid
+    _, hi = _flip(lambda mu: spent(pick(mu)) > error_budget, 1e-6)
     choice = pick(hi)
     while True:  # fill: spend the slack on the best ms saved per error added
         slack = error_budget - spent(choice)
@@ -444,17 +453,7 @@ def plan_for_mac_budget(options: dict[str, LayerOptions], budget_macs: float) ->
 
     if macs(pick(0.0)) > budget_macs:
         raise RankdownError("MAC budget unreachable with the measured candidates")
-    lo, hi = 0.0, 1e-9
-    while macs(pick(hi)) <= budget_macs:
-        lo, hi = hi, hi * 4
-        if hi > 1e12:
-            break
-    for _ in range(80):
-        mid = (lo + hi) / 2
-        if macs(pick(mid)) <= budget_macs:
-            lo = mid
-        else:
-            hi = mid
+    lo, _ = _flip(lambda lam: macs(pick(lam)) <= budget_macs, 1e-9)
     choice = pick(lo)
     # Fill: the relaxation's plan can sit well under the budget (the candidates are discrete, and
     # one λ serves every layer). Spend the slack, one upgrade at a time, on the move that keeps the
