@@ -314,6 +314,28 @@ def _flip(holds: Callable[[float], bool], start: float, cap: float = 1e12) -> tu
     return lo, hi
 
 
+def _fill(
+    choice: dict[str, Candidate],
+    pool: dict[str, list[Candidate]],
+    slack: Callable[[dict[str, Candidate]], float],
+    gain: Callable[[Candidate, Candidate, float], object],
+) -> dict[str, Choice | None]:
+    """After a Lagrangian plan: repeat the single-layer move with the highest ``gain`` (None: not
+    allowed within the slack left) until none is left; then the plan as Choices."""
+    while True:
+        left = slack(choice)
+        best, best_key = None, None
+        for n, cs in pool.items():
+            for c in cs:
+                key = gain(choice[n], c, left)
+                if key is not None and (best_key is None or key > best_key):
+                    best, best_key = (n, c), key
+        if best is None:
+            break
+        choice[best[0]] = best[1]
+    return {n: None if c.method is None else Choice(c.method, c.rank) for n, c in choice.items()}
+
+
 def plan_by_latency_sum(
     options: dict[str, LayerOptions], error_budget: float, margin: float = 0.03
 ) -> dict[str, Choice | None]:
@@ -338,21 +360,14 @@ def plan_by_latency_sum(
 
     _, hi = _flip(lambda mu: spent(pick(mu)) > error_budget, 1e-6)
     choice = pick(hi)
-    while True:  # fill: spend the slack on the best ms saved per error added
-        slack = error_budget - spent(choice)
-        best, best_key = None, None
-        for n, cs in pool.items():
-            for c in cs:
-                dt, de = choice[n].ms - c.ms, c.error - choice[n].error
-                if dt <= 0 or de > slack:
-                    continue
-                key = dt / de if de > 0 else float("inf")
-                if best_key is None or key > best_key:
-                    best, best_key = (n, c), key
-        if best is None:
-            break
-        choice[best[0]] = best[1]
-    return {n: None if c.method is None else Choice(c.method, c.rank) for n, c in choice.items()}
+
+    def gain(current: Candidate, c: Candidate, slack: float):  # ms saved per error added
+        dt, de = current.ms - c.ms, c.error - current.error
+        if dt <= 0 or de > slack:
+            return None
+        return dt / de if de > 0 else float("inf")
+
+    return _fill(choice, pool, lambda ch: error_budget - spent(ch), gain)
 
 
 def plan_by_macs(options: dict[str, LayerOptions], max_error: float) -> dict[str, Choice | None]:
@@ -458,21 +473,14 @@ def plan_for_mac_budget(options: dict[str, LayerOptions], budget_macs: float) ->
     # Fill: the relaxation's plan can sit well under the budget (the candidates are discrete, and
     # one λ serves every layer). Spend the slack, one upgrade at a time, on the move that keeps the
     # most MACs per millisecond it adds (free ones first).
-    while True:
-        slack = budget_macs - macs(choice)
-        best, best_key = None, None
-        for n, o in options.items():
-            for c in o.candidates:
-                dm, dt = c.macs - choice[n].macs, c.ms - choice[n].ms
-                if dm <= 0 or dm > slack:
-                    continue
-                key = (dt <= 0, dm / dt if dt > 0 else dm)
-                if best_key is None or key > best_key:
-                    best, best_key = (n, c), key
-        if best is None:
-            break
-        choice[best[0]] = best[1]
-    return {n: None if c.method is None else Choice(c.method, c.rank) for n, c in choice.items()}
+
+    def gain(current: Candidate, c: Candidate, slack: float):
+        dm, dt = c.macs - current.macs, c.ms - current.ms
+        if dm <= 0 or dm > slack:
+            return None
+        return (dt <= 0, dm / dt if dt > 0 else dm)
+
+    return _fill(choice, {n: o.candidates for n, o in options.items()}, lambda ch: budget_macs - macs(ch), gain)
 
 
 def timing_options(
