@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from rankdown.bench import best_latency
-from rankdown.plan import atomic_write_text
+from rankdown.storage import atomic_write_text
 from rankdown.train import evaluate
 
 

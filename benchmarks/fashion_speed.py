@@ -24,7 +24,7 @@ from rankdown import CompressConfig, MacFraction, build_model, compress
 from rankdown.bench import best_latency, environment, model_cost
 from rankdown.data import load_fashion_mnist
 from rankdown.models import BUNDLED
-from rankdown.plan import atomic_write_text
+from rankdown.storage import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))

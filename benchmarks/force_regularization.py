@@ -32,7 +32,7 @@ from rankdown.bench import environment, model_cost
 from rankdown.data import load_fashion_mnist
 from rankdown.decompose import singular_values
 from rankdown.models import BUNDLED
-from rankdown.plan import atomic_write_text
+from rankdown.storage import atomic_write_text
 from rankdown.train import TrainConfig, finetune
 
 ROOT = Path(__file__).resolve().parent.parent

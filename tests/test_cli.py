@@ -65,7 +65,10 @@ def test_compress_user_model_then_eval(tmp_path):
     assert {r["name"] for r in report["layers"] if r["method"]} >= {"features.3", "classifier.1"}
     assert report["latency"]["batch_4"]["speedup"] > 0 and report["accuracy"] is None
     assert report["environment"]["torch"]
-    p = cli(["eval", str(out), "--json", str(tmp_path / "again.json"), *FAST], tmp_path)
+    # A saved folder never chooses code to run: the factory is named by the user.
+    p = cli(["eval", str(out), *FAST], tmp_path)
+    assert p.returncode == 2 and "pass --model nets:tiny_vgg" in p.stderr
+    p = cli(["eval", str(out), "--model", "nets:tiny_vgg", "--json", str(tmp_path / "again.json"), *FAST], tmp_path)
     assert p.returncode == 0, p.stderr
     again = json.loads((tmp_path / "again.json").read_text())
     assert again["totals"] == report["totals"]
@@ -162,9 +165,15 @@ def test_non_empty_output_needs_force(tmp_path):
     p = cli(base, tmp_path)
     assert p.returncode == 2 and "not empty" in p.stderr and "--force" in p.stderr
     assert [f.name for f in out.iterdir()] == ["keep.txt"]
-    p = cli([*base, "--force"], tmp_path)
+    p = cli([*base, "--force"], tmp_path)  # not rankdown's folder: --force does not delete it
+    assert p.returncode == 2 and "not a rankdown output (it holds keep.txt)" in p.stderr
+    assert [f.name for f in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    assert cli(base, tmp_path).returncode == 0
+    p = cli([*base, "--force"], tmp_path)  # rankdown's own output: replaced
     assert p.returncode == 0, p.stderr
     assert sorted(f.name for f in out.iterdir()) == ["model.safetensors", "plan.json", "report.json"]
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["out"]
 
 
 def test_user_weights_and_eval_of_broken_folder(tmp_path):
@@ -196,7 +205,7 @@ def test_user_weights_and_eval_of_broken_folder(tmp_path):
     assert p.returncode == 0, p.stderr
     assert json.loads((out / "plan.json").read_text())["meta"]["source_weights"].endswith("w.safetensors")
     (out / "model.safetensors").write_bytes(b"corrupt")
-    p = cli(["eval", str(out), "--no-latency", "-q"], tmp_path)
+    p = cli(["eval", str(out), "--model", "nets:tiny_vgg", "--no-latency", "-q"], tmp_path)
     assert p.returncode == 2 and "could not be read" in p.stderr
     p = cli(["eval", str(tmp_path), "--no-latency", "-q"], tmp_path)
     assert p.returncode == 2 and "no plan.json" in p.stderr
@@ -435,6 +444,8 @@ def test_bench_and_latency_aware_compress(tmp_path):
         [
             "bench",
             str(out),
+            "--model",
+            "nets:tiny_vgg",
             "--per-layer",
             "--fold-bn",
             "--runs",

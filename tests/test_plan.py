@@ -76,6 +76,12 @@ def test_non_empty_output_is_not_overwritten_without_force(tmp_path, compressed)
         save_compressed(out, compressed.model, compressed.plan)
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temp folders left
+    # --force replaces only what rankdown wrote: a folder holding a user's file is refused.
+    with pytest.raises(OutputExistsError, match="not a rankdown output.*mine.txt"):
+        save_compressed(out, compressed.model, compressed.plan, force=True)
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    (out / "mine.txt").unlink()
+    save_compressed(out, compressed.model, compressed.plan)
     save_compressed(out, compressed.model, compressed.plan, force=True)
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "plan.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,8 +27,10 @@ from rankdown import __version__
 from rankdown.bench import Cost, count_macs, n_params
 from rankdown.errors import RankdownError
 from rankdown.methods import Method, Rank
+from rankdown.probe import primary_output
 from rankdown.progress import progress
 from rankdown.rank import candidate_cost
+from rankdown.storage import atomic_write_text, default_cache_dir
 from rankdown.surgery import get_module, swapped
 
 
@@ -107,13 +108,6 @@ def fingerprint(model: nn.Module, calib: torch.Tensor, settings: dict) -> str:
     return h.hexdigest()[:24]
 
 
-def default_cache_dir() -> Path:
-    base = os.environ.get("RANKDOWN_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "rankdown"
-    )
-    return Path(base)
-
-
 def sensitivity(
     model: nn.Module,
     targets: dict[str, Method],
@@ -154,7 +148,7 @@ def sensitivity(
 
         handles.append(get_module(model, fqn).register_forward_pre_hook(hook))
     with torch.no_grad():
-        reference = model(calib)
+        reference = primary_output(model(calib))
     for h in handles:
         h.remove()
     per_example = {k: v[:1].to("meta") for k, v in inputs.items()}
@@ -178,13 +172,11 @@ def sensitivity(
                     err = relative_error(fact.module(inputs[fqn]), dense_out)
                 else:
                     with swapped(model, fqn, fact.module):
-                        err = relative_error(model(calib), reference)
+                        err = relative_error(primary_output(model(calib)), reference)
             curve.options.append(Option(rank, cost.params, cost.macs, err))
         curve.options.append(Option(None, dense_cost.params, dense_cost.macs, 0.0))
         curves[fqn] = curve
     path.parent.mkdir(parents=True, exist_ok=True)
-    from rankdown.plan import atomic_write_text
-
     atomic_write_text(path, json.dumps({"key": key, "curves": _dump_curves(curves)}, indent=1))
     return curves
 

@@ -13,7 +13,7 @@ from rankdown import decompose
 from rankdown.allocate import sensitivity
 from rankdown.api import CompressConfig, _handler, select_targets
 from rankdown.bench import count_macs
-from rankdown.plan import _atomic_write_dir
+from rankdown.storage import atomic_write_dir
 from rankdown.surgery import record_inputs
 
 
@@ -134,7 +134,7 @@ def save_analysis(result: dict, out: str | Path, *, force: bool = False) -> Path
         (tmp / "analysis.json").write_text(json.dumps(result, indent=1) + "\n")
         plot_analysis(result, tmp)
 
-    _atomic_write_dir(Path(out), write, force)
+    atomic_write_dir(Path(out), write, force)
     return Path(out)
 
 

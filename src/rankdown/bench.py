@@ -271,10 +271,11 @@ def compare_latency(
     seed: int = 0,
 ) -> dict[str, dict]:
     """Latency of both models per batch size, each in its fastest memory layout; speedup = dense/compressed."""
+    from rankdown.probe import example_input
+
     out: dict[str, dict] = {}
-    g = torch.Generator().manual_seed(seed)
     for b in batch_sizes:
-        x = torch.randn((b, *input_shape), generator=g)
+        x = example_input(compressed, input_shape, b, random=True, seed=seed + b)
         # Fewer repeats at large batch: each call is long enough to time on its own.
         n = max(5, runs // 3) if b > 8 else runs
         row: dict = {"batch": b, "runs": n}

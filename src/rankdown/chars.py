@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from rankdown.data import DataError, Split
-from rankdown.plan import atomic_write_bytes
+from rankdown.storage import atomic_write_bytes
 
 CLASSES = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 SIZE = 24
@@ -201,7 +201,7 @@ def render(split: str, n: int, seed: int = 0, fonts: list[Font] | None = None, w
 
 
 def cache_dir() -> Path:
-    from rankdown.allocate import default_cache_dir  # one cache root for everything rankdown keeps
+    from rankdown.storage import default_cache_dir  # one cache root for everything rankdown keeps
 
     return default_cache_dir() / "chars"
 

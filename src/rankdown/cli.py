@@ -3,12 +3,79 @@
 from __future__ import annotations
 
 import json
+import math
+import os
+import re
 import sys
 
 import click
 import torch
 
 from rankdown.errors import RankdownError
+
+
+class Finite(click.ParamType):
+    """A finite float (NaN and ±inf refused) within optional bounds: click's FloatRange lets NaN
+    through every bound, and inf through an open one."""
+
+    name = "float"
+
+    def __init__(self, low: float | None = None, high: float | None = None, *, low_open: bool = False) -> None:
+        self.low, self.high, self.low_open = low, high, low_open
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float):
+            v = value
+        else:
+            try:
+                v = float(value)
+            except (TypeError, ValueError):
+                self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(v):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        if self.low is not None and (v < self.low or (self.low_open and v == self.low)):
+            self.fail(f"{v:g} must be {'>' if self.low_open else '>='} {self.low:g}", param, ctx)
+        if self.high is not None and v > self.high:
+            self.fail(f"{v:g} must be <= {self.high:g}", param, ctx)
+        return v
+
+
+POSITIVE = Finite(0.0, low_open=True)
+NON_NEGATIVE = Finite(0.0)
+SEED = click.IntRange(0, 2**63 - 1)
+
+
+def _threads(_ctx, param, value: int | None) -> int | None:
+    cpus = os.cpu_count() or 1
+    if value is not None and not 1 <= value <= cpus:
+        raise click.BadParameter(f"{value} threads: this machine has {cpus} CPUs", param=param)
+    return value
+
+
+def _selectors(_ctx, param, values: tuple[str, ...]) -> tuple[str, ...]:
+    """Layer names or re:PATTERN, checked before any work: no empty name, no broken pattern."""
+    for v in values:
+        if not v.strip() or v == "re:":
+            raise click.BadParameter("an empty layer name or pattern", param=param)
+        if v.startswith("re:"):
+            try:
+                re.compile(v[3:])
+            except re.error as exc:
+                raise click.BadParameter(f"{v!r} is not a valid regular expression ({exc})", param=param) from None
+    return values
+
+
+def _method_list(_ctx, param, value: str) -> list[str]:
+    from rankdown.methods import method_names
+
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in method_names()]
+    if not names or unknown:
+        raise click.BadParameter(
+            f"unknown method {', '.join(map(repr, unknown)) or '(none given)'}; known: {', '.join(method_names())}",
+            param=param,
+        )
+    return names
 
 
 def _shape(_ctx, _param, value: str | None) -> tuple[int, ...] | None:
@@ -18,8 +85,8 @@ def _shape(_ctx, _param, value: str | None) -> tuple[int, ...] | None:
         shape = tuple(int(v) for v in value.replace("x", ",").split(","))
     except ValueError:
         raise click.BadParameter(f"expected sizes like 3,224,224, got {value!r}") from None
-    if not shape or any(d <= 0 for d in shape):
-        raise click.BadParameter(f"sizes must be positive, got {value!r}")
+    if not shape or any(d <= 0 for d in shape) or math.prod(shape) > 2**31:
+        raise click.BadParameter(f"sizes must be positive (and hold at most 2**31 values), got {value!r}")
     return shape
 
 
@@ -28,9 +95,18 @@ def _batches(_ctx, _param, value: str) -> tuple[int, ...]:
         sizes = tuple(int(v) for v in value.split(",") if v)
     except ValueError:
         raise click.BadParameter(f"expected batch sizes like 1,64, got {value!r}") from None
-    if not sizes or any(b <= 0 for b in sizes):
+    if not sizes or any(not 0 < b <= 65536 for b in sizes):
         raise click.BadParameter(f"batch sizes must be positive, got {value!r}")
     return sizes
+
+
+def _json_path(_ctx, _param, value: str | None) -> str | None:
+    """Checked before any work: a --json path rankdown may write (a new file, or a report of its own)."""
+    if value is not None:
+        from rankdown.storage import check_output_file, is_rankdown_report
+
+        check_output_file(value, "--json", ours=is_rankdown_report)
+    return value
 
 
 def _measure_options(f):
@@ -62,7 +138,12 @@ def _measure_options(f):
             help="Timed runs per measurement (median reported).",
         ),
         click.option(
-            "--threads", type=click.IntRange(min=1), default=2, show_default=True, help="CPU threads for latency."
+            "--threads",
+            type=int,
+            default=min(2, os.cpu_count() or 1),
+            show_default=True,
+            callback=_threads,
+            help="CPU threads for latency.",
         ),
         click.option("--no-latency", is_flag=True, help="Skip latency measurement."),
         click.option(
@@ -75,6 +156,7 @@ def _measure_options(f):
             "json_out",
             type=click.Path(dir_okay=False),
             default=None,
+            callback=_json_path,
             help="Also write the report to this file.",
         ),
         click.option("-q", "--quiet", is_flag=True, help="No progress bars."),
@@ -82,6 +164,16 @@ def _measure_options(f):
     for opt in reversed(opts):
         f = opt(f)
     return f
+
+
+def _saved_model_option(f):
+    return click.option(
+        "--model",
+        "model_spec",
+        default=None,
+        help="The package.module:factory that builds the original model, for a folder made from your own "
+        "model (a saved folder never chooses code to run; bundled models need nothing).",
+    )(f)
 
 
 def _given(param: str) -> bool:
@@ -110,25 +202,25 @@ def _finish(report: dict, json_out: str | None) -> None:
     if json_out:
         from pathlib import Path
 
-        from rankdown.plan import atomic_write_text
+        from rankdown.storage import atomic_write_text
 
         atomic_write_text(Path(json_out), json.dumps(report, indent=2) + "\n")
 
 
 def _train_options(f):
     opts = [
-        click.option("--lr", type=float, default=1e-3, show_default=True, help="AdamW peak learning rate."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True),
-        click.option("--weight-decay", type=float, default=1e-4, show_default=True),
+        click.option("--lr", type=POSITIVE, default=1e-3, show_default=True, help="AdamW peak learning rate."),
+        click.option("--batch-size", type=click.IntRange(1, 65536), default=128, show_default=True),
+        click.option("--weight-decay", type=NON_NEGATIVE, default=1e-4, show_default=True),
         click.option(
             "--distill",
-            type=click.FloatRange(0, 1),
+            type=Finite(0.0, 1.0),
             default=0.0,
             show_default=True,
             help="Weight of distillation from the dense model (KL on logits, T=4) against the task loss.",
         ),
         click.option("--freeze-dense", is_flag=True, help="Train only the factorized layers."),
-        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--seed", type=SEED, default=0, show_default=True),
         click.option(
             "--train-limit", type=click.IntRange(min=1), default=None, help="Use the first N training examples only."
         ),
@@ -195,20 +287,27 @@ def main() -> None:
 @click.option(
     "--params",
     "params_fraction",
-    type=float,
+    type=POSITIVE,
     default=None,
     help="Keep at most this fraction (0, 1] of each layer's parameters.",
 )
 @click.option(
-    "--macs", "macs_fraction", type=float, default=None, help="Keep at most this fraction (0, 1] of each layer's MACs."
+    "--macs",
+    "macs_fraction",
+    type=POSITIVE,
+    default=None,
+    help="Keep at most this fraction (0, 1] of each layer's MACs.",
 )
 @click.option(
-    "--energy", type=float, default=None, help="Smallest rank keeping this share (0, 1] of the squared singular values."
+    "--energy",
+    type=POSITIVE,
+    default=None,
+    help="Smallest rank keeping this share (0, 1] of the squared singular values.",
 )
 @click.option(
     "--evbmf",
     "evbmf_weakening",
-    type=float,
+    type=NON_NEGATIVE,
     default=None,
     is_flag=False,
     flag_value=1.0,
@@ -217,18 +316,21 @@ def main() -> None:
 )
 @click.option(
     "--target-macs",
-    type=float,
+    type=POSITIVE,
     default=None,
     help="Global budget: keep this fraction (0, 1) of the model's MACs, spread by sensitivity.",
 )
 @click.option(
     "--target-params",
-    type=float,
+    type=POSITIVE,
     default=None,
     help="Global budget: keep this fraction (0, 1) of the model's parameters.",
 )
 @click.option(
-    "--speedup", type=float, default=None, help="Global budget: this theoretical speedup (MAC reduction factor, > 1)."
+    "--speedup",
+    type=POSITIVE,
+    default=None,
+    help="Global budget: this theoretical speedup (MAC reduction factor, > 1).",
 )
 @click.option(
     "--sensitivity",
@@ -291,8 +393,12 @@ def main() -> None:
     default=None,
     help="Where sensitivity sweeps are cached (default ~/.cache/rankdown or $RANKDOWN_CACHE_DIR).",
 )
-@click.option("--layers", multiple=True, help="Only these layers (name, or re:PATTERN); repeatable.")
-@click.option("--skip", multiple=True, help="Leave these layers dense (name, or re:PATTERN); repeatable.")
+@click.option(
+    "--layers", multiple=True, callback=_selectors, help="Only these layers (name, or re:PATTERN); repeatable."
+)
+@click.option(
+    "--skip", multiple=True, callback=_selectors, help="Leave these layers dense (name, or re:PATTERN); repeatable."
+)
 @click.option(
     "--latency-aware",
     is_flag=True,
@@ -301,7 +407,7 @@ def main() -> None:
 )
 @click.option(
     "--max-error",
-    type=click.FloatRange(min=0, min_open=True),
+    type=POSITIVE,
     default=0.3,
     show_default=True,
     help="With --latency-aware: largest relative output error allowed per layer (of the layer's own "
@@ -320,6 +426,7 @@ def main() -> None:
     "method_list",
     default="tucker2,channel-svd,separable,cp,svd",
     show_default=True,
+    callback=_method_list,
     help="With --latency-aware: the methods to consider.",
 )
 @click.option(
@@ -350,7 +457,7 @@ def main() -> None:
     required=True,
     help="Output folder for plan.json, model.safetensors and report.json.",
 )
-@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--force", is_flag=True, help="Replace an output folder that rankdown wrote earlier.")
 @_measure_options
 def compress(
     model_spec,
@@ -493,7 +600,7 @@ def compress(
         metric_examples=calibration or 256,
         latency_aware=LatencyOptions(
             max_error,
-            method_list.split(","),
+            method_list,
             latency_batch,
             criterion=sensitivity if _given("sensitivity") else "layer",
             scope=error_scope,
@@ -515,9 +622,21 @@ def compress(
     default=None,
     help="The dense original's weights, to measure it beside the compressed model.",
 )
+@_saved_model_option
 @_measure_options
 def eval_cmd(
-    folder, weights, data_dir, eval_limit, batch_sizes, latency_runs, threads, no_latency, no_guard, json_out, quiet
+    folder,
+    weights,
+    model_spec,
+    data_dir,
+    eval_limit,
+    batch_sizes,
+    latency_runs,
+    threads,
+    no_latency,
+    no_guard,
+    json_out,
+    quiet,
 ):
     """Rebuild a saved compressed model from its plan and measure it again."""
     from rankdown.pipeline import run_eval
@@ -527,6 +646,7 @@ def eval_cmd(
     report = run_eval(
         folder,
         weights=weights,
+        model_spec=model_spec,
         opts=_opts(data_dir, eval_limit, batch_sizes, latency_runs, threads, no_latency, no_guard),
         argv=["rankdown", *sys.argv[1:]],
     )
@@ -538,6 +658,7 @@ def eval_cmd(
 @click.option("--epochs", type=click.IntRange(min=1), default=2, show_default=True)
 @_train_options
 @click.option("--resume", is_flag=True, help="Continue from FOLDER/checkpoints/last.")
+@_saved_model_option
 @_measure_options
 def finetune(
     folder,
@@ -550,6 +671,7 @@ def finetune(
     seed,
     train_limit,
     resume,
+    model_spec,
     data_dir,
     eval_limit,
     batch_sizes,
@@ -570,6 +692,7 @@ def finetune(
         folder,
         config,
         resume=resume,
+        model_spec=model_spec,
         train_limit=train_limit,
         opts=_opts(data_dir, eval_limit, batch_sizes, latency_runs, threads, no_latency, no_guard),
         argv=["rankdown", *sys.argv[1:]],
@@ -585,7 +708,7 @@ def finetune(
 @click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option(
     "--force-reg",
-    type=float,
+    type=NON_NEGATIVE,
     default=0.0,
     show_default=True,
     help="Force Regularization strength λ (Wen 2017): pulls each layer's filters toward low rank.",
@@ -624,20 +747,19 @@ def train(
     quiet,
 ):
     """Train a dense bundled model (e.g. with Force Regularization before decomposing it); writes safetensors."""
-    import os
     from pathlib import Path
-
-    from safetensors.torch import save_file
 
     from rankdown.errors import OutputExistsError, RankdownError
     from rankdown.models import BUNDLED, build_model
     from rankdown.pipeline import DATASETS, train_split_for
     from rankdown.progress import set_quiet
+    from rankdown.storage import atomic_write_bytes, check_output_file
     from rankdown.train import finetune as run_training
 
     set_quiet(quiet)
     if Path(out).exists() and not force:
         raise OutputExistsError(f"{out} exists; pass --force to replace it")
+    check_output_file(out, "--out", ours=_trained_by_rankdown)
     if distill or freeze_dense:
         raise RankdownError("--distill and --freeze-dense apply to compressed models (rankdown finetune)")
     split = train_split_for(model_spec, data_dir, train_limit)
@@ -660,18 +782,27 @@ def train(
         force_adaptive=force_adaptive,
     )
     history = run_training(model, split, config, regularized=layers, test_split=test)
-    out_path = Path(out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    save_file(
+    from safetensors.torch import save
+
+    data = save(
         {k: v.contiguous() for k, v in model.state_dict().items()},
-        str(tmp),
         metadata={"history": json.dumps(history), "command": " ".join(["rankdown", *sys.argv[1:]])},
     )
-    os.replace(tmp, out_path)
+    atomic_write_bytes(Path(out), data)
     for row in history:
         click.echo(json.dumps(row))
     click.echo(f"wrote {out}")
+
+
+def _trained_by_rankdown(path) -> bool:
+    """A weights file ``rankdown train`` wrote: safetensors whose metadata holds its history."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            return "history" in (f.metadata() or {})
+    except Exception:  # safetensors raises several types for a file that is not its own
+        return False
 
 
 @main.command()
@@ -693,22 +824,20 @@ def train(
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def analyze(model_spec, weights, input_shape, method, sensitivity, calibration, data_dir, cache_dir, out, force, quiet):
     """Per-layer spectra, EVBMF ranks, energy and sensitivity curves: look before choosing a budget."""
-    from pathlib import Path
 
     from rankdown.analyze import analyze_model, render_analysis, save_analysis
     from rankdown.api import CompressConfig
-    from rankdown.errors import OutputExistsError
     from rankdown.models import BUNDLED, build_model
     from rankdown.pipeline import calibration_inputs, input_shape_for
     from rankdown.progress import set_quiet
+    from rankdown.storage import check_output_dir
 
     set_quiet(quiet)
-    if Path(out).exists() and any(Path(out).iterdir()) and not force:
-        raise OutputExistsError(f"output folder {out} is not empty; pass --force to replace it")
+    check_output_dir(out, force)
     model = build_model(model_spec, weights)
     shape = input_shape_for(model_spec, input_shape)
     skip = BUNDLED[model_spec].default_skip if model_spec in BUNDLED else ()
-    calib = calibration_inputs(model_spec, shape, calibration, data_dir)
+    calib = calibration_inputs(model_spec, shape, calibration, data_dir, model)
     result = analyze_model(model, CompressConfig(method, skip=skip), calib, criterion=sensitivity, cache_dir=cache_dir)
     result["model"] = model_spec
     save_analysis(result, out, force=force)
@@ -718,10 +847,11 @@ def analyze(model_spec, weights, input_shape, method, sensitivity, calibration, 
 
 @main.command("bench")
 @click.argument("target")
+@_saved_model_option
 @click.option("--weights", type=click.Path(dir_okay=False), default=None)
 @click.option("--input-shape", callback=_shape, default=None)
 @click.option("--batch-sizes", default="1,64", show_default=True, callback=_batches)
-@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--threads", type=int, default=min(2, os.cpu_count() or 1), show_default=True, callback=_threads)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
 @click.option("--runs", type=click.IntRange(min=1), default=30, show_default=True)
@@ -736,10 +866,11 @@ def analyze(model_spec, weights, input_shape, method, sensitivity, calibration, 
 )
 @click.option("--per-layer", is_flag=True, help="Also time every factorized layer beside its dense original.")
 @click.option("--no-guard", is_flag=True)
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, callback=_json_path)
 @click.option("-q", "--quiet", is_flag=True)
 def bench_cmd(
     target,
+    model_spec,
     weights,
     input_shape,
     batch_sizes,
@@ -760,15 +891,15 @@ def bench_cmd(
     from pathlib import Path
 
     from rankdown.pipeline import BenchOptions, run_bench
-    from rankdown.plan import atomic_write_text
     from rankdown.progress import set_quiet
     from rankdown.report import render_bench
+    from rankdown.storage import atomic_write_text
 
     set_quiet(quiet)
     opts = BenchOptions(
         batch_sizes, threads, device, dtype, runs, use_compile, cuda_graphs, fold_bn, per_layer, not no_guard
     )
-    result = run_bench(target, weights=weights, input_shape=input_shape, bench=opts)
+    result = run_bench(target, weights=weights, input_shape=input_shape, bench=opts, model_spec=model_spec)
     render_bench(result)
     if json_out:
         atomic_write_text(Path(json_out), json.dumps(result, indent=2) + "\n")
@@ -783,15 +914,37 @@ def methods() -> None:
         click.echo(f"{name:12s} {ltype.__name__:8s} {(handler.__doc__ or '').strip().splitlines()[0]}")
 
 
+def _one_line(text: str, limit: int = 600) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
 def run() -> None:
+    """The entry point: every user error is one line on stderr and exit status 2; anything else
+    (a bug) is one line and status 1, with the traceback under RANKDOWN_DEBUG=1."""
     try:
-        main.main(standalone_mode=False)
+        code = main.main(standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        click.echo(exc.ctx.get_help() if exc.ctx else str(exc), err=True)
+        sys.exit(2)
     except click.ClickException as exc:
-        exc.show()
+        click.echo(f"error: {_one_line(exc.format_message())}", err=True)
         sys.exit(exc.exit_code)
     except RankdownError as exc:
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"error: {_one_line(str(exc))}", err=True)
         sys.exit(2)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:
+        if os.environ.get("RANKDOWN_DEBUG") == "1":
+            raise
+        click.echo(
+            f"error: unexpected {type(exc).__name__}: {_one_line(str(exc), 400)} (a rankdown bug? "
+            "RANKDOWN_DEBUG=1 shows the traceback)",
+            err=True,
+        )
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

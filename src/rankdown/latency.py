@@ -18,11 +18,13 @@ import torch
 from torch import nn
 
 from rankdown import __version__
-from rankdown.allocate import default_cache_dir, relative_error
+from rankdown.allocate import relative_error
 from rankdown.bench import measure_latency
 from rankdown.errors import RankdownError
 from rankdown.methods import METHODS, Method, Rank
+from rankdown.probe import primary_output
 from rankdown.progress import progress
+from rankdown.storage import default_cache_dir
 from rankdown.surgery import get_module, swapped
 
 
@@ -124,7 +126,7 @@ class LatencyTable:
         return ms
 
     def save(self) -> None:
-        from rankdown.plan import atomic_write_text
+        from rankdown.storage import atomic_write_text
 
         atomic_write_text(
             self.path, json.dumps({"key": asdict(self.key), "rankdown": __version__, "entries": self.entries}, indent=0)
@@ -238,7 +240,7 @@ def layer_options(
             raise RankdownError("criterion='model' needs the calibration batch")
         model = model.eval()
         with torch.no_grad():
-            reference = model(calibration)
+            reference = primary_output(model(calibration))
     out: dict[str, LayerOptions] = {}
     for fqn in progress(targets, total=len(targets), desc="latency candidates"):
         module = get_module(model, fqn)
@@ -264,7 +266,7 @@ def layer_options(
                         err = relative_error(fact.module(x), ref)
                     else:
                         with swapped(model, fqn, fact.module):
-                            err = relative_error(model(calibration), reference)
+                            err = relative_error(primary_output(model(calibration)), reference)
                 macs = sum(count_macs(fact.module, x[:1]).values())
                 ms = table.time(_clone(fact.module), in_shape)
                 opts.candidates.append(Candidate(name, rank, ms, err, macs))

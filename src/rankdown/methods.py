@@ -57,6 +57,7 @@ class Method(ABC):
 
     name: ClassVar[str]
     layer_type: ClassVar[type[nn.Module]]
+    rank_arity: ClassVar[int] = 1  # 1: an integer rank; n > 1: a tuple of n integers
 
     def check(self, fqn: str, module: nn.Module) -> None:
         """Raise UnsupportedLayerError unless the layer can be represented exactly."""
@@ -98,12 +99,28 @@ class Method(ABC):
     @abstractmethod
     def factorize(self, module: nn.Module, rank: Rank) -> Factorized: ...
 
+    def validate_rank(self, module: nn.Module, rank: Rank) -> None:
+        """Raise RankError unless ``rank`` is a rank this method can build for ``module`` (a plan
+        is data: its ranks are checked before anything is allocated)."""
+        _check_int_rank(self, module, rank)  # type: ignore[arg-type]
+
     # Plans store ranks as JSON; these keep the representation in one place.
     def rank_to_json(self, rank: Rank) -> Any:
         return list(rank) if isinstance(rank, tuple) else int(rank)
 
     def rank_from_json(self, value: Any) -> Rank:
-        return tuple(int(v) for v in value) if isinstance(value, list) else int(value)
+        """Strict: integers only (no floats, strings or booleans), as many as the method's rank has."""
+
+        def positive_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+        if self.rank_arity == 1:
+            if not positive_int(value):
+                raise RankError(f"{self.name} rank must be a positive integer, got {value!r}")
+            return int(value)
+        if not (isinstance(value, list) and len(value) == self.rank_arity and all(positive_int(v) for v in value)):
+            raise RankError(f"{self.name} rank must be a list of {self.rank_arity} positive integers, got {value!r}")
+        return tuple(int(v) for v in value)
 
 
 METHODS: dict[tuple[str, type[nn.Module]], Method] = {}
@@ -223,9 +240,15 @@ class Tucker2(_ConvMethod):
     """Tucker-2 (HOSVD + HOOI): 1×1 → k×k core → 1×1. Ranks are (r_out, r_in)."""
 
     name = "tucker2"
+    rank_arity = 2
 
     def max_rank(self, module: nn.Module) -> int:
         return max(module.out_channels, module.in_channels)
+
+    def validate_rank(self, module: nn.Module, rank: Rank) -> None:
+        n, c = module.out_channels, module.in_channels
+        if not (isinstance(rank, tuple) and len(rank) == 2 and 1 <= rank[0] <= n and 1 <= rank[1] <= c):
+            raise RankError(f"Tucker-2 ranks must be (r_out, r_in) within (1..{n}, 1..{c}), got {rank!r}")
 
     def rank_from_int(self, module: nn.Module, rank: int) -> Rank:
         _check_int_rank(self, module, rank)
@@ -397,6 +420,9 @@ class MonochromaticMethod(_ConvMethod):
     def max_rank(self, module: nn.Module) -> int:
         return module.out_channels
 
+    def validate_rank(self, module: nn.Module, rank: Rank) -> None:
+        self.rank_from_int(module, rank)  # type: ignore[arg-type]
+
     def rank_from_int(self, module: nn.Module, rank: int) -> Rank:
         _check_int_rank(self, module, rank)
         if module.out_channels % rank:
@@ -427,6 +453,7 @@ class Bicluster(_ConvMethod):
     An integer rank K uses G = H = 2 where the channel counts allow (else 1)."""
 
     name = "bicluster"
+    rank_arity = 3
 
     def _groups(self, module: nn.Module) -> tuple[int, int]:
         return (2 if module.in_channels % 2 == 0 else 1, 2 if module.out_channels % 2 == 0 else 1)
@@ -442,8 +469,18 @@ class Bicluster(_ConvMethod):
         _check_int_rank(self, module, rank)
         return (*self._groups(module), rank)
 
-    def rank_from_json(self, value: Any) -> Rank:
-        return tuple(int(v) for v in value)
+    def validate_rank(self, module: nn.Module, rank: Rank) -> None:
+        if not (isinstance(rank, tuple) and len(rank) == 3):
+            raise RankError(f"{self.name} rank must be (groups_in, groups_out, k), got {rank!r}")
+        g, h, k = rank
+        if module.in_channels % g or module.out_channels % h:
+            raise RankError(
+                f"{self.name} groups ({g}, {h}) must divide the channels ({module.in_channels}, {module.out_channels})"
+            )
+        if not 1 <= k <= self._block_max(module, g, h):
+            raise RankError(
+                f"{self.name} rank {k} must be in [1, {self._block_max(module, g, h)}] for groups ({g}, {h})"
+            )
 
     def candidates(self, module: nn.Module) -> Sequence[Rank]:
         g, h = self._groups(module)
@@ -456,13 +493,8 @@ class Bicluster(_ConvMethod):
         return BiclusterConv2d.build(module, tuple(rank))
 
     def factorize(self, module: nn.Module, rank: Rank) -> Factorized:
-        g, h, k = rank
-        if module.in_channels % g or module.out_channels % h:
-            raise RankError(
-                f"bicluster groups ({g}, {h}) must divide the channels ({module.in_channels}, {module.out_channels})"
-            )
-        if not 1 <= k <= self._block_max(module, g, h):
-            raise RankError(f"bicluster rank {k} must be in [1, {self._block_max(module, g, h)}] for groups ({g}, {h})")
+        self.validate_rank(module, rank)
+        g, h, k = rank  # type: ignore[misc]
         layer = self._fit(module, g, h, k)
         return Factorized(layer, _rel_error(module.weight, layer.reconstruct_weight()), {"groups": [g, h]})
 

@@ -7,7 +7,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,9 @@ from rankdown.data import load_fashion_mnist
 from rankdown.errors import RankdownError
 from rankdown.models import BUNDLED, build_model
 from rankdown.plan import load_compressed, read_plan, save_compressed
+from rankdown.probe import check_runs, example_input, model_dtype_device, primary_output
 from rankdown.report import build_report
+from rankdown.storage import atomic_write_dir, check_output_dir
 from rankdown.train import TrainConfig, evaluate, finetune
 
 
@@ -86,7 +87,7 @@ def reconstruct_layers(
     """Refit ``result``'s factorized layers to the dense layers' outputs; notes go in the report rows."""
     from rankdown.calibrate import reconstruct
 
-    calib = calibration_inputs(spec, shape, opts.examples, data_dir)
+    calib = calibration_inputs(spec, shape, opts.examples, data_dir, dense)
     fitted = reconstruct(dense, result.model, list(result.plan.layers), calib, opts.config)
     for row in result.layers:
         if row.name in fitted:
@@ -102,15 +103,22 @@ def reconstruct_layers(
     return fitted
 
 
-def calibration_inputs(spec: str, shape: tuple[int, ...], n: int, data_dir: str | None) -> torch.Tensor:
+def calibration_inputs(
+    spec: str, shape: tuple[int, ...], n: int, data_dir: str | None, like: nn.Module | None = None
+) -> torch.Tensor:
     """The first ``n`` training images for a bundled model; seeded Gaussian inputs otherwise (a
     user model's data is not known here: the sensitivity is then that of the layers' weights
     under white-noise inputs, which the report says)."""
     if n < 1:
         raise RankdownError(f"--calibration must be >= 1 example, got {n}")
     if spec in BUNDLED and BUNDLED[spec].dataset:
-        return DATASETS[BUNDLED[spec].dataset]("train", data_dir, limit=n).images
-    return torch.randn((n, *shape), generator=torch.Generator().manual_seed(0))
+        x = DATASETS[BUNDLED[spec].dataset]("train", data_dir, limit=n).images
+    else:
+        x = torch.randn((n, *shape), generator=torch.Generator().manual_seed(0))
+    if like is None:
+        return x
+    dtype, device = model_dtype_device(like)
+    return x.to(dtype=dtype, device=device)
 
 
 def input_shape_for(spec: str, input_shape: tuple[int, ...] | None) -> tuple[int, ...]:
@@ -125,8 +133,8 @@ def input_shape_for(spec: str, input_shape: tuple[int, ...] | None) -> tuple[int
 
 @torch.no_grad()
 def output_rel_error(dense: nn.Module, compressed: nn.Module, input_shape: tuple[int, ...], n: int = 32) -> float:
-    x = torch.randn((n, *input_shape), generator=torch.Generator().manual_seed(0))
-    return relative_error(compressed.eval()(x), dense.eval()(x))
+    x = example_input(dense, input_shape, n, random=True)
+    return relative_error(primary_output(compressed.eval()(x)), primary_output(dense.eval()(x)))
 
 
 def load_test_split(spec: str, opts: MeasureOptions):
@@ -196,19 +204,20 @@ def run_compress(
     With ``allocation``, ranks come from the global allocator under its whole-model budget, and
     ``config.rank`` is ignored."""
     opts = opts or MeasureOptions()
-    if out is not None and Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())) and not force:
-        # Checked first so that minutes of work are not thrown away at the end.
-        raise RankdownError(f"output folder {out} is not empty; pass --force to replace it")
+    if out is not None:
+        check_output_dir(out, force)  # first, so that minutes of work are not thrown away at the end
     shape = input_shape_for(spec, input_shape)
     test = load_test_split(spec, opts)
     dense = build_model(spec, weights)
     if spec in BUNDLED and config.layers is None and not config.skip:
         config = CompressConfig(config.method, config.rank, None, BUNDLED[spec].default_skip, config.filter_fn)
-    example = torch.zeros((1, *shape))
+    example = example_input(dense, shape)
+    check_runs(dense, example, f"model {spec!r}")
+    select_targets(dense, config)  # unknown or unsupported layers named by the user fail now
     if latency_aware is not None:
         from rankdown.latency import DeviceKey, latency_ranks
 
-        calib = calibration_inputs(spec, shape, latency_aware.calibration, opts.data_dir)
+        calib = calibration_inputs(spec, shape, latency_aware.calibration, opts.data_dir, dense)
         key = DeviceKey.current(
             "cpu", batch=latency_aware.batch, threads=opts.threads, channels_last=latency_aware.channels_last
         )
@@ -226,7 +235,7 @@ def run_compress(
         )
         config = dataclasses.replace(config, rank=policy)
     if allocation is not None:
-        calib = calibration_inputs(spec, shape, allocation.calibration, opts.data_dir)
+        calib = calibration_inputs(spec, shape, allocation.calibration, opts.data_dir, dense)
         policy = allocate_ranks(
             dense,
             config,
@@ -241,7 +250,7 @@ def run_compress(
     if metric != "frobenius":
         from rankdown.metrics import collect
 
-        calib = calibration_inputs(spec, shape, metric_examples, opts.data_dir)
+        calib = calibration_inputs(spec, shape, metric_examples, opts.data_dir, dense)
         metrics = collect(dense, select_targets(dense, config).targets, calib, metric)
     if progressive is not None:
         from rankdown.progressive import progressive_compress
@@ -304,17 +313,36 @@ class Saved:
     dense: nn.Module | None
 
 
-def open_saved(folder: str | Path, opts: MeasureOptions, weights: str | None = None) -> Saved:
+def trusted_model_spec(folder: str | Path, plan_model: str | None, model_spec: str | None) -> str:
+    """The model to build for a saved folder. A saved folder is data: it may name a bundled model,
+    but never chooses code to import; a factory is built only when the user names it."""
+    if model_spec is not None:
+        return model_spec
+    if not plan_model:
+        raise RankdownError(f"{folder}/plan.json does not say which model it was made from: pass --model")
+    if plan_model not in BUNDLED:
+        raise RankdownError(
+            f"{folder}/plan.json names the model {plan_model!r}, which is not bundled; a saved folder never "
+            f"chooses code to run: pass --model {plan_model} (Python: model_spec=...) to build it"
+        )
+    return plan_model
+
+
+def open_saved(
+    folder: str | Path, opts: MeasureOptions, weights: str | None = None, model_spec: str | None = None
+) -> Saved:
     """The dense original is rebuilt when it can be: a bundled model, a factory's own weights, or
     the weights file recorded in the plan (or given) if it still exists."""
     plan = read_plan(folder)
-    if not plan.model:
-        raise RankdownError(f"{folder}/plan.json does not say which model it was made from ('model' is empty)")
-    shape = input_shape_for(plan.model, plan.input_shape)
-    test = load_test_split(plan.model, opts)
-    model = load_compressed(folder, build_model(plan.model, pretrained=False))
+    spec = trusted_model_spec(folder, plan.model, model_spec)
+    shape = input_shape_for(spec, plan.input_shape)
+    test = load_test_split(spec, opts)
+    model = load_compressed(folder, build_model(spec, pretrained=False))
     dense_weights = weights or plan.meta.get("source_weights")
-    dense = build_model(plan.model, dense_weights) if dense_weights is None or Path(dense_weights).is_file() else None
+    if dense_weights is not None and not isinstance(dense_weights, str):
+        raise RankdownError(f"{folder}/plan.json: meta.source_weights must be a path, got {dense_weights!r}")
+    dense = build_model(spec, dense_weights) if dense_weights is None or Path(dense_weights).is_file() else None
+    plan.model = spec
     return Saved(plan, shape, test, model, dense)
 
 
@@ -322,7 +350,7 @@ def remeasure(saved: Saved, opts: MeasureOptions, argv: list[str] | None) -> dic
     from rankdown.api import LayerReport
     from rankdown.bench import layer_costs
 
-    example = torch.zeros((1, *saved.shape))
+    example = example_input(saved.model, saved.shape)
     names = list(saved.plan.layers)
     after = layer_costs(saved.model, example, names)
     before = layer_costs(saved.dense, example, names) if saved.dense is not None else after
@@ -342,11 +370,16 @@ def remeasure(saved: Saved, opts: MeasureOptions, argv: list[str] | None) -> dic
 
 
 def run_eval(
-    folder: str | Path, *, weights: str | None = None, opts: MeasureOptions | None = None, argv: list[str] | None = None
+    folder: str | Path,
+    *,
+    weights: str | None = None,
+    opts: MeasureOptions | None = None,
+    argv: list[str] | None = None,
+    model_spec: str | None = None,
 ) -> dict:
     """Rebuild a saved compressed model from its plan and measure it again."""
     opts = opts or MeasureOptions()
-    return remeasure(open_saved(folder, opts, weights), opts, argv)
+    return remeasure(open_saved(folder, opts, weights, model_spec), opts, argv)
 
 
 # --------------------------------------------------------------------------- training
@@ -396,16 +429,20 @@ def run_finetune(
     train_limit: int | None = None,
     opts: MeasureOptions | None = None,
     argv: list[str] | None = None,
+    model_spec: str | None = None,
 ) -> dict:
-    """Fine-tune a saved compressed model in place: model.safetensors and report.json are replaced
-    atomically at the end; epoch checkpoints go to FOLDER/checkpoints (``resume`` continues them)."""
+    """Fine-tune a saved compressed model in place. The folder changes in one step at the end
+    (new weights, plan and report together, or nothing); epoch checkpoints go to
+    FOLDER/checkpoints (``resume`` continues them) and are carried over."""
     from safetensors.torch import save_file
 
-    from rankdown.plan import WEIGHTS_FILE, atomic_write_text
+    from rankdown.plan import PLAN_FILE, REPORT_FILE, WEIGHTS_FILE
 
     opts = opts or MeasureOptions()
     folder = Path(folder)
-    saved = open_saved(folder, opts)
+    check_output_dir(folder, force=True)  # only a folder rankdown wrote is rewritten
+    saved = open_saved(folder, opts, model_spec=model_spec)
+    plan_text = (folder / PLAN_FILE).read_text()
     if config.distill > 0 and saved.dense is None:
         raise RankdownError("distillation needs the dense original, whose weights file is gone")
     before_acc = accuracy(saved.test, {"before_finetune": saved.model})
@@ -420,16 +457,20 @@ def run_finetune(
         checkpoint_dir=folder / "checkpoints",
         resume=resume,
     )
-    tmp = folder / f".{WEIGHTS_FILE}.tmp"
-    save_file({k: v.detach().contiguous() for k, v in saved.model.state_dict().items()}, str(tmp))
-    os.replace(tmp, folder / WEIGHTS_FILE)
     report = remeasure(saved, opts, argv)
     report["finetune"] = {
         "config": dataclasses.asdict(config),
         "history": history,
         "accuracy_before_finetune": (before_acc or {}).get("before_finetune"),
     }
-    atomic_write_text(folder / "report.json", json.dumps(report, indent=2) + "\n")
+
+    def write(tmp: Path) -> None:
+        (tmp / PLAN_FILE).write_text(plan_text)
+        state = {k: v.detach().contiguous().cpu() for k, v in saved.model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "rankdown-plan"})
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+
+    atomic_write_dir(folder, write, force=True, keep=("checkpoints",))
     return report
 
 
@@ -478,6 +519,7 @@ def run_bench(
     weights: str | None = None,
     input_shape: tuple[int, ...] | None = None,
     bench: BenchOptions | None = None,
+    model_spec: str | None = None,
 ) -> dict:
     """End-to-end (and optionally per-layer) latency of a saved compressed model beside its dense
     original, or of one model; each in its fastest layout; with the theoretical MAC reduction."""
@@ -489,12 +531,14 @@ def run_bench(
     o = bench or BenchOptions()
     if o.device == "cuda" and not torch.cuda.is_available():
         raise RankdownError("--device cuda: no CUDA device is available here")
+    if o.cuda_graphs and o.device != "cuda":
+        raise RankdownError("--cuda-graphs needs --device cuda")
     if o.device == "cpu" and o.dtype != "float32":
         raise RankdownError("on CPU rankdown benchmarks float32 only (bf16/fp16 CPU kernels are not the fast path)")
     models: dict[str, nn.Module] = {}
     plan = None
     if (Path(target) / "plan.json").is_file():
-        saved = open_saved(target, MeasureOptions(), weights)
+        saved = open_saved(target, MeasureOptions(), weights, model_spec)
         plan, shape = saved.plan, saved.shape
         models["compressed"] = saved.model
         if saved.dense is not None:
@@ -507,7 +551,7 @@ def run_bench(
     if o.fold_bn:
         for m in models.values():
             deploy(m)
-    example = torch.zeros((1, *shape))
+    example = example_input(next(iter(models.values())), shape)
     costs = {k: model_cost(m, example).macs for k, m in models.items()}
     if o.threads:
         torch.set_num_threads(o.threads)

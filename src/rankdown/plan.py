@@ -7,12 +7,8 @@ factorized structure, then loads the tensors: nothing is ever unpickled.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +17,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rankdown.errors import OutputExistsError, PlanError, RankError
+from rankdown.errors import PlanError, RankError
 from rankdown.methods import Rank, get_method
+from rankdown.storage import atomic_write_dir
 from rankdown.surgery import get_module, replace_module
 
 PLAN_FORMAT = "rankdown-plan"
@@ -69,36 +66,62 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: Any) -> Plan:
+        """Every field is validated: a plan is data, and a value is not trusted because it parses."""
         if not isinstance(d, dict) or d.get("format") != PLAN_FORMAT:
             raise PlanError(f"not a rankdown plan (expected format {PLAN_FORMAT!r})")
         if d.get("version") != PLAN_VERSION:
             raise PlanError(f"plan version {d.get('version')!r} is not supported (this rankdown reads {PLAN_VERSION})")
         layers = {}
-        try:
-            for fqn, e in d["layers"].items():
-                if e["layer_type"] not in ("Conv2d", "Linear"):
-                    raise PlanError(f"plan layer {fqn!r}: unknown layer type {e['layer_type']!r}")
-                try:
-                    method = get_method(e["method"], getattr(nn, e["layer_type"]))
-                except RankError as exc:
-                    raise PlanError(f"plan layer {fqn!r}: {exc}") from None
-                layers[fqn] = LayerPlan(
-                    e["method"],
-                    method.rank_from_json(e["rank"]),
-                    e["layer_type"],
-                    tuple(int(v) for v in e["weight_shape"]),
-                )
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise PlanError(f"malformed plan: {type(exc).__name__}: {exc}") from exc
-        shape = d.get("input_shape")
-        return cls(layers, d.get("model"), tuple(shape) if shape else None, d.get("meta") or {})
+        entries = d.get("layers")
+        if not isinstance(entries, dict):
+            raise PlanError("malformed plan: 'layers' must be an object of layer name -> entry")
+        for fqn, e in entries.items():
+            if not isinstance(e, dict) or not {"method", "rank", "layer_type", "weight_shape"} <= set(e):
+                raise PlanError(f"malformed plan: layer {fqn!r} needs method, rank, layer_type and weight_shape")
+            if e["layer_type"] not in ("Conv2d", "Linear"):
+                raise PlanError(f"plan layer {fqn!r}: unknown layer type {e['layer_type']!r}")
+            try:
+                method = get_method(e["method"], getattr(nn, e["layer_type"]))
+                rank = method.rank_from_json(e["rank"])
+            except (RankError, TypeError) as exc:
+                raise PlanError(f"plan layer {fqn!r}: {exc}") from None
+            ndim = 4 if e["layer_type"] == "Conv2d" else 2
+            layers[fqn] = LayerPlan(
+                e["method"], rank, e["layer_type"], _sizes(e["weight_shape"], f"layer {fqn!r}", ndim)
+            )
+        model = d.get("model")
+        if model is not None and not isinstance(model, str):
+            raise PlanError(f"malformed plan: 'model' must be a string, got {type(model).__name__}")
+        input_shape = d.get("input_shape")
+        meta = d.get("meta", {})
+        if meta is None:
+            meta = {}
+        if not isinstance(meta, dict):
+            raise PlanError(f"malformed plan: 'meta' must be an object, got {type(meta).__name__}")
+        return cls(layers, model, None if input_shape is None else _sizes(input_shape, "input_shape"), meta)
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
         try:
-            return cls.from_dict(json.loads(text))
+            data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise PlanError(f"plan is not valid JSON: {exc}") from exc
+        except RecursionError:
+            raise PlanError("plan is not valid JSON: nested too deeply") from None
+        return cls.from_dict(data)
+
+
+def _sizes(value: Any, what: str, ndim: int | None = None) -> tuple[int, ...]:
+    """A list of positive integer sizes (as many as ``ndim``), and not absurdly many values."""
+    ok = (
+        isinstance(value, list)
+        and 0 < len(value) <= 8
+        and all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 2**31 for v in value)
+    )
+    if not ok or (ndim is not None and len(value) != ndim) or math.prod(value) > 2**34:
+        want = f"{ndim} positive sizes" if ndim else "positive sizes"
+        raise PlanError(f"malformed plan: {what} must be a list of {want}, got {value!r}")
+    return tuple(value)
 
 
 def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
@@ -110,53 +133,16 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
                 f"plan layer {fqn!r} expects {lp.layer_type} with weight {lp.weight_shape}, model has "
                 f"{type(dense).__name__} with weight {tuple(getattr(dense, 'weight', torch.empty(0)).shape)}"
             )
-        replace_module(model, fqn, get_method(lp.method, type(dense)).build(dense, lp.rank))
+        method = get_method(lp.method, type(dense))
+        try:
+            method.validate_rank(dense, lp.rank)
+        except RankError as exc:
+            raise PlanError(f"plan layer {fqn!r}: {exc}") from None
+        replace_module(model, fqn, method.build(dense, lp.rank))
     return model
 
 
 # --------------------------------------------------------------------------- folders
-
-
-def _atomic_write_dir(out: Path, write: Callable[[Path], None], force: bool) -> None:
-    """Write into a sibling temp folder, then rename: a crash leaves no half-written output."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"output {out} exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise OutputExistsError(f"output folder {out} is not empty; pass --force (force=True) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        write(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file through a temp file and a rename: readers never see half of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
 
 
 def save_compressed(
@@ -169,7 +155,7 @@ def save_compressed(
         if report is not None:
             (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
 
-    _atomic_write_dir(Path(out), write, force)
+    atomic_write_dir(Path(out), write, force)
     return Path(out)
 
 
@@ -190,9 +176,14 @@ def load_compressed(folder: str | Path, model: nn.Module) -> nn.Module:
         state = load_file(str(weights))
     except Exception as exc:  # safetensors raises its own error types for a corrupt file
         raise PlanError(f"{weights} could not be read ({type(exc).__name__}: {exc})") from exc
+    from rankdown.models import state_dict_mismatch
+
     apply_plan(model, plan)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise PlanError(f"{weights} does not match the plan's architecture: {exc}") from exc
+    mismatch = state_dict_mismatch(model, state)
+    if mismatch:
+        raise PlanError(f"{weights} does not match the plan's architecture: {mismatch}")
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise PlanError(f"{weights}: {bad} holds NaN or Inf values")
+    model.load_state_dict(state, strict=True)
     return model.eval()

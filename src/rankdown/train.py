@@ -164,7 +164,7 @@ CKPT_MODEL, CKPT_STATE, CKPT_META = "model.safetensors", "state.pt", "meta.json"
 def _save_checkpoint(
     folder: Path, model: nn.Module, opt, sched, epoch: int, gen: torch.Generator, history: list[dict], config: dict
 ) -> None:
-    from rankdown.plan import _atomic_write_dir
+    from rankdown.storage import atomic_write_dir
 
     def write(tmp: Path) -> None:
         save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp / CKPT_MODEL))
@@ -179,7 +179,7 @@ def _save_checkpoint(
         )
         (tmp / CKPT_META).write_text(json.dumps({"epoch": epoch, "history": history, "config": config}, indent=1))
 
-    _atomic_write_dir(folder / "last", write, force=True)
+    atomic_write_dir(folder / "last", write, force=True)
 
 
 def _load_checkpoint(folder: Path) -> tuple[dict, dict, dict] | None:

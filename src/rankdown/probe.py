@@ -1,0 +1,79 @@
+"""What a model takes and gives: example inputs in the model's own dtype and device, the probe
+forward pass that checks a model runs before any work, and the one tensor its output is compared
+by (models return tuples, dicts and dataclasses, not only tensors)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from rankdown.errors import RankdownError
+
+
+def model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """The dtype and device of the model's first floating parameter (float32 on CPU without one)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype, p.device
+    return torch.float32, torch.device("cpu")
+
+
+def example_input(
+    model: nn.Module, shape: tuple[int, ...], batch: int = 1, *, random: bool = False, seed: int = 0
+) -> torch.Tensor:
+    """A batch of ``shape`` inputs in the model's dtype and device: zeros, or seeded N(0, 1)."""
+    dtype, device = model_dtype_device(model)
+    if not random:
+        return torch.zeros((batch, *shape), dtype=dtype, device=device)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((batch, *shape), generator=g).to(dtype=dtype, device=device)
+
+
+def primary_output(out: object) -> torch.Tensor:
+    """The tensor a model's output is judged by: the output itself, else ``logits`` or the first
+    tensor of a dict, tuple, list or dataclass (e.g. a Hugging Face ModelOutput)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping):
+        if isinstance(out.get("logits"), torch.Tensor):
+            return out["logits"]
+        values = list(out.values())
+    elif isinstance(out, (tuple, list)):
+        values = list(out)
+    elif dataclasses.is_dataclass(out) and not isinstance(out, type):
+        values = [getattr(out, f.name) for f in dataclasses.fields(out)]
+    else:
+        raise RankdownError(f"the model returned {type(out).__name__}, which holds no tensor to compare")
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            return v
+    for v in values:  # nested (e.g. a tuple of tuples)
+        if isinstance(v, (Mapping, tuple, list)) or dataclasses.is_dataclass(v):
+            try:
+                return primary_output(v)
+            except RankdownError:
+                continue
+    raise RankdownError(f"the model returned {type(out).__name__}, which holds no tensor to compare")
+
+
+@torch.no_grad()
+def check_runs(model: nn.Module, example: torch.Tensor, what: str) -> torch.Tensor:
+    """One forward pass before any work: a model that does not run on ``example`` (a wrong
+    --input-shape, a model that needs other inputs) or whose output holds no tensor fails now, in
+    one line, not after minutes. Returns the output tensor."""
+    model.eval()
+    try:
+        out = model(example)
+    except Exception as exc:  # the user's model: any error
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise RankdownError(
+            f"{what} does not run on an input of shape {tuple(example.shape)} and dtype "
+            f"{str(example.dtype).replace('torch.', '')} ({type(exc).__name__}: {first})"
+        ) from exc
+    y = primary_output(out)
+    if y.is_floating_point() and not bool(torch.isfinite(y).all()):
+        raise RankdownError(f"{what} gives NaN or Inf on an input of shape {tuple(example.shape)}")
+    return y
