@@ -1,5 +1,6 @@
 """Run under torchrun by tests/test_train.py: fine-tunes a tiny model with DDP on synthetic data."""
 
+import gc
 import json
 import os
 import sys
@@ -46,6 +47,11 @@ def main() -> None:
     torch.distributed.all_gather_object(sums, [float(flat.sum()), float(flat.abs().sum())])
     if rank == 0:
         (out / "result.json").write_text(json.dumps({"world": world, "sums": sums, "history": history}))
+    # End deterministically: every rank past its last collective, no tensor of one left to the
+    # garbage collector at interpreter exit, then the process group torn down.
+    torch.distributed.barrier()
+    del sums, flat
+    gc.collect()
     torch.distributed.destroy_process_group()
 
 

@@ -100,3 +100,28 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def make_not_a_module() -> str:
     return "oops"
+
+
+# Factories that misbehave, for the bad-input suite (tests/test_reliability.py).
+def raises() -> nn.Module:
+    raise ValueError("weights server unreachable")
+
+
+def needs_args(width: int) -> nn.Module:
+    return TinyVGG()
+
+
+def exits() -> nn.Module:
+    raise SystemExit(0)
+
+
+def tiny_vgg_float64() -> TinyVGG:
+    return tiny_vgg().double()
+
+
+def tiny_vgg_bfloat16() -> TinyVGG:
+    return tiny_vgg().to(torch.bfloat16)
+
+
+def tiny_vgg_float16() -> TinyVGG:
+    return tiny_vgg().half()

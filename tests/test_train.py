@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -125,19 +124,13 @@ def test_force_regularization_in_training_lowers_rank():
     assert run(0.1) < run(0.0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(out: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
+        "--standalone",  # the rendezvous store binds a free port itself: no race between picking and binding
         str(HERE / "ddp_worker.py"),
         str(out),
         *extra,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -132,9 +133,9 @@ def sensitivity(
     path = (cache_dir or default_cache_dir()) / f"sensitivity-{key}.json"
     if path.is_file():
         try:
-            return _load_curves(json.loads(path.read_text()), targets)
-        except (ValueError, KeyError, TypeError):
-            pass  # a damaged cache file is recomputed, never trusted
+            return _load_curves(json.loads(path.read_text()), model, targets, key)
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError, RankdownError):
+            pass  # a damaged or tampered cache file is recomputed, never trusted
     if on_compute:
         on_compute(key)
     model = model.eval()
@@ -193,22 +194,35 @@ def _dump_curves(curves: dict[str, LayerCurve]) -> dict:
     }
 
 
-def _load_curves(d: dict, targets: dict[str, Method]) -> dict[str, LayerCurve]:
+def _load_curves(d: dict, model: nn.Module, targets: dict[str, Method], key: str) -> dict[str, LayerCurve]:
+    """Cached curves, every value checked (a cache is data: a value that parses is not trusted):
+    the key, the layers and methods, ranks valid for each layer, costs positive integers, errors
+    finite and >= 0, the dense option last with error 0. Raises on anything else."""
+
+    def count(v: object) -> int:
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2**62:
+            raise ValueError(f"bad cost {v!r}")
+        return v
+
+    if d["key"] != key or set(d["curves"]) != set(targets):
+        raise KeyError("cached curves are for another model, data or layers")
     curves = {}
     for k, c in d["curves"].items():
-        m = targets[k]
-        opts = [
-            Option(
-                None if o["rank"] is None else m.rank_from_json(o["rank"]),
-                int(o["params"]),
-                int(o["macs"]),
-                float(o["error"]),
-            )
-            for o in c["options"]
-        ]
+        m, module = targets[k], get_module(model, k)
+        if c["method"] != m.name or not c["options"]:
+            raise ValueError("cached curve for another method")
+        opts = []
+        for o in c["options"]:
+            rank = None if o["rank"] is None else m.rank_from_json(o["rank"])
+            if rank is not None:
+                m.validate_rank(module, rank)
+            err = o["error"]
+            if not isinstance(err, (int, float)) or isinstance(err, bool) or not 0 <= err < math.inf:
+                raise ValueError(f"bad error {err!r}")
+            opts.append(Option(rank, count(o["params"]), count(o["macs"]), float(err)))
+        if opts[-1].rank is not None or opts[-1].error != 0 or any(o.rank is None for o in opts[:-1]):
+            raise ValueError("the dense option must come last, with error 0")
         curves[k] = LayerCurve(k, c["method"], opts)
-    if set(curves) != set(targets):
-        raise KeyError("cached curves are for other layers")
     return curves
 
 

@@ -110,6 +110,10 @@ def compress(
     model.eval()
     example = example_input[:1]
     selection = select_targets(model, config)
+    for fqn in selection.targets:  # before any work: a NaN would end in a linear-algebra traceback
+        w = model.get_submodule(fqn).weight
+        if not bool(torch.isfinite(w).all()):
+            raise RankdownError(f"layer {fqn!r}: its weight holds NaN or Inf values")
     inputs = record_inputs(model, example, selection.targets)
     before = layer_costs(model, example, selection.targets + list(selection.skipped))
     rows: list[LayerReport] = []

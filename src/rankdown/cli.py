@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import sys
 
 import click
@@ -54,14 +53,12 @@ def _threads(_ctx, param, value: int | None) -> int | None:
 
 def _selectors(_ctx, param, values: tuple[str, ...]) -> tuple[str, ...]:
     """Layer names or re:PATTERN, checked before any work: no empty name, no broken pattern."""
-    for v in values:
-        if not v.strip() or v == "re:":
-            raise click.BadParameter("an empty layer name or pattern", param=param)
-        if v.startswith("re:"):
-            try:
-                re.compile(v[3:])
-            except re.error as exc:
-                raise click.BadParameter(f"{v!r} is not a valid regular expression ({exc})", param=param) from None
+    from rankdown.surgery import check_selectors
+
+    try:
+        check_selectors(values)
+    except RankdownError as exc:
+        raise click.BadParameter(str(exc), param=param) from None
     return values
 
 

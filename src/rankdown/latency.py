@@ -83,15 +83,22 @@ class LatencyTable:
     def __init__(self, key: DeviceKey, cache_dir: str | Path | None = None, runs: int = 20, guard: bool = True) -> None:
         self.key, self.runs, self.guard = key, runs, guard
         self.path = Path(cache_dir or default_cache_dir()) / f"latency-{key.slug()}.json"
-        self.entries: dict[str, float] = {}
+        self.entries: dict[str, float] = {}  # guarded measurements: cached on disk
+        self.contended: dict[str, float] = {}  # measured under foreign load: used in this run only, never saved
         self.measured = 0  # how many entries this instance had to measure (tests and progress)
         if self.path.is_file():
             try:
                 data = json.loads(self.path.read_text())
-                if data.get("key") == asdict(key):
-                    self.entries = {k: float(v) for k, v in data["entries"].items()}
-            except (ValueError, KeyError, TypeError):
-                self.entries = {}
+            except (ValueError, OSError, RecursionError):
+                data = None
+            if isinstance(data, dict) and data.get("key") == asdict(key) and isinstance(data.get("entries"), dict):
+                # A cache is data: an entry that is not a plausible time (a positive finite number of
+                # ms, under a minute) is dropped and measured again, never trusted because it parses.
+                self.entries = {
+                    k: float(v)
+                    for k, v in data["entries"].items()
+                    if isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 60_000
+                }
 
     @staticmethod
     def signature(module: nn.Module, in_shape: tuple[int, ...]) -> str:
@@ -103,14 +110,17 @@ class LatencyTable:
         sig = self.signature(module, in_shape)
         if sig in self.entries:
             return self.entries[sig]
+        if sig in self.contended:
+            return self.contended[sig]
         k = self.key
         dtype = getattr(torch, k.dtype)
         m = module.to(device=k.device, dtype=dtype).eval()
         x = torch.randn((k.batch, *in_shape), device=k.device, dtype=dtype)
+        contended = False
         if k.device == "cuda":
             ms = cuda_latency(m, x, runs=self.runs, channels_last=k.channels_last)
         else:
-            ms = measure_latency(
+            lat = measure_latency(
                 m,
                 x,
                 runs=self.runs,
@@ -120,8 +130,9 @@ class LatencyTable:
                 guard=self.guard,
                 window_s=0.05,
                 desc="latency table",
-            ).median_ms
-        self.entries[sig] = ms
+            )
+            ms, contended = lat.median_ms, lat.contended
+        (self.contended if contended else self.entries)[sig] = ms
         self.measured += 1
         return ms
 
@@ -452,6 +463,8 @@ def latency_ranks(
         f"{'MAC' if mac_only else 'latency'}-aware, {criterion} error {summed}<= {max_error:g}, "
         f"{key.device} batch {key.batch}"
     )
+    if table.contended:
+        src += f"; {len(table.contended)} timings measured under foreign CPU load (used, not cached)"
     return LayerRanks(plan, source=src), options
 
 

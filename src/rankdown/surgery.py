@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rankdown.errors import LayerNotFoundError, UnsupportedLayerError
+from rankdown.errors import LayerNotFoundError, RankdownError, UnsupportedLayerError
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -71,6 +71,18 @@ def _matches(fqn: str, selectors: Iterable[str]) -> bool:
     return False
 
 
+def check_selectors(selectors: Iterable[str]) -> None:
+    """Layer names or ``re:PATTERN``: no empty one, no pattern that does not compile."""
+    for sel in selectors:
+        if not isinstance(sel, str) or not sel.strip() or sel == "re:":
+            raise RankdownError(f"layer selector {sel!r} is empty")
+        if sel.startswith("re:"):
+            try:
+                re.compile(sel[3:])
+            except re.error as exc:
+                raise RankdownError(f"layer pattern {sel!r} is not a valid regular expression ({exc})") from None
+
+
 @dataclass
 class Selection:
     targets: list[str]  # layers to factorize, in model order
@@ -94,9 +106,7 @@ def select_layers(
     """
     layers = list(layers) if layers is not None else None
     skip = list(skip)
-    for sel in skip:
-        if sel.startswith("re:"):
-            re.compile(sel[3:])
+    check_selectors([*(layers or []), *skip])
     shared = shared_modules(model)
     named = [(n, m) for n, m in model.named_modules() if n]
     if layers is not None:

@@ -11,6 +11,7 @@ augmentation and dropout draws, hence the same weights as an uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -182,7 +183,9 @@ def _save_checkpoint(
     atomic_write_dir(folder / "last", write, force=True)
 
 
-def _load_checkpoint(folder: Path) -> tuple[dict, dict, dict] | None:
+def _load_checkpoint(folder: Path, epochs: int) -> tuple[dict, dict, dict] | None:
+    """The last checkpoint, validated (a checkpoint is data: its epoch, history and optimizer state
+    are checked, not trusted because they parse); None when there is none."""
     last = folder / "last"
     if not (last / CKPT_META).is_file():
         return None
@@ -191,7 +194,24 @@ def _load_checkpoint(folder: Path) -> tuple[dict, dict, dict] | None:
         model = load_file(str(last / CKPT_MODEL))
         state = torch.load(last / CKPT_STATE, map_location="cpu", weights_only=True)
     except Exception as exc:  # several error types for a damaged file
-        raise RankdownError(f"checkpoint {last} could not be read ({type(exc).__name__}: {exc})") from exc
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise RankdownError(f"checkpoint {last} could not be read ({type(exc).__name__}: {first})") from exc
+    bad = None
+    epoch = meta.get("epoch") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict):
+        bad = "meta.json is not an object"
+    elif not isinstance(epoch, int) or isinstance(epoch, bool) or not 1 <= epoch <= epochs:
+        bad = f"epoch {epoch!r} is not an epoch of this {epochs}-epoch run"
+    elif not isinstance(meta.get("history"), list) or len(meta["history"]) != epoch:
+        bad = "its history does not list one row per finished epoch"
+    elif not isinstance(meta.get("config", {}), dict):
+        bad = "its config is not an object"
+    elif not isinstance(state, dict) or not {"optimizer", "scheduler", "generator", "torch_rng"} <= set(state):
+        bad = "state.pt lacks the optimizer, scheduler or random-number states"
+    elif not all(isinstance(state[k], torch.Tensor) for k in ("generator", "torch_rng")):
+        bad = "its random-number states are not tensors"
+    if bad:
+        raise RankdownError(f"checkpoint {last} cannot be resumed: {bad}")
     return meta, model, state
 
 
@@ -266,7 +286,7 @@ def finetune(
     if resume:
         if ckpt is None:
             raise RankdownError("resume needs a checkpoint folder")
-        loaded = _load_checkpoint(ckpt)
+        loaded = _load_checkpoint(ckpt, config.epochs)
         if loaded is None:
             raise RankdownError(f"no checkpoint to resume from in {ckpt}")
         meta, weights, state = loaded
@@ -277,14 +297,20 @@ def finetune(
                 "resume continues an interrupted run with the same settings; these differ from the checkpoint's: "
                 + ", ".join(f"{k} ({saved[k]!r} -> {getattr(config, k)!r})" for k in changed)
             )
+        from rankdown.models import state_dict_mismatch
+
+        mismatch = state_dict_mismatch(model, weights)
+        if mismatch:
+            raise RankdownError(f"checkpoint in {ckpt} does not fit this model: {mismatch}")
         try:
             model.load_state_dict(weights)
             opt.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError) as exc:
-            raise RankdownError(f"checkpoint in {ckpt} does not fit this model: {exc}") from exc
-        sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+            sched.load_state_dict(state["scheduler"])
+            gen.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise RankdownError(f"checkpoint in {ckpt} cannot be resumed ({type(exc).__name__}: {first})") from exc
         start_epoch, history = int(meta["epoch"]), list(meta["history"])
     if teacher is not None:
         teacher.eval()
@@ -349,6 +375,13 @@ def finetune(
             _save_checkpoint(ckpt, model, opt, sched, epoch + 1, gen, history, dataclasses.asdict(config))
         if world > 1:
             torch.distributed.barrier()
+    if net is not model:
+        # The DDP wrapper sits in a reference cycle (its reducer refers back to it): left to the
+        # final garbage collection at interpreter exit, gloo's worker threads can still hold its
+        # tensors then, and the process aborts ("terminate called without an active exception").
+        # Free it here, while the process group is alive.
+        del net, opt, sched
+        gc.collect()
     model.eval()
     return history
 

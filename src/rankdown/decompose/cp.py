@@ -79,12 +79,17 @@ def cp(
     if rank < 1:
         raise ValueError(f"CP rank must be >= 1, got {rank}")
     work = torch.float64 if tensor.dtype == torch.float64 else torch.float32
-    x = tensor.detach().to(work)
+    # Fitted at unit norm and rescaled at the end: damping and the float32 maths must not depend on
+    # the weights' scale (a kernel times 1e-30 or 1e30 gets the same factors, scaled).
+    scale = float(torch.linalg.vector_norm(tensor.detach().double()))
+    if scale == 0.0:
+        zeros = tuple(torch.zeros(d, rank, dtype=tensor.dtype) for d in tensor.shape)
+        return CPFactors(torch.zeros(rank, dtype=tensor.dtype), zeros, 0, 0.0, True, False, 1.0)
+    if not math.isfinite(scale):
+        raise ValueError("cp: the tensor holds NaN or Inf")
+    x = (tensor.detach().double() / scale).to(work)
     t, s, kh, kw = x.shape
     norm2 = float((x.double() ** 2).sum())
-    if norm2 == 0.0:
-        zeros = tuple(torch.zeros(d, rank, dtype=tensor.dtype) for d in x.shape)
-        return CPFactors(torch.zeros(rank, dtype=tensor.dtype), zeros, 0, 0.0, True, False, 1.0)
     g = torch.Generator().manual_seed(seed)
     a, b, c, d = _init(x, rank, g)
     x0 = x.reshape(t, -1)  # mode-0 unfolding, shared by both GEMMs of a sweep
@@ -142,5 +147,11 @@ def cp(
     order = torch.argsort(weights, descending=True)
     dt = tensor.dtype
     return CPFactors(
-        weights[order].to(dt), tuple(u[:, order].to(dt) for u in unit), sweeps, err, converged, degenerate, congr
+        (weights[order].double() * scale).to(dt),
+        tuple(u[:, order].to(dt) for u in unit),
+        sweeps,
+        err,
+        converged,
+        degenerate,
+        congr,
     )

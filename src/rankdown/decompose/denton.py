@@ -11,8 +11,10 @@ from dataclasses import dataclass
 import torch
 
 
-def balanced_kmeans(points: torch.Tensor, k: int, *, n_iter: int = 30, seed: int = 0) -> torch.Tensor:
-    """Labels in [0, k) with exactly len(points) / k points per cluster.
+def balanced_kmeans(points: torch.Tensor, k: int, *, n_iter: int = 30, seed: int = 0, n_init: int = 8) -> torch.Tensor:
+    """Labels in [0, k) with exactly len(points) / k points per cluster: the best (least
+    within-cluster sum of squares) of ``n_init`` seeded restarts, as k-means needs, since one start
+    can end in a poor local optimum.
 
     Lloyd's iterations whose assignment step is a greedy balanced matching: all (point, centre)
     pairs by increasing distance, a pair taken while its point is free and its centre not full.
@@ -22,9 +24,21 @@ def balanced_kmeans(points: torch.Tensor, k: int, *, n_iter: int = 30, seed: int
     n = points.shape[0]
     if k < 1 or n % k:
         raise ValueError(f"cannot split {n} items into {k} equal clusters")
-    size = n // k
     x = points.detach().double().reshape(n, -1)
-    g = torch.Generator().manual_seed(seed)
+    best, best_cost = None, float("inf")
+    for start in range(max(1, n_init) if k > 1 else 1):
+        labels = _balanced_lloyd(x, k, n_iter, torch.Generator().manual_seed(seed + 1000 * start))
+        centres = torch.stack([x[labels == c].mean(0) for c in range(k)])
+        cost = float(((x - centres[labels]) ** 2).sum())
+        if cost < best_cost - 1e-12 * max(cost, 1.0):
+            best, best_cost = labels, cost
+    assert best is not None
+    return best
+
+
+def _balanced_lloyd(x: torch.Tensor, k: int, n_iter: int, g: torch.Generator) -> torch.Tensor:
+    n = x.shape[0]
+    size = n // k
     centres = x[torch.randperm(n, generator=g)[:k]].clone()
     labels = torch.full((n,), -1, dtype=torch.long)
     for _ in range(n_iter):
@@ -160,6 +174,8 @@ def _cp3(t: torch.Tensor, rank: int, n_iter: int, refine: int) -> tuple[torch.Te
     squares for each, then deflation), refined by joint ALS sweeps. Exact by construction when the
     rank reaches c·p (one term per (channel, tap) pair). Returns factors (f×K, c×K, p×K)."""
     f, c, p = t.shape
+    if not bool(t.any()):  # an all-zero block (a pruned or dead block): zero terms, exactly
+        return tuple(torch.zeros(d, rank, dtype=t.dtype) for d in (f, c, p))  # type: ignore[return-value]
     if rank >= c * p:  # the trivial exact CP: unit vectors over (c, p), the filters' weights in γ
         eye = torch.eye(c * p, dtype=t.dtype)
         gam = torch.zeros(f, rank, dtype=t.dtype)
@@ -204,7 +220,7 @@ def _cp3(t: torch.Tensor, rank: int, n_iter: int, refine: int) -> tuple[torch.Te
             v = (others[0].T @ others[0]) * (others[1].T @ others[1])
             spec = ["fcp,ck,pk->fk", "fcp,fk,pk->ck", "fcp,fk,ck->pk"][mode]
             m = torch.einsum(spec, t, *others)
-            mu = 1e-6 * float(v.diagonal().mean())
+            mu = 1e-6 * float(v.diagonal().mean()) or 1.0  # all terms zero: the step leaves them so
             fac[mode] = torch.linalg.solve(v + mu * eye, (m + mu * fac[mode]).T).T  # proximal: no bias
             gam, alp, bet = fac
     err = float(torch.linalg.vector_norm(t - torch.einsum("fk,ck,pk->fcp", gam, alp, bet)))

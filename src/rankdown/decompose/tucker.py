@@ -8,6 +8,7 @@ and our HOOI reuses each mode's Gram matrix so an iteration is two small eigenpr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -46,8 +47,17 @@ def tucker2(weight: torch.Tensor, ranks: tuple[int, int], *, n_iter: int = 100, 
     if not (1 <= r_out <= n and 1 <= r_in <= c):
         raise ValueError(f"Tucker-2 ranks must be in [1, {n}] x [1, {c}] for kernel {tuple(weight.shape)}, got {ranks}")
     work = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    w = weight.detach().to(work)
-    norm = float(torch.linalg.vector_norm(w)) or 1.0
+    # Fitted at unit norm, rescaled at the end: in float32 the Gram matrices of a kernel scaled by
+    # 1e20 overflow, and the result must not depend on the weights' scale.
+    scale = float(torch.linalg.vector_norm(weight.detach().double()))
+    if scale == 0.0 or not math.isfinite(scale):
+        if scale != 0.0:
+            raise ValueError("tucker2: the kernel holds NaN or Inf")
+        eye_o, eye_i = torch.eye(n, r_out, dtype=weight.dtype), torch.eye(c, r_in, dtype=weight.dtype)
+        core0 = torch.zeros(r_out, r_in, *weight.shape[2:], dtype=weight.dtype)
+        return Tucker2Factors(core0, eye_o, eye_i, 0, 0.0)
+    w = (weight.detach().double() / scale).to(work)
+    norm = 1.0
 
     def unfold0(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(t.shape[0], -1)
@@ -108,4 +118,4 @@ def tucker2(weight: torch.Tensor, ranks: tuple[int, int], *, n_iter: int = 100, 
                 if done:
                     break
     dt = weight.dtype
-    return Tucker2Factors(core.to(dt), u_out.to(dt), u_in.to(dt), iterations, err)
+    return Tucker2Factors((core.double() * scale).to(dt), u_out.to(dt), u_in.to(dt), iterations, err)
