@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -540,3 +542,34 @@ def test_finetune_is_all_new_or_all_old(tmp_path, fake_fashion, has_bundled_weig
     assert load_compressed(out, pipe.build_model("fashion-vgg", pretrained=False)) is not None
     assert sorted(q.name for q in tmp_path.iterdir()) == ["out"]
     shutil.rmtree(out)
+
+
+# --------------------------------------------------------------------------- fuzzing a plan's fields
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    field=st.sampled_from(["rank", "weight_shape", "layer_type", "method", "input_shape", "meta", "model"]), value=JSON
+)
+def test_any_json_in_a_plan_field_is_a_plan_or_a_plan_error(saved, field, value):
+    """Whatever a tampered plan holds, loading it gives the model or a PlanError: never another
+    exception, never an allocation it did not check."""
+    from rankdown.errors import PlanError
+    from rankdown.plan import Plan, apply_plan
+
+    d = json.loads((saved / "plan.json").read_text())
+    if field in ("input_shape", "meta", "model"):
+        d[field] = value
+    else:
+        d["layers"]["features.3"][field] = value
+    try:
+        plan = Plan.from_dict(d)
+        apply_plan(nets.tiny_vgg(), plan)
+    except PlanError:
+        pass
