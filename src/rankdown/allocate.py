@@ -28,7 +28,7 @@ from rankdown import __version__
 from rankdown.bench import Cost, count_macs, n_params
 from rankdown.errors import RankdownError
 from rankdown.methods import Method, Rank
-from rankdown.probe import primary_output
+from rankdown.probe import batch_len, batch_slice, forward, primary_output
 from rankdown.progress import progress
 from rankdown.rank import candidate_cost
 from rankdown.storage import atomic_write_text, default_cache_dir
@@ -97,7 +97,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-30))
 
 
-def fingerprint(model: nn.Module, calib: torch.Tensor, settings: dict) -> str:
+def fingerprint(model: nn.Module, calib, settings: dict) -> str:
     """Hash of everything the sweep depends on: weights, architecture, data and settings."""
     h = hashlib.sha256()
     h.update(json.dumps({**settings, "rankdown": __version__}, sort_keys=True, default=str).encode())
@@ -105,7 +105,9 @@ def fingerprint(model: nn.Module, calib: torch.Tensor, settings: dict) -> str:
     for k, v in model.state_dict().items():
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    h.update(calib.detach().cpu().contiguous().numpy().tobytes())
+    for k, t in sorted(calib.items()) if isinstance(calib, dict) else [("", calib)]:
+        h.update(k.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:24]
 
 
@@ -139,19 +141,21 @@ def sensitivity(
     if on_compute:
         on_compute(key)
     model = model.eval()
-    example = calib[:1]
-    inputs: dict[str, torch.Tensor] = {}
+    example = batch_slice(calib, 0, 1)
+    parts: dict[str, list[torch.Tensor]] = {fqn: [] for fqn in targets}
     handles = []
     for fqn in targets:
 
         def hook(_m, args, fqn=fqn):
-            inputs[fqn] = args[0].detach()
+            parts[fqn].append(args[0].detach())
 
         handles.append(get_module(model, fqn).register_forward_pre_hook(hook))
-    with torch.no_grad():
-        reference = primary_output(model(calib))
-    for h in handles:
-        h.remove()
+    try:
+        reference = _outputs(model, calib)
+    finally:
+        for h in handles:
+            h.remove()
+    inputs = {fqn: torch.cat(p) for fqn, p in parts.items() if p}
     per_example = {k: v[:1].to("meta") for k, v in inputs.items()}
     macs = count_macs(model, example)
     curves: dict[str, LayerCurve] = {}
@@ -173,13 +177,23 @@ def sensitivity(
                     err = relative_error(fact.module(inputs[fqn]), dense_out)
                 else:
                     with swapped(model, fqn, fact.module):
-                        err = relative_error(primary_output(model(calib)), reference)
+                        err = relative_error(_outputs(model, calib), reference)
             curve.options.append(Option(rank, cost.params, cost.macs, err))
         curve.options.append(Option(None, dense_cost.params, dense_cost.macs, 0.0))
         curves[fqn] = curve
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps({"key": key, "curves": _dump_curves(curves)}, indent=1))
     return curves
+
+
+@torch.no_grad()
+def _outputs(model: nn.Module, calib, batch_size: int = 64) -> torch.Tensor:
+    """The model's output tensor on the calibration data, computed in batches (memory stays at one
+    batch's activations)."""
+    n = batch_len(calib)
+    return torch.cat(
+        [primary_output(forward(model, batch_slice(calib, i, i + batch_size))) for i in range(0, n, batch_size)]
+    )
 
 
 def _dump_curves(curves: dict[str, LayerCurve]) -> dict:

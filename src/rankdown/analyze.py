@@ -13,6 +13,7 @@ from rankdown import decompose
 from rankdown.allocate import sensitivity
 from rankdown.api import CompressConfig, _handler, select_targets
 from rankdown.bench import count_macs
+from rankdown.probe import batch_slice
 from rankdown.storage import atomic_write_dir
 from rankdown.surgery import record_inputs
 
@@ -34,7 +35,7 @@ def analyze_model(
     """Per-layer spectra, EVBMF and energy ranks, and sensitivity (error vs kept MACs)."""
     model = model.eval()
     selection = select_targets(model, config)
-    example = calibration[:1]
+    example = batch_slice(calibration, 0, 1)
     inputs = record_inputs(model, example, selection.targets)
     targets = {n: _handler(config, n, model.get_submodule(n)) for n in selection.targets if n in inputs}
     macs = count_macs(model, example)

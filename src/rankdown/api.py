@@ -15,6 +15,7 @@ from rankdown.errors import RankdownError, UnsupportedLayerError
 from rankdown.methods import Method, Rank, get_method, method_names, resolve_method
 from rankdown.metrics import factorize_weighted
 from rankdown.plan import LayerPlan, Plan
+from rankdown.probe import Inputs, batch_slice
 from rankdown.progress import progress
 from rankdown.rank import LayerRanks, ParamFraction, RankPolicy, candidate_cost, choose_rank, policy_to_dict
 from rankdown.surgery import FilterFn, Selection, record_inputs, replace_module, select_layers
@@ -91,7 +92,7 @@ def select_targets(model: nn.Module, config: CompressConfig) -> Selection:
 def compress(
     model: nn.Module,
     config: CompressConfig,
-    example_input: torch.Tensor,
+    example_input: Inputs,
     *,
     inplace: bool = False,
     model_spec: str | None = None,
@@ -108,7 +109,7 @@ def compress(
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
-    example = example_input[:1]
+    example = batch_slice(example_input, 0, 1)
     selection = select_targets(model, config)
     for fqn in selection.targets:  # before any work: a NaN would end in a linear-algebra traceback
         w = model.get_submodule(fqn).weight
@@ -166,7 +167,7 @@ def compress(
     plan = Plan(
         plan_layers,
         model_spec,
-        tuple(example.shape[1:]),
+        tuple(example.shape[1:]) if isinstance(example, torch.Tensor) else None,
         {"method": config.method, "policy": policy_to_dict(config.rank)},
     )
     return CompressResult(model, plan, rows)
@@ -192,7 +193,7 @@ def allocate_ranks(
 
     model = model.eval()
     selection = select_targets(model, config)
-    example = calibration[:1]
+    example = batch_slice(calibration, 0, 1)
     inputs = record_inputs(model, example, selection.targets)
     targets = {n: _handler(config, n, model.get_submodule(n)) for n in selection.targets if n in inputs}
     curves = sensitivity(

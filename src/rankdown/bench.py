@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from rankdown.probe import batch_len, forward
 from rankdown.progress import progress
 
 
@@ -55,7 +56,7 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
             handles.append(mod.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            model(example)
+            forward(model, example)
     finally:
         for h in handles:
             h.remove()
@@ -172,7 +173,8 @@ def measure_latency(
         torch.set_num_threads(threads)
     model = model.eval()
     x = example
-    if channels_last and example.ndim == 4:
+    channels_last = channels_last and isinstance(example, torch.Tensor) and example.ndim == 4
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = example.contiguous(memory_format=torch.channels_last)
     lg = LoadGuard() if guard else None
@@ -182,7 +184,7 @@ def measure_latency(
     try:
         with torch.inference_mode():
             for _ in range(warmup):
-                model(x)
+                forward(model, x)
             bar = progress(range(runs), total=runs, desc=desc)
             pending = iter(bar)
             while len(times) < runs:
@@ -191,7 +193,7 @@ def measure_latency(
                 window: list[float] = []
                 while True:
                     t0 = time.perf_counter()
-                    model(x)
+                    forward(model, x)
                     window.append(time.perf_counter() - t0)
                     if len(times) + len(window) >= runs and not guarded:
                         break
@@ -211,7 +213,7 @@ def measure_latency(
     finally:
         if threads is not None:
             torch.set_num_threads(old_threads)
-        if channels_last and example.ndim == 4:
+        if channels_last:
             model.to(memory_format=torch.contiguous_format)
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
     return Latency(
@@ -219,7 +221,7 @@ def measure_latency(
         p25_ms=q[0] * 1e3,
         p75_ms=q[2] * 1e3,
         runs=len(times),
-        batch=int(example.shape[0]),
+        batch=batch_len(example),
         threads=threads or torch.get_num_threads(),
         channels_last=channels_last,
         foreign_share_max=share_max if guarded else None,
@@ -232,7 +234,7 @@ def best_latency(model: nn.Module, example: torch.Tensor, **kw) -> Latency:
     """The faster of NCHW and channels_last (4-D inputs): speedups are measured against the
     fastest dense layout, since channels_last alone speeds dense CNNs up 1.6-1.8x on CPU."""
     first = measure_latency(model, example, channels_last=False, **kw)
-    if example.ndim != 4:
+    if not isinstance(example, torch.Tensor) or example.ndim != 4:
         return first
     second = measure_latency(model, example, channels_last=True, **kw)
     return min(first, second, key=lambda lat: lat.median_ms)

@@ -34,6 +34,7 @@ from torch import nn
 from rankdown import decompose
 from rankdown.errors import RankdownError
 from rankdown.layers import ChannelSVDConv2d, LowRankLinear, balance_factors
+from rankdown.probe import batch_len, batch_slice, forward
 from rankdown.progress import progress
 from rankdown.surgery import record_inputs
 
@@ -74,7 +75,7 @@ def _layer_input(model: nn.Module, fqn: str, x: torch.Tensor) -> torch.Tensor:
     handle = model.get_submodule(fqn).register_forward_pre_hook(hook)
     try:
         with torch.no_grad():
-            model(x)
+            forward(model, x)
     except _Stop:
         pass
     finally:
@@ -150,13 +151,13 @@ class _Pairs:
         self.cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         first = next(self._compute())
         per_example = sum(t[:1].numel() * t.element_size() for t in first)
-        if per_example * len(inputs) <= config.cache_mb * 2**20:
+        if per_example * batch_len(inputs) <= config.cache_mb * 2**20:
             self.cache = list(self._compute())
 
     def _compute(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         bs = self.config.batch_size
-        for i in range(0, len(self.inputs), bs):
-            xb = self.inputs[i : i + bs]
+        for i in range(0, batch_len(self.inputs), bs):
+            xb = batch_slice(self.inputs, i, i + bs)
             z = _layer_input(self.dense, self.fqn, xb)
             with torch.no_grad():
                 target = self.layer(z)
@@ -213,7 +214,7 @@ def _holdout(i: int, n_batches: int) -> bool:
 
 @torch.no_grad()
 def _heldout_error(module: nn.Module, pairs: _Pairs) -> float:
-    n = math.ceil(len(pairs.inputs) / pairs.config.batch_size)
+    n = math.ceil(batch_len(pairs.inputs) / pairs.config.batch_size)
     num = den = 0.0
     for i, (zin, target) in enumerate(pairs):
         if _holdout(i, n):
@@ -231,11 +232,11 @@ def _closed_form(dense_layer: nn.Module, module: nn.Module, pairs: _Pairs, mode:
     mean_h = torch.zeros(d, dtype=torch.float64)
     count = 0
     bs = pairs.config.batch_size
-    n_batches = math.ceil(len(pairs.inputs) / bs)
-    for i, xb in enumerate(range(0, len(pairs.inputs), bs)):
+    n_batches = math.ceil(batch_len(pairs.inputs) / bs)
+    for i, xb in enumerate(range(0, batch_len(pairs.inputs), bs)):
         if _holdout(i, n_batches):
             continue
-        batch = pairs.inputs[xb : xb + bs]
+        batch = batch_slice(pairs.inputs, xb, xb + bs)
         z = _layer_input(pairs.dense, pairs.fqn, batch)
         h = z if mode == "data" else _layer_input(pairs.compressed, pairs.fqn, batch)
         pz, ph = patch_rows(dense_layer, z).double(), patch_rows(dense_layer, h).double()
@@ -281,7 +282,7 @@ def _last_factor_least_squares(module: nn.Module, pairs: _Pairs) -> bool:
         k: [torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, n_out, dtype=torch.float64), 0.0]
         for k in ("fit", "val")
     }
-    n_batches = math.ceil(len(pairs.inputs) / pairs.config.batch_size)
+    n_batches = math.ceil(batch_len(pairs.inputs) / pairs.config.batch_size)
     with torch.no_grad():
         for i, (zin, target) in enumerate(pairs):
             feats = patch_rows(last, head(zin)).double()
@@ -352,7 +353,7 @@ def _response_fit(dense_layer: nn.Module, module: nn.Module, pairs: _Pairs, conf
     head = None if closed else module[:-1]
     rank = module[0].weight.shape[0] if closed else None
 
-    n_batches = math.ceil(len(pairs.inputs) / pairs.config.batch_size)
+    n_batches = math.ceil(batch_len(pairs.inputs) / pairs.config.batch_size)
     n_fit = sum(not _holdout(i, n_batches) for i in range(n_batches))
     d = module[0].weight[0].numel() if closed else last.weight[0].numel()
     budget = min(config.relu_rows, (256 * 2**20) // (4 * d))  # the sampled features stay under 256 MB
@@ -447,7 +448,7 @@ def _gradient(module: nn.Module, pairs: _Pairs, config: CalibrationConfig, desc:
         return
     groups = [{"params": [p], "lr": config.lr * max(float(p.detach().pow(2).mean().sqrt()), 1e-8)} for p in params]
     opt = torch.optim.Adam(groups)
-    n_batches = math.ceil(len(pairs.inputs) / config.batch_size)
+    n_batches = math.ceil(batch_len(pairs.inputs) / config.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, config.epochs * n_batches))
     gen = torch.Generator().manual_seed(config.seed)
     held = _heldout_error(module, pairs)
@@ -480,11 +481,11 @@ def reconstruct(
     """Refit the factorized modules at ``fqns`` of ``compressed`` (in place) to ``dense``'s layer
     outputs on ``inputs``; returns per layer the relative output error before and after."""
     config = config or CalibrationConfig()
-    if len(inputs) < 1:
+    if batch_len(inputs) < 1:
         raise RankdownError("data reconstruction needs at least one calibration example")
     dense.eval()
     compressed.eval()
-    order = execution_order(dense, list(fqns), inputs[:1])
+    order = execution_order(dense, list(fqns), batch_slice(inputs, 0, 1))
     results: dict[str, dict] = {}
     for fqn in progress(order, total=len(order), desc=f"calibrate ({config.mode})"):
         dense_layer, module = dense.get_submodule(fqn), compressed.get_submodule(fqn)

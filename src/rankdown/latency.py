@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from rankdown import __version__
-from rankdown.allocate import relative_error
+from rankdown.allocate import _outputs, relative_error
 from rankdown.bench import measure_latency
 from rankdown.errors import RankdownError
 from rankdown.methods import METHODS, Method, Rank
-from rankdown.probe import primary_output
+from rankdown.probe import batch_slice, forward
 from rankdown.progress import progress
 from rankdown.storage import default_cache_dir
 from rankdown.surgery import get_module, swapped
@@ -250,8 +250,7 @@ def layer_options(
         if calibration is None:
             raise RankdownError("criterion='model' needs the calibration batch")
         model = model.eval()
-        with torch.no_grad():
-            reference = primary_output(model(calibration))
+        reference = _outputs(model, calibration)
     out: dict[str, LayerOptions] = {}
     for fqn in progress(targets, total=len(targets), desc="latency candidates"):
         module = get_module(model, fqn)
@@ -277,7 +276,7 @@ def layer_options(
                         err = relative_error(fact.module(x), ref)
                     else:
                         with swapped(model, fqn, fact.module):
-                            err = relative_error(primary_output(model(calibration)), reference)
+                            err = relative_error(_outputs(model, calibration), reference)
                 macs = sum(count_macs(fact.module, x[:1]).values())
                 ms = table.time(_clone(fact.module), in_shape)
                 opts.candidates.append(Candidate(name, rank, ms, err, macs))
@@ -438,10 +437,12 @@ def latency_ranks(
         get_module(model, t).register_forward_pre_hook(lambda _m, a, t=t: inputs.__setitem__(t, a[0].detach()))
         for t in selection.targets
     ]
-    with torch.no_grad():
-        model.eval()(calibration)
-    for h in hooks:
-        h.remove()
+    try:
+        with torch.no_grad():
+            forward(model.eval(), calibration)
+    finally:
+        for h in hooks:
+            h.remove()
     table = LatencyTable(key, cache_dir, runs=runs, guard=guard)
     options = layer_options(
         model,
@@ -513,7 +514,7 @@ def timing_options(
     from rankdown.rank import _meta_copy, candidate_cost
     from rankdown.surgery import record_inputs
 
-    inputs = record_inputs(model, example[:1], targets)
+    inputs = record_inputs(model, batch_slice(example, 0, 1), targets)
     out: dict[str, LayerOptions] = {}
     for fqn in progress(targets, total=len(targets), desc="latency table"):
         module = get_module(model, fqn)

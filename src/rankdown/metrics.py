@@ -43,6 +43,7 @@ from rankdown.layers import (
     Tucker2Conv2d,
     balance_factors,
 )
+from rankdown.probe import batch_len, batch_slice, forward, primary_output
 
 METRICS = ("frobenius", "mahalanobis", "covariance")
 _SUPPORTED = (LowRankLinear, ChannelSVDConv2d, Tucker2Conv2d, CPConv2d, SeparableConv2d, BasisConv2d)
@@ -92,8 +93,8 @@ def collect(
         handles = [m.register_forward_pre_hook(lambda m, a, f=f: hook(m, a, f)) for f, m in mods.items()]
         try:
             with torch.no_grad():
-                for i in range(0, len(inputs), batch_size):
-                    model(inputs[i : i + batch_size])
+                for i in range(0, batch_len(inputs), batch_size):
+                    forward(model, batch_slice(inputs, i, i + batch_size))
         finally:
             for h in handles:
                 h.remove()
@@ -103,14 +104,16 @@ def collect(
         return out
     # mahalanobis: squared gradients of the loss against the model's own predictions
     sq = {fqn: torch.zeros_like(m.weight, dtype=torch.float64) for fqn, m in mods.items()}
-    for i in range(0, len(inputs), batch_size):
-        xb = inputs[i : i + batch_size]
+    for i in range(0, batch_len(inputs), batch_size):
+        xb = batch_slice(inputs, i, i + batch_size)
         with torch.no_grad():
-            labels = model(xb).argmax(-1)
+            logits = primary_output(forward(model, xb))
+            labels = logits.argmax(-1)
         model.zero_grad(set_to_none=True)
         # per-example gradients summed in squares would need one backward per example; batches
         # of the mean loss are the usual (Fisher-weighted SVD) approximation.
-        F.cross_entropy(model(xb), labels).backward()
+        logits = primary_output(forward(model, xb))
+        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)).backward()
         for fqn, m in mods.items():
             if m.weight.grad is not None:
                 sq[fqn] += m.weight.grad.double() ** 2

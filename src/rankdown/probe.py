@@ -59,21 +59,73 @@ def primary_output(out: object) -> torch.Tensor:
     raise RankdownError(f"the model returned {type(out).__name__}, which holds no tensor to compare")
 
 
+# Inputs are a tensor (the first positional argument) or a dict of keyword inputs (token ids,
+# attention masks...) whose tensors share the batch dimension. These helpers are the one place
+# that knows the difference.
+Inputs = torch.Tensor | Mapping[str, torch.Tensor]
+
+
+def forward(model: nn.Module, x: Inputs) -> object:
+    """``model(x)``, or ``model(**x)`` for keyword inputs."""
+    return model(**x) if isinstance(x, Mapping) else model(x)
+
+
+def batch_len(x: Inputs) -> int:
+    if isinstance(x, Mapping):
+        return int(next(iter(x.values())).shape[0])
+    return int(x.shape[0])
+
+
+def batch_slice(x: Inputs, start: int, stop: int) -> Inputs:
+    if isinstance(x, Mapping):
+        return {k: v[start:stop] for k, v in x.items()}
+    return x[start:stop]
+
+
+def batch_cat(parts: list[Inputs]) -> Inputs:
+    if isinstance(parts[0], Mapping):
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}  # type: ignore[index]
+    return torch.cat(parts)  # type: ignore[arg-type]
+
+
+def batch_tile(x: Inputs, n: int) -> Inputs:
+    """A batch of ``n`` made by repeating the examples of ``x`` (for timing at a batch size)."""
+    reps = -(-n // batch_len(x))
+    if isinstance(x, Mapping):
+        return {k: v.repeat(reps, *([1] * (v.ndim - 1)))[:n] for k, v in x.items()}
+    return x.repeat(reps, *([1] * (x.ndim - 1)))[:n]
+
+
+def to_model(x: Inputs, model: nn.Module) -> Inputs:
+    """Floating inputs in the model's dtype and device; integer inputs (token ids) keep theirs."""
+    dtype, device = model_dtype_device(model)
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device=device)
+
+    return {k: move(v) for k, v in x.items()} if isinstance(x, Mapping) else move(x)
+
+
+def describe(x: Inputs) -> str:
+    if isinstance(x, Mapping):
+        return "{" + ", ".join(f"{k}: {tuple(v.shape)}" for k, v in x.items()) + "}"
+    return f"shape {tuple(x.shape)} and dtype {str(x.dtype).replace('torch.', '')}"
+
+
 @torch.no_grad()
-def check_runs(model: nn.Module, example: torch.Tensor, what: str) -> torch.Tensor:
+def check_runs(model: nn.Module, example: Inputs, what: str) -> torch.Tensor:
     """One forward pass before any work: a model that does not run on ``example`` (a wrong
-    --input-shape, a model that needs other inputs) or whose output holds no tensor fails now, in
-    one line, not after minutes. Returns the output tensor."""
+    --input-shape, data of another shape, a model that needs other inputs) or whose output holds no
+    tensor fails now, in one line, not after minutes. Returns the output tensor."""
     model.eval()
     try:
-        out = model(example)
+        out = forward(model, example)
     except Exception as exc:  # the user's model: any error
         first = (str(exc).strip().splitlines() or [""])[0]
         raise RankdownError(
-            f"{what} does not run on an input of shape {tuple(example.shape)} and dtype "
-            f"{str(example.dtype).replace('torch.', '')} ({type(exc).__name__}: {first})"
+            f"{what} does not run on an input of {describe(example)} ({type(exc).__name__}: {first})"
         ) from exc
     y = primary_output(out)
     if y.is_floating_point() and not bool(torch.isfinite(y).all()):
-        raise RankdownError(f"{what} gives NaN or Inf on an input of shape {tuple(example.shape)}")
+        raise RankdownError(f"{what} gives NaN or Inf on an input of {describe(example)}")
     return y

@@ -16,6 +16,7 @@ from torch import nn
 
 from rankdown.api import CompressConfig, CompressResult, compress
 from rankdown.calibrate import execution_order
+from rankdown.probe import batch_slice
 from rankdown.progress import progress
 from rankdown.rank import LayerRanks
 from rankdown.surgery import record_inputs
@@ -48,13 +49,13 @@ def progressive_compress(
     are those of the dense fits), and the per-layer training histories."""
     planned = compress(model, config, example, metrics=metrics, model_spec=model_spec)
     current = copy.deepcopy(model)
-    order = execution_order(current, list(planned.plan.layers), example[:1])
+    order = execution_order(current, list(planned.plan.layers), batch_slice(example, 0, 1))
     histories: list[dict] = []
     for fqn in progress(order, total=len(order), desc="progressive"):
         lp = planned.plan.layers[fqn]
         step = CompressConfig(lp.method, LayerRanks({fqn: lp.rank}, "progressive"), layers=(fqn,))
         compress(current, step, example, inplace=True, metrics=metrics)
-        frozen = called_up_to(current, fqn, example[:1])
+        frozen = called_up_to(current, fqn, batch_slice(example, 0, 1))
         hist = finetune(current, train_split, train_config, frozen=frozen)
         histories.append({"layer": fqn, "frozen": len(frozen), "history": hist})
     for p in current.parameters():

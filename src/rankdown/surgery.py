@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from rankdown.errors import LayerNotFoundError, RankdownError, UnsupportedLayerError
+from rankdown.probe import forward
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -145,7 +146,7 @@ def select_layers(
     return Selection(targets, skipped)
 
 
-def record_inputs(model: nn.Module, example: torch.Tensor, fqns: list[str]) -> dict[str, torch.Tensor]:
+def record_inputs(model: nn.Module, example, fqns: list[str]) -> dict[str, torch.Tensor]:
     """One example of each layer's input (batch 1, on the meta device), from a probe forward.
 
     Rank policies that budget MACs need the spatial size each layer really sees.
@@ -161,7 +162,7 @@ def record_inputs(model: nn.Module, example: torch.Tensor, fqns: list[str]) -> d
         handles.append(get_module(model, fqn).register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
-            model(example)
+            forward(model, example)
     finally:
         for h in handles:
             h.remove()
