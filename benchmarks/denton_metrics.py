@@ -29,7 +29,7 @@ import torch
 from rankdown import CompressConfig, build_model, compress
 from rankdown.bench import count_macs, environment
 from rankdown.metrics import collect
-from rankdown.pipeline import DATASETS
+from rankdown.models import DATASETS
 from rankdown.rank import MacFraction
 from rankdown.train import TrainConfig, finetune
 

@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from rankdown.models import BUNDLED
-from rankdown.pipeline import DATASETS
+from rankdown.models import BUNDLED, DATASETS
 from rankdown.train import evaluate, train_classifier
 
 EPOCHS = {"fashion-vgg": 10, "charnet": 8}

@@ -226,6 +226,8 @@ def test_analyze_and_global_budget(tmp_path):
             "nets:tiny_vgg",
             "--input-shape",
             "3,16,16",
+            "--calib-data",
+            "noise",
             "--calibration",
             "8",
             "--cache-dir",
@@ -248,6 +250,8 @@ def test_analyze_and_global_budget(tmp_path):
             "nets:tiny_vgg",
             "--input-shape",
             "3,16,16",
+            "--calib-data",
+            "noise",
             "--speedup",
             "2",
             "--calibration",
@@ -274,6 +278,8 @@ def test_analyze_and_global_budget(tmp_path):
             "nets:tiny_vgg",
             "--input-shape",
             "3,16,16",
+            "--calib-data",
+            "noise",
             "--speedup",
             "200",
             "--calibration",
@@ -288,6 +294,13 @@ def test_analyze_and_global_budget(tmp_path):
         tmp_path,
     )
     assert p.returncode == 2 and "target unreachable" in p.stderr
+    # No silent fallback: a data-aware option without data names the flag that provides it.
+    p = cli(
+        ["compress", *("--model", "nets:tiny_vgg", "--input-shape", "3,16,16", "--speedup", "2", "--out", "y")],
+        tmp_path,
+    )
+    assert p.returncode == 2 and "needs calibration data: give --calib-data" in p.stderr
+    assert not (tmp_path / "y").exists()
 
 
 def test_finetune_train_and_resume_on_data_slice(tmp_path, fake_fashion, has_bundled_weights):
@@ -414,6 +427,8 @@ def test_bench_and_latency_aware_compress(tmp_path):
             "nets:tiny_vgg",
             "--input-shape",
             "3,16,16",
+            "--calib-data",
+            "noise",
             "--latency-aware",
             "--sensitivity",
             "model",
@@ -477,6 +492,8 @@ def test_bench_and_latency_aware_compress(tmp_path):
             "nets:tiny_vgg",
             "--input-shape",
             "3,16,16",
+            "--calib-data",
+            "noise",
             "--latency-aware",
             "--rank",
             "4",

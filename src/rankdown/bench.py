@@ -264,7 +264,7 @@ def environment() -> dict[str, str]:
 def compare_latency(
     dense: nn.Module | None,
     compressed: nn.Module,
-    input_shape: tuple[int, ...],
+    example,
     *,
     batch_sizes: tuple[int, ...] = (1, 64),
     runs: int = 30,
@@ -272,12 +272,17 @@ def compare_latency(
     guard: bool = True,
     seed: int = 0,
 ) -> dict[str, dict]:
-    """Latency of both models per batch size, each in its fastest memory layout; speedup = dense/compressed."""
-    from rankdown.probe import example_input
+    """Latency of both models per batch size, each in its fastest memory layout; speedup =
+    dense/compressed. Inputs: seeded N(0, 1) of the example's shape for a float tensor example,
+    else the example (token ids, keyword inputs) repeated to the batch size."""
+    from rankdown.probe import batch_tile, example_input
 
     out: dict[str, dict] = {}
     for b in batch_sizes:
-        x = example_input(compressed, input_shape, b, random=True, seed=seed + b)
+        if isinstance(example, torch.Tensor) and example.is_floating_point():
+            x = example_input(compressed, tuple(example.shape[1:]), b, random=True, seed=seed + b)
+        else:
+            x = batch_tile(example, b)
         # Fewer repeats at large batch: each call is long enough to time on its own.
         n = max(5, runs // 3) if b > 8 else runs
         row: dict = {"batch": b, "runs": n}

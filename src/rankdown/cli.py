@@ -173,6 +173,111 @@ def _saved_model_option(f):
     )(f)
 
 
+def _floats(_ctx, param, value: str | None) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        vals = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected numbers like 0.485,0.456,0.406, got {value!r}", param=param) from None
+    if not vals or not all(math.isfinite(v) for v in vals):
+        raise click.BadParameter(f"expected finite numbers, got {value!r}", param=param)
+    return vals
+
+
+def _sizes(_ctx, param, value: str | None) -> int | tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        vals = tuple(int(v) for v in value.replace("x", ",").split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected a size like 224 or 224,224, got {value!r}", param=param) from None
+    if len(vals) not in (1, 2) or any(not 0 < v <= 16384 for v in vals):
+        raise click.BadParameter(f"expected one or two positive sizes, got {value!r}", param=param)
+    return vals[0] if len(vals) == 1 else (vals[0], vals[1])
+
+
+def _data_options(roles: tuple[str, ...]):
+    """--calib-data / --eval-data / --train-data and how images become tensors."""
+    helps = {
+        "calib": "Calibration data for every data-aware step (sensitivity, metrics, reconstruction, latency "
+        "error budgets): an image folder (class sub-folders = labels), a .safetensors/.npz (inputs, labels) "
+        "or .npy file, package.module:function returning a DataLoader, or noise (seeded Gaussian inputs). "
+        "Defaults to --train-data, else --eval-data.",
+        "eval": "Data the report's quality numbers are measured on (accuracy with labels; agreement with the "
+        "dense model always). Defaults to --calib-data (the report says so).",
+        "train": "Data to fine-tune on (task loss with labels, distillation from the dense model without). "
+        "Defaults to --calib-data.",
+    }
+
+    def deco(f):
+        opts = [click.option(f"--{r}-data", f"{r}_data", default=None, help=helps[r]) for r in roles]
+        opts += [
+            click.option(
+                "--preset",
+                type=click.Choice(["imagenet", "none"]),
+                default=None,
+                help="Image preprocessing preset (imagenet: resize 256, crop 224, ImageNet mean/std).",
+            ),
+            click.option("--image-size", callback=_sizes, default=None, help="Resize images: shorter side, or H,W."),
+            click.option("--crop", callback=_sizes, default=None, help="Center-crop images to this size (or H,W)."),
+            click.option("--mean", callback=_floats, default=None, help="Per-channel mean subtracted from x/255."),
+            click.option("--std", callback=_floats, default=None, help="Per-channel std dividing (x/255 - mean)."),
+            click.option("--grayscale", is_flag=True, help="Read images as one channel (else RGB)."),
+            click.option(
+                "--eval",
+                "eval_metric",
+                default=None,
+                help="Your own quality metric: package.module:function(model, data) -> dict of name -> number.",
+            ),
+        ]
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+
+    return deco
+
+
+def _open_data(kw: dict, input_shape=None) -> tuple[dict, object]:
+    """The data sources given on the command line, each opened (and checked) before any work;
+    the same source given twice is opened once. Pops the data options from ``kw``."""
+    import dataclasses as dc
+
+    from rankdown.sources import PRESETS, ImageOptions, open_data
+
+    preset = kw.pop("preset", None)
+    base = PRESETS[preset] if preset else ImageOptions()
+    changes = {
+        k: v
+        for k, v in {
+            "size": kw.pop("image_size", None),
+            "crop": kw.pop("crop", None),
+            "mean": kw.pop("mean", None),
+            "std": kw.pop("std", None),
+        }.items()
+        if v is not None
+    }
+    if kw.pop("grayscale", False):
+        changes["grayscale"] = True
+    images = dc.replace(base, **changes)
+    metric_spec = kw.pop("eval_metric", None)
+    metric_fn = None
+    if metric_spec is not None:
+        from rankdown.models import resolve_factory
+
+        metric_fn = resolve_factory(metric_spec)
+    opened: dict[str, object] = {}
+    data = {}
+    for role in ("calib", "eval", "train"):
+        spec = kw.pop(f"{role}_data", None)
+        if spec is None:
+            continue
+        if spec not in opened:
+            opened[spec] = open_data(spec, f"--{role}-data", image_options=images, input_shape=input_shape)
+        data[role] = opened[spec]
+    return data, metric_fn
+
+
 def _given(param: str) -> bool:
     """Whether the user set ``param`` (rather than click filling in its default)."""
     return click.get_current_context().get_parameter_source(param).name != "DEFAULT"
@@ -455,6 +560,7 @@ def main() -> None:
     help="Output folder for plan.json, model.safetensors and report.json.",
 )
 @click.option("--force", is_flag=True, help="Replace an output folder that rankdown wrote earlier.")
+@_data_options(("calib", "eval", "train"))
 @_measure_options
 def compress(
     model_spec,
@@ -504,6 +610,7 @@ def compress(
     no_guard,
     json_out,
     quiet,
+    **data_kw,
 ):
     """Compress a model, measure it before and after, and save plan + weights + report."""
     from rankdown.api import CompressConfig
@@ -573,11 +680,19 @@ def compress(
             "--progressive-steps and data reconstruction (--calibration) are two ways to recover "
             "accuracy; give one (or --reconstruct filter)"
         )
+    if out is not None:
+        from rankdown.storage import check_output_dir
+
+        check_output_dir(out, force)  # before the data are opened and the model built
+    data, metric_fn = _open_data(data_kw, input_shape)
     _, report = run_compress(
         model_spec,
         config,
         weights=weights,
         input_shape=input_shape,
+        data=data,
+        metric_fn=metric_fn,
+        warn=lambda message: click.echo(f"warning: {message}", err=True),
         out=out,
         force=force,
         opts=_opts(data_dir, eval_limit, batch_sizes, latency_runs, threads, no_latency, no_guard),
@@ -620,6 +735,7 @@ def compress(
     help="The dense original's weights, to measure it beside the compressed model.",
 )
 @_saved_model_option
+@_data_options(("eval",))
 @_measure_options
 def eval_cmd(
     folder,
@@ -634,16 +750,19 @@ def eval_cmd(
     no_guard,
     json_out,
     quiet,
+    **data_kw,
 ):
     """Rebuild a saved compressed model from its plan and measure it again."""
     from rankdown.pipeline import run_eval
     from rankdown.progress import set_quiet
 
     set_quiet(quiet)
+    data, _ = _open_data(data_kw)
     report = run_eval(
         folder,
         weights=weights,
         model_spec=model_spec,
+        data=data,
         opts=_opts(data_dir, eval_limit, batch_sizes, latency_runs, threads, no_latency, no_guard),
         argv=["rankdown", *sys.argv[1:]],
     )
@@ -656,6 +775,7 @@ def eval_cmd(
 @_train_options
 @click.option("--resume", is_flag=True, help="Continue from FOLDER/checkpoints/last.")
 @_saved_model_option
+@_data_options(("eval", "train"))
 @_measure_options
 def finetune(
     folder,
@@ -678,6 +798,7 @@ def finetune(
     no_guard,
     json_out,
     quiet,
+    **data_kw,
 ):
     """Fine-tune a saved compressed model in place (checkpoints at each epoch end), then re-measure it."""
     from rankdown.pipeline import run_finetune
@@ -685,11 +806,13 @@ def finetune(
 
     set_quiet(quiet)
     config = _train_config(epochs, lr, batch_size, weight_decay, distill, freeze_dense, seed)
+    data, _ = _open_data(data_kw)
     report = run_finetune(
         folder,
         config,
         resume=resume,
         model_spec=model_spec,
+        data=data,
         train_limit=train_limit,
         opts=_opts(data_dir, eval_limit, batch_sizes, latency_runs, threads, no_latency, no_guard),
         argv=["rankdown", *sys.argv[1:]],
@@ -747,8 +870,7 @@ def train(
     from pathlib import Path
 
     from rankdown.errors import OutputExistsError, RankdownError
-    from rankdown.models import BUNDLED, build_model
-    from rankdown.pipeline import DATASETS, train_split_for
+    from rankdown.models import BUNDLED, DATASETS, build_model
     from rankdown.progress import set_quiet
     from rankdown.storage import atomic_write_bytes, check_output_file
     from rankdown.train import finetune as run_training
@@ -759,7 +881,11 @@ def train(
     check_output_file(out, "--out", ours=_trained_by_rankdown)
     if distill or freeze_dense:
         raise RankdownError("--distill and --freeze-dense apply to compressed models (rankdown finetune)")
-    split = train_split_for(model_spec, data_dir, train_limit)
+    if model_spec not in BUNDLED:
+        raise RankdownError(
+            f"rankdown train retrains a bundled model on its own data; model {model_spec!r} has no bundled dataset"
+        )
+    split = DATASETS[BUNDLED[model_spec].dataset]("train", data_dir, train_limit)
     model = build_model(model_spec, pretrained=not from_scratch)
     test = DATASETS[BUNDLED[model_spec].dataset]("test", data_dir)
     skip = set(BUNDLED[model_spec].default_skip)
@@ -817,25 +943,39 @@ def _trained_by_rankdown(path) -> bool:
     required=True,
     help="Folder for analysis.json, spectra.png, energy.png and sensitivity.png.",
 )
-@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--force", is_flag=True, help="Replace an output folder that rankdown wrote earlier.")
+@_data_options(("calib",))
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def analyze(model_spec, weights, input_shape, method, sensitivity, calibration, data_dir, cache_dir, out, force, quiet):
+def analyze(
+    model_spec,
+    weights,
+    input_shape,
+    method,
+    sensitivity,
+    calibration,
+    data_dir,
+    cache_dir,
+    out,
+    force,
+    quiet,
+    **data_kw,
+):
     """Per-layer spectra, EVBMF ranks, energy and sensitivity curves: look before choosing a budget."""
-
     from rankdown.analyze import analyze_model, render_analysis, save_analysis
     from rankdown.api import CompressConfig
-    from rankdown.models import BUNDLED, build_model
-    from rankdown.pipeline import calibration_inputs, input_shape_for
+    from rankdown.pipeline import MeasureOptions, build_workload, calib_inputs
     from rankdown.progress import set_quiet
     from rankdown.storage import check_output_dir
 
     set_quiet(quiet)
     check_output_dir(out, force)
-    model = build_model(model_spec, weights)
-    shape = input_shape_for(model_spec, input_shape)
-    skip = BUNDLED[model_spec].default_skip if model_spec in BUNDLED else ()
-    calib = calibration_inputs(model_spec, shape, calibration, data_dir, model)
-    result = analyze_model(model, CompressConfig(method, skip=skip), calib, criterion=sensitivity, cache_dir=cache_dir)
+    data, _ = _open_data(data_kw, input_shape)
+    workload = build_workload(
+        model_spec, weights=weights, input_shape=input_shape, data=data, opts=MeasureOptions(data_dir=data_dir)
+    )
+    calib = calib_inputs(workload.need("calib", "--calib-data", "analyze"), calibration, workload.model)
+    config = CompressConfig(method, skip=workload.skip)
+    result = analyze_model(workload.model, config, calib, criterion=sensitivity, cache_dir=cache_dir)
     result["model"] = model_spec
     save_analysis(result, out, force=force)
     render_analysis(result)

@@ -141,6 +141,22 @@ BUNDLED: dict[str, BundledModel] = {
 }
 
 
+def _fashion(split: str, data_dir: str | None = None, limit: int | None = None):
+    from rankdown.data import load_fashion_mnist
+
+    return load_fashion_mnist(split, data_dir, limit=limit)
+
+
+def _chars(split: str, data_dir: str | None = None, limit: int | None = None):
+    from rankdown.chars import load_chars  # renders (once, then cached) only when asked for
+
+    return load_chars(split, limit=limit)
+
+
+# The bundled models' data: name -> load(split "train"/"test", data_dir, limit) -> rankdown.data.Split
+DATASETS = {"fashion-mnist": _fashion, "chars": _chars}
+
+
 class ModelError(RankdownError):
     """A model spec, factory or weights file could not be used."""
 

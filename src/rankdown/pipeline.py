@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,23 +17,16 @@ from rankdown.allocate import Budget, relative_error
 from rankdown.api import CompressConfig, CompressResult, allocate_ranks, compress, select_targets
 from rankdown.bench import compare_latency, model_cost
 from rankdown.calibrate import CalibrationConfig
-from rankdown.data import load_fashion_mnist
 from rankdown.errors import RankdownError
 from rankdown.models import BUNDLED, build_model
-from rankdown.plan import load_compressed, read_plan, save_compressed
-from rankdown.probe import check_runs, example_input, model_dtype_device, primary_output
+from rankdown.plan import Plan, load_compressed, read_plan, save_compressed
+from rankdown.probe import Inputs, batch_tile, check_runs, example_input, forward, primary_output, to_model
+from rankdown.quality import MetricFn, evaluate
 from rankdown.report import build_report
+from rankdown.sources import Data
 from rankdown.storage import atomic_write_dir, check_output_dir
-from rankdown.train import TrainConfig, evaluate, finetune
-
-
-def _chars(split: str, data_dir: str | None = None, limit: int | None = None):
-    from rankdown.chars import load_chars  # renders (once, then cached) only when asked for
-
-    return load_chars(split, limit=limit)
-
-
-DATASETS = {"fashion-mnist": load_fashion_mnist, "chars": _chars}
+from rankdown.train import TrainConfig, finetune
+from rankdown.workload import Workload, bundled_workload, user_workload
 
 
 @dataclass
@@ -81,95 +74,87 @@ class ReconstructionOptions:
     config: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
 
 
-def reconstruct_layers(
-    result: CompressResult, dense: nn.Module, spec: str, shape: tuple[int, ...], opts: ReconstructionOptions, data_dir
-) -> dict:
+def reconstruct_layers(result: CompressResult, dense: nn.Module, calib: Data, opts: ReconstructionOptions) -> dict:
     """Refit ``result``'s factorized layers to the dense layers' outputs; notes go in the report rows."""
     from rankdown.calibrate import reconstruct
 
-    calib = calibration_inputs(spec, shape, opts.examples, data_dir, dense)
-    fitted = reconstruct(dense, result.model, list(result.plan.layers), calib, opts.config)
+    fitted = reconstruct(
+        dense, result.model, list(result.plan.layers), calib_inputs(calib, opts.examples, dense), opts.config
+    )
     for row in result.layers:
         if row.name in fitted:
             f = fitted[row.name]
             row.info["calibration"] = f
             errs = f"{f['output_error_before']:.3f}→{f['output_error_after']:.3f}"
             row.note = (row.note + "; " if row.note else "") + f"{opts.config.mode} fit ({f['how']}): out err {errs}"
-    result.plan.meta["calibration"] = {
-        "mode": opts.config.mode,
-        "examples": opts.examples,
-        "data": "training images" if spec in BUNDLED and BUNDLED[spec].dataset else "seeded Gaussian noise",
-    }
+    result.plan.meta["calibration"] = {"mode": opts.config.mode, "examples": opts.examples, "data": calib.describe()}
     return fitted
 
 
-def calibration_inputs(
-    spec: str, shape: tuple[int, ...], n: int, data_dir: str | None, like: nn.Module | None = None
-) -> torch.Tensor:
-    """The first ``n`` training images for a bundled model; seeded Gaussian inputs otherwise (a
-    user model's data is not known here: the sensitivity is then that of the layers' weights
-    under white-noise inputs, which the report says)."""
+def calib_inputs(data: Data, n: int, model: nn.Module) -> Inputs:
+    """The first ``n`` calibration examples as one batch, in the model's dtype and device."""
     if n < 1:
         raise RankdownError(f"--calibration must be >= 1 example, got {n}")
-    if spec in BUNDLED and BUNDLED[spec].dataset:
-        x = DATASETS[BUNDLED[spec].dataset]("train", data_dir, limit=n).images
-    else:
-        x = torch.randn((n, *shape), generator=torch.Generator().manual_seed(0))
-    if like is None:
-        return x
-    dtype, device = model_dtype_device(like)
-    return x.to(dtype=dtype, device=device)
+    return to_model(data.inputs(n), model)
 
 
-def input_shape_for(spec: str, input_shape: tuple[int, ...] | None) -> tuple[int, ...]:
+def input_shape_for(spec: str, input_shape: tuple[int, ...] | None) -> tuple[int, ...] | None:
     if input_shape is not None:
         if not input_shape or any(d <= 0 for d in input_shape):
             raise RankdownError(f"--input-shape must be positive sizes without the batch, got {input_shape}")
         return tuple(input_shape)
     if spec in BUNDLED:
         return BUNDLED[spec].input_shape
-    raise RankdownError(f"model {spec!r} is not bundled: give --input-shape (one example, e.g. 3,224,224)")
+    return None
 
 
 @torch.no_grad()
-def output_rel_error(dense: nn.Module, compressed: nn.Module, input_shape: tuple[int, ...], n: int = 32) -> float:
-    x = example_input(dense, input_shape, n, random=True)
+def noise_output_error(dense: nn.Module, compressed: nn.Module, example: Inputs, n: int = 32) -> float | None:
+    """Relative output error on seeded Gaussian inputs: what a report can say without data."""
+    if not isinstance(example, torch.Tensor) or not example.is_floating_point():
+        return None
+    x = example_input(dense, tuple(example.shape[1:]), n, random=True)
     return relative_error(primary_output(compressed.eval()(x)), primary_output(dense.eval()(x)))
 
 
-def load_test_split(spec: str, opts: MeasureOptions):
-    """The bundled model's test split, or None. Loaded before any compression work, so that a
-    missing dataset fails in a second, not after minutes."""
-    dataset = BUNDLED[spec].dataset if spec in BUNDLED else None
-    if dataset is None:
+def _accuracy_block(quality: dict | None) -> dict | None:
+    """The report's accuracy summary (top-1), where labels exist."""
+    if not quality or "top1" not in quality["metrics"]:
         return None
-    return dataset, DATASETS[dataset]("test", opts.data_dir, limit=opts.eval_limit)
+    top1 = quality["metrics"]["top1"]
+    name = quality["data"]
+    return {"dataset": name, "n": quality["examples"], "before": top1.get("dense"), "after": top1.get("compressed")}
 
 
-def accuracy(test, models: dict[str, nn.Module | None]) -> dict | None:
-    if test is None:
-        return None
-    name, split = test
-    res: dict = {"dataset": f"{name} test", "n": len(split)}
-    for key, m in models.items():
-        res[key] = (
-            None
-            if m is None
-            else evaluate(m, split.batches(500), total=math.ceil(len(split) / 500), desc=f"accuracy ({key})")
+def measure(workload: Workload, dense: nn.Module | None, compressed: nn.Module, opts: MeasureOptions) -> dict:
+    """Quality on the evaluation data (or, with none, the output error on noise, said so), and
+    latency on the example input tiled to each batch size."""
+    data = workload.get("eval")
+    quality = None
+    if data is not None:
+        quality = evaluate(
+            {"dense": dense, "compressed": compressed},
+            data,
+            limit=opts.eval_limit,
+            metric=workload.metric,
+            desc="evaluate",
         )
-    return res
-
-
-def measure(
-    test, dense: nn.Module | None, compressed: nn.Module, input_shape: tuple[int, ...], opts: MeasureOptions
-) -> dict:
+        if data is workload.get("calib"):
+            quality["note"] = "evaluated on the calibration data (no separate --eval-data was given)"
+    if quality is not None and "output_rel_error" in quality["metrics"]:
+        out_err, out_err_on = quality["metrics"]["output_rel_error"]["compressed"], quality["data"]
+    else:
+        out_err = None if dense is None else noise_output_error(dense, compressed, workload.example)
+        out_err_on = None if out_err is None else "seeded Gaussian noise (no evaluation data)"
     return {
-        "accuracy": accuracy(test, {"before": dense, "after": compressed}),
-        "output_rel_error": None if dense is None else output_rel_error(dense, compressed, input_shape),
+        "accuracy": _accuracy_block(quality),
+        "quality": quality,
+        "output_rel_error": out_err,
+        "output_rel_error_on": out_err_on,
         "latency": compare_latency(
             dense,
             compressed,
-            input_shape,
+            workload.example,
             batch_sizes=opts.batch_sizes,
             runs=opts.latency_runs,
             threads=opts.threads,
@@ -180,12 +165,35 @@ def measure(
     }
 
 
-def run_compress(
-    spec: str,
+COLLAPSE_ERROR = 0.5  # relative output error on the calibration data past which quality is usually gone
+
+
+def collapse_warning(dense: nn.Module, compressed: nn.Module, workload: Workload, n: int = 64) -> str | None:
+    """Say before committing when a plan will wreck the model: the compressed model's output on the
+    calibration data (or the example) against the dense model's, with the next steps to try."""
+    data = workload.get("calib")
+    x = calib_inputs(data, n, dense) if data is not None else workload.example
+    with torch.no_grad():
+        ref = primary_output(forward(dense.eval(), x)).float()
+        out = primary_output(forward(compressed.eval(), x)).float()
+    err = relative_error(out, ref)
+    agree = float((out.argmax(-1) == ref.argmax(-1)).float().mean()) if ref.ndim >= 2 and ref.shape[-1] > 1 else None
+    if err < COLLAPSE_ERROR and (agree is None or agree >= 0.5):
+        return None
+    said = f"relative output error {err:.2f}" + (f", top-1 agreement {100 * agree:.0f}%" if agree is not None else "")
+    on = "the calibration data" if data is not None else "the example input"
+    return (
+        f"this plan changes the model's output a lot ({said} with the dense model on {on}): expect most of "
+        "its quality to be lost. Next: a milder budget (e.g. --params 0.7 or --speedup 1.5), a data-aware "
+        "plan (--speedup N with --calib-data), reconstruction (--calibration 256), or fine-tuning on your "
+        "data (--finetune-epochs 1 with --train-data)"
+    )
+
+
+def run_job(
+    workload: Workload,
     config: CompressConfig,
     *,
-    weights: str | None = None,
-    input_shape: tuple[int, ...] | None = None,
     out: str | Path | None = None,
     force: bool = False,
     opts: MeasureOptions | None = None,
@@ -198,26 +206,44 @@ def run_compress(
     progressive: TrainConfig | None = None,
     metric: str = "frobenius",
     metric_examples: int = 256,
+    weights: str | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> tuple[CompressResult, dict]:
-    """Compress ``spec`` (bundled name or package.module:factory), measure, and save to ``out``.
+    """The end-to-end job on a workload (a model and its data): plan, factorize, refit, fine-tune,
+    measure quality and latency, save. Every data-aware step uses the workload's data, and one
+    with none fails before any work, naming the flag that provides it.
 
-    With ``allocation``, ranks come from the global allocator under its whole-model budget, and
-    ``config.rank`` is ignored."""
+    With ``allocation`` or ``latency_aware``, ranks come from that planner and ``config.rank`` is
+    ignored. ``warn`` receives a warning when the plan is predicted to wreck the model."""
     opts = opts or MeasureOptions()
     if out is not None:
         check_output_dir(out, force)  # first, so that minutes of work are not thrown away at the end
-    shape = input_shape_for(spec, input_shape)
-    test = load_test_split(spec, opts)
-    dense = build_model(spec, weights)
-    if spec in BUNDLED and config.layers is None and not config.skip:
-        config = CompressConfig(config.method, config.rank, None, BUNDLED[spec].default_skip, config.filter_fn)
-    example = example_input(dense, shape)
-    check_runs(dense, example, f"model {spec!r}")
+    dense = workload.model.eval()
+    spec = workload.spec
+    check_runs(dense, workload.example, f"model {spec!r}" if spec else "the model")
+    if config.layers is None and not config.skip and workload.skip:
+        config = dataclasses.replace(config, skip=workload.skip)
     select_targets(dense, config)  # unknown or unsupported layers named by the user fail now
+    # Every data-aware step's data, checked before any work.
+    if latency_aware is not None:
+        workload.need("calib", "--calib-data", "--latency-aware")
+    if allocation is not None:
+        workload.need("calib", "--calib-data", "a global budget (--target-macs, --target-params, --speedup)")
+    if metric != "frobenius":
+        workload.need("calib", "--calib-data", f"--metric {metric}")
+    if reconstruction is not None:
+        workload.need("calib", "--calib-data", "data reconstruction (--calibration)")
+    if progressive is not None:
+        _trainable(workload.need("train", "--train-data", "--progressive-steps"), "--train-data")
+    if finetune_config is not None:
+        _trainable(workload.need("train", "--train-data", "fine-tuning"), "--train-data")
+    example = workload.example
     if latency_aware is not None:
         from rankdown.latency import DeviceKey, latency_ranks
 
-        calib = calibration_inputs(spec, shape, latency_aware.calibration, opts.data_dir, dense)
+        calib = calib_inputs(
+            workload.need("calib", "--calib-data", "--latency-aware"), latency_aware.calibration, dense
+        )
         key = DeviceKey.current(
             "cpu", batch=latency_aware.batch, threads=opts.threads, channels_last=latency_aware.channels_last
         )
@@ -235,7 +261,7 @@ def run_compress(
         )
         config = dataclasses.replace(config, rank=policy)
     if allocation is not None:
-        calib = calibration_inputs(spec, shape, allocation.calibration, opts.data_dir, dense)
+        calib = calib_inputs(workload.need("calib", "--calib-data", "a global budget"), allocation.calibration, dense)
         policy = allocate_ranks(
             dense,
             config,
@@ -250,43 +276,44 @@ def run_compress(
     if metric != "frobenius":
         from rankdown.metrics import collect
 
-        calib = calibration_inputs(spec, shape, metric_examples, opts.data_dir, dense)
+        calib = calib_inputs(workload.need("calib", "--calib-data", "--metric"), metric_examples, dense)
         metrics = collect(dense, select_targets(dense, config).targets, calib, metric)
     if progressive is not None:
         from rankdown.progressive import progressive_compress
 
-        split = train_split_for(spec, opts.data_dir, train_limit, "rankdown.progressive.progressive_compress")
-        if BUNDLED[spec].dataset == "chars":
-            progressive = dataclasses.replace(progressive, flip=False)
-        result, _ = progressive_compress(dense, config, example, split, progressive, metrics=metrics, model_spec=spec)
+        train = _trainable(workload.need("train", "--train-data", "--progressive-steps"), "--train-data")
+        progressive = dataclasses.replace(progressive, augment=workload.augment, flip=workload.flip)
+        result, _ = progressive_compress(
+            dense, config, example, train.dataset, progressive, metrics=metrics, model_spec=spec
+        )
         result.plan.meta["progressive"] = {"steps_per_layer": progressive.max_steps_per_epoch, "lr": progressive.lr}
     else:
         result = compress(dense, config, example, model_spec=spec, metrics=metrics)
     result.plan.meta["metric"] = metric
+    calib_data = workload.get("calib")
+    if calib_data is not None and (allocation or latency_aware or metric != "frobenius" or reconstruction):
+        result.plan.meta["calibration_data"] = calib_data.describe()
     if allocation is not None:
         result.plan.meta["allocation"] = allocation.to_dict()
     if reconstruction is not None:
-        reconstruct_layers(result, dense, spec, shape, reconstruction, opts.data_dir)
+        reconstruct_layers(result, dense, workload.need("calib", "--calib-data", "reconstruction"), reconstruction)
+    warning = collapse_warning(dense, result.model, workload)
+    if warning and warn is not None:
+        warn(warning)
     ft = None
     if finetune_config is not None:
-        acc0 = accuracy(test, {"after": result.model})
-        history = finetune_compressed(
-            result.model,
-            dense,
-            list(result.plan.layers),
-            spec,
-            finetune_config,
-            data_dir=opts.data_dir,
-            train_limit=train_limit,
-        )
+        eval_data = workload.get("eval")
+        q0 = None if eval_data is None else evaluate({"compressed": result.model}, eval_data, limit=opts.eval_limit)
+        history = finetune_on(result.model, dense, list(result.plan.layers), workload, finetune_config, train_limit)
         ft = {
             "config": dataclasses.asdict(finetune_config),
             "history": history,
-            "accuracy_before_finetune": (acc0 or {}).get("after"),
+            "accuracy_before_finetune": ((q0 or {}).get("metrics", {}).get("top1") or {}).get("compressed"),
+            "quality_before_finetune": None if q0 is None else q0["metrics"],
         }
     # None: the factory's (or the bundled model's) own weights are the original.
     result.plan.meta["source_weights"] = None if weights is None else str(Path(weights).resolve())
-    measured = measure(test, dense, result.model, shape, opts)
+    measured = measure(workload, dense, result.model, opts)
     report = build_report(
         result,
         model_spec=spec,
@@ -295,6 +322,8 @@ def run_compress(
         argv=argv,
         **measured,
     )
+    if warning:
+        report["warning"] = warning
     if ft is not None:
         report["finetune"] = ft
     if out is not None:
@@ -302,13 +331,71 @@ def run_compress(
     return result, report
 
 
+def _trainable(data: Data, flag: str) -> Data:
+    if data.dataset is None:
+        raise RankdownError(
+            f"{flag} {data.name}: fine-tuning shuffles examples by index, so it needs a DataLoader over a "
+            "map-style Dataset (or an image folder or tensor file), not a plain iterable of batches"
+        )
+    return data
+
+
+def run_compress(
+    spec: str,
+    config: CompressConfig,
+    *,
+    weights: str | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    data: dict[str, Data] | None = None,
+    metric_fn: MetricFn | None = None,
+    opts: MeasureOptions | None = None,
+    **job,
+) -> tuple[CompressResult, dict]:
+    """The job for a model named on the command line: a bundled name (with its own data, unless
+    ``data`` replaces it) or package.module:factory (with ``data``: "calib", "eval", "train")."""
+    opts = opts or MeasureOptions()
+    if job.get("out") is not None:
+        check_output_dir(job["out"], job.get("force", False))
+    workload = build_workload(spec, weights=weights, input_shape=input_shape, data=data, opts=opts, metric_fn=metric_fn)
+    return run_job(workload, config, opts=opts, weights=weights, **job)
+
+
+def build_workload(
+    spec: str,
+    *,
+    weights: str | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    data: dict[str, Data] | None = None,
+    opts: MeasureOptions | None = None,
+    metric_fn: MetricFn | None = None,
+) -> Workload:
+    opts = opts or MeasureOptions()
+    data = {k: v for k, v in (data or {}).items() if v is not None}
+    if spec in BUNDLED and not data:
+        w = bundled_workload(spec, data_dir=opts.data_dir, eval_limit=opts.eval_limit, weights=weights)
+        w.metric = metric_fn
+        return w
+    model = build_model(spec, weights)
+    shape = input_shape_for(spec, input_shape)
+    skip = BUNDLED[spec].default_skip if spec in BUNDLED else None
+    return user_workload(
+        model,
+        calib=data.get("calib"),
+        eval=data.get("eval"),
+        train=data.get("train"),
+        input_shape=shape,
+        spec=spec,
+        metric=metric_fn,
+        skip=skip,
+    )
+
+
 @dataclass
 class Saved:
     """A saved compressed model rebuilt from its folder, with its dense original where possible."""
 
-    plan: object
-    shape: tuple[int, ...]
-    test: object
+    plan: Plan
+    workload: Workload  # the dense original (model None when its weights are gone) and the data
     model: nn.Module
     dense: nn.Module | None
 
@@ -329,28 +416,37 @@ def trusted_model_spec(folder: str | Path, plan_model: str | None, model_spec: s
 
 
 def open_saved(
-    folder: str | Path, opts: MeasureOptions, weights: str | None = None, model_spec: str | None = None
+    folder: str | Path,
+    opts: MeasureOptions,
+    weights: str | None = None,
+    model_spec: str | None = None,
+    data: dict[str, Data] | None = None,
 ) -> Saved:
     """The dense original is rebuilt when it can be: a bundled model, a factory's own weights, or
     the weights file recorded in the plan (or given) if it still exists."""
     plan = read_plan(folder)
     spec = trusted_model_spec(folder, plan.model, model_spec)
-    shape = input_shape_for(spec, plan.input_shape)
-    test = load_test_split(spec, opts)
     model = load_compressed(folder, build_model(spec, pretrained=False))
     dense_weights = weights or plan.meta.get("source_weights")
     if dense_weights is not None and not isinstance(dense_weights, str):
         raise RankdownError(f"{folder}/plan.json: meta.source_weights must be a path, got {dense_weights!r}")
-    dense = build_model(spec, dense_weights) if dense_weights is None or Path(dense_weights).is_file() else None
+    available = dense_weights is None or Path(dense_weights).is_file()
+    workload = build_workload(
+        spec,
+        weights=dense_weights if available else None,
+        input_shape=plan.input_shape,
+        data=data,
+        opts=opts,
+    )
     plan.model = spec
-    return Saved(plan, shape, test, model, dense)
+    return Saved(plan, workload, model, workload.model if available else None)
 
 
 def remeasure(saved: Saved, opts: MeasureOptions, argv: list[str] | None) -> dict:
     from rankdown.api import LayerReport
     from rankdown.bench import layer_costs
 
-    example = example_input(saved.model, saved.shape)
+    example = saved.workload.example
     names = list(saved.plan.layers)
     after = layer_costs(saved.model, example, names)
     before = layer_costs(saved.dense, example, names) if saved.dense is not None else after
@@ -358,7 +454,7 @@ def remeasure(saved: Saved, opts: MeasureOptions, argv: list[str] | None) -> dic
         LayerReport(n, lp.layer_type, lp.method, lp.rank, before[n], after[n], None)
         for n, lp in saved.plan.layers.items()
     ]
-    measured = measure(saved.test, saved.dense, saved.model, saved.shape, opts)
+    measured = measure(saved.workload, saved.dense, saved.model, opts)
     return build_report(
         CompressResult(saved.model, saved.plan, rows),
         model_spec=saved.plan.model,
@@ -376,49 +472,62 @@ def run_eval(
     opts: MeasureOptions | None = None,
     argv: list[str] | None = None,
     model_spec: str | None = None,
+    data: dict[str, Data] | None = None,
 ) -> dict:
     """Rebuild a saved compressed model from its plan and measure it again."""
     opts = opts or MeasureOptions()
-    return remeasure(open_saved(folder, opts, weights, model_spec), opts, argv)
+    return remeasure(open_saved(folder, opts, weights, model_spec, data), opts, argv)
 
 
 # --------------------------------------------------------------------------- training
 
 
-def train_split_for(spec: str, data_dir: str | None, limit: int | None = None, api: str = "rankdown.train.finetune"):
-    if spec not in BUNDLED or not BUNDLED[spec].dataset:
-        raise RankdownError(
-            f"fine-tuning needs training data: model {spec!r} has no bundled dataset (use the Python API, "
-            f"{api}, with your own data)"
-        )
-    return DATASETS[BUNDLED[spec].dataset]("train", data_dir, limit=limit)
-
-
-def finetune_compressed(
-    result_model: nn.Module,
-    dense: nn.Module,
+def finetune_on(
+    model: nn.Module,
+    dense: nn.Module | None,
     plan_layers: list[str],
-    spec: str,
+    workload: Workload,
     config: TrainConfig,
-    *,
-    data_dir: str | None = None,
     train_limit: int | None = None,
+    *,
     checkpoint_dir: Path | None = None,
     resume: bool = False,
 ) -> list[dict]:
-    split = train_split_for(spec, data_dir, train_limit)
-    if spec in BUNDLED and BUNDLED[spec].dataset == "chars" and config.flip:
-        config = dataclasses.replace(config, flip=False)  # a mirrored character is another character
+    """Fine-tune on the workload's training data: the task loss where it has labels (plus
+    distillation if asked), distillation from the dense model alone where it has none."""
+    train = _trainable(workload.need("train", "--train-data", "fine-tuning"), "--train-data")
+    config = dataclasses.replace(
+        config, augment=config.augment and workload.augment, flip=config.flip and workload.flip
+    )
+    if not train.labelled:
+        if dense is None:
+            raise RankdownError(
+                "unlabelled training data: fine-tuning distils from the dense model, whose weights are gone"
+            )
+        config = dataclasses.replace(config, distill=1.0)
     teacher = dense if config.distill > 0 else None
+    dataset = train.dataset
+    if train_limit is not None and dataset is not None and train_limit < len(dataset):  # type: ignore[arg-type]
+        dataset = (
+            torch.utils.data.Subset(dataset, range(train_limit))
+            if not hasattr(dataset, "images")
+            else _head(dataset, train_limit)
+        )
     return finetune(
-        result_model,
-        split,
+        model,
+        dataset,
         config,
         teacher=teacher,
         trainable=plan_layers,
         checkpoint_dir=checkpoint_dir,
         resume=resume,
     )
+
+
+def _head(split, n: int):
+    from rankdown.data import Split
+
+    return Split(split.images[:n], split.labels[:n])
 
 
 def run_finetune(
@@ -430,6 +539,7 @@ def run_finetune(
     opts: MeasureOptions | None = None,
     argv: list[str] | None = None,
     model_spec: str | None = None,
+    data: dict[str, Data] | None = None,
 ) -> dict:
     """Fine-tune a saved compressed model in place. The folder changes in one step at the end
     (new weights, plan and report together, or nothing); epoch checkpoints go to
@@ -441,19 +551,20 @@ def run_finetune(
     opts = opts or MeasureOptions()
     folder = Path(folder)
     check_output_dir(folder, force=True)  # only a folder rankdown wrote is rewritten
-    saved = open_saved(folder, opts, model_spec=model_spec)
-    plan_text = (folder / PLAN_FILE).read_text()
+    saved = open_saved(folder, opts, model_spec=model_spec, data=data)
+    _trainable(saved.workload.need("train", "--train-data", "fine-tuning"), "--train-data")
     if config.distill > 0 and saved.dense is None:
         raise RankdownError("distillation needs the dense original, whose weights file is gone")
-    before_acc = accuracy(saved.test, {"before_finetune": saved.model})
-    history = finetune_compressed(
+    plan_text = (folder / PLAN_FILE).read_text()
+    eval_data = saved.workload.get("eval")
+    q0 = None if eval_data is None else evaluate({"compressed": saved.model}, eval_data, limit=opts.eval_limit)
+    history = finetune_on(
         saved.model,
         saved.dense,
         list(saved.plan.layers),
-        saved.plan.model,
+        saved.workload,
         config,
-        data_dir=opts.data_dir,
-        train_limit=train_limit,
+        train_limit,
         checkpoint_dir=folder / "checkpoints",
         resume=resume,
     )
@@ -461,7 +572,8 @@ def run_finetune(
     report["finetune"] = {
         "config": dataclasses.asdict(config),
         "history": history,
-        "accuracy_before_finetune": (before_acc or {}).get("before_finetune"),
+        "accuracy_before_finetune": ((q0 or {}).get("metrics", {}).get("top1") or {}).get("compressed"),
+        "quality_before_finetune": None if q0 is None else q0["metrics"],
     }
 
     def write(tmp: Path) -> None:
@@ -491,7 +603,7 @@ class BenchOptions:
     guard: bool = True
 
 
-def _e2e(model: nn.Module, shape: tuple[int, ...], b: int, o: BenchOptions) -> dict:
+def _e2e(model: nn.Module, example: Inputs, b: int, o: BenchOptions) -> dict:
     from rankdown.bench import best_latency
     from rankdown.latency import cuda_latency
 
@@ -499,7 +611,7 @@ def _e2e(model: nn.Module, shape: tuple[int, ...], b: int, o: BenchOptions) -> d
     m = model.to(device=o.device, dtype=dtype).eval()
     if o.compile:
         m = torch.compile(m)
-    x = torch.randn((b, *shape), device=o.device, dtype=dtype)
+    x = to_model(batch_tile(example, b), m)
     if o.device == "cuda":
         runs = {
             cl: cuda_latency(m, x, runs=o.runs, channels_last=cl, cuda_graph=o.cuda_graphs)
@@ -539,19 +651,21 @@ def run_bench(
     plan = None
     if (Path(target) / "plan.json").is_file():
         saved = open_saved(target, MeasureOptions(), weights, model_spec)
-        plan, shape = saved.plan, saved.shape
+        plan, example = saved.plan, saved.workload.example
         models["compressed"] = saved.model
         if saved.dense is not None:
             models["dense"] = saved.dense
     elif Path(target).exists() or ("/" in target and ":" not in target):
         raise RankdownError(f"{target} holds no plan.json: not a rankdown output folder (nor a model name)")
     else:
-        models["model"] = build_model(target, weights)
         shape = input_shape_for(target, input_shape)
+        if shape is None:
+            raise RankdownError(f"model {target!r} is not bundled: give --input-shape (one example, e.g. 3,224,224)")
+        models["model"] = build_model(target, weights)
+        example = example_input(models["model"], shape)
     if o.fold_bn:
         for m in models.values():
             deploy(m)
-    example = example_input(next(iter(models.values())), shape)
     costs = {k: model_cost(m, example).macs for k, m in models.items()}
     if o.threads:
         torch.set_num_threads(o.threads)
@@ -559,7 +673,7 @@ def run_bench(
     for b in o.batch_sizes:
         row: dict = {"batch": b}
         for k, m in models.items():
-            row[k] = _e2e(m, shape, b, o)
+            row[k] = _e2e(m, example, b, o)
         if "dense" in row and "compressed" in row:
             row["speedup"] = row["dense"]["median_ms"] / row["compressed"]["median_ms"]
             row["theoretical"] = costs["dense"] / costs["compressed"]

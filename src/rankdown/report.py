@@ -29,6 +29,8 @@ def build_report(
     accuracy: dict | None,
     latency: dict | None,
     output_rel_error: float | None,
+    quality: dict | None = None,
+    output_rel_error_on: str | None = None,
     argv: list[str] | None = None,
 ) -> dict:
     """Totals are whole-model: all parameters, and the MACs of every Conv2d/Linear."""
@@ -55,7 +57,9 @@ def build_report(
         "layers": [r.to_dict() for r in result.layers],
         "totals": totals,
         "accuracy": accuracy,
+        "quality": quality,
         "output_rel_error": output_rel_error,
+        "output_rel_error_on": output_rel_error_on,
         "latency": latency,
         "environment": environment(),
         "notes": "totals: all parameters of the model and the MACs of all its Conv2d/Linear layers, per example; "
@@ -134,8 +138,29 @@ def render(report: dict, console: Console | None = None) -> None:
             f"{100 * a:.2f}%",
             "" if b is None else f"{100 * (a - b):+.2f} pts",
         )
+    quality = report.get("quality") or {}
+    shown = {"top1"} if acc else set()
+    labels = {
+        "top5": ("top-5 accuracy", True),
+        "top1_agreement": ("top-1 agreement with dense", True),
+        "kl_to_dense": ("KL(dense ‖ compressed)", False),
+    }
+    for name, per in (quality.get("metrics") or {}).items():
+        if name in shown or name == "output_rel_error":
+            continue
+        label, pct = labels.get(name, (name, False))
+        fmt = (lambda v: f"{100 * v:.2f}%") if pct else (lambda v: f"{v:.4g}")
+        d, c = per.get("dense"), per.get("compressed")
+        change = "" if d is None or c is None else (f"{100 * (c - d):+.2f} pts" if pct else f"{c - d:+.4g}")
+        s.add_row(
+            f"{label} ({quality['data']}, n={quality['examples']})",
+            "-" if d is None else fmt(d),
+            "-" if c is None else fmt(c),
+            change,
+        )
     if report.get("output_rel_error") is not None:
-        s.add_row("output rel. error vs dense", "", f"{report['output_rel_error']:.4f}", "")
+        on = report.get("output_rel_error_on")
+        s.add_row(f"output rel. error vs dense{f' ({on})' if on else ''}", "", f"{report['output_rel_error']:.4f}", "")
     for key, row in (report.get("latency") or {}).items():
         comp = row["compressed"]
         dense = row.get("dense")
@@ -148,6 +173,10 @@ def render(report: dict, console: Console | None = None) -> None:
             "" if dense is None else f"×{row['speedup']:.2f} (theory ×{row['theoretical_speedup']:.2f})",
         )
     console.print(s)
+    if quality.get("note"):
+        console.print(f"note: {quality['note']}")
+    if report.get("warning"):
+        console.print(f"[bold yellow]warning:[/] {report['warning']}")
 
 
 def render_bench(result: dict, console: Console | None = None) -> None:

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rankdown.errors import RankdownError
+from rankdown.probe import Inputs, batch_len, forward, primary_output, to_model
 from rankdown.progress import progress
 
 
@@ -144,6 +145,18 @@ class TrainConfig:
             raise RankdownError(f"distillation weight must be in [0, 1], got {self.distill}")
 
 
+def fetch(train, idx: torch.Tensor) -> tuple[Inputs, torch.Tensor | None]:
+    """The examples at ``idx``: tensor indexing for in-memory splits, else the dataset's items
+    collated (any map-style Dataset: images, tensors, or dicts of keyword inputs)."""
+    if hasattr(train, "images") and hasattr(train, "labels"):
+        return train.images[idx], train.labels[idx]
+    from torch.utils.data import default_collate
+
+    from rankdown.sources import split_batch
+
+    return split_batch(default_collate([train[int(i)] for i in idx]), "training data")
+
+
 def _dist() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -228,7 +241,9 @@ def finetune(
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
 ) -> list[dict]:
-    """Train ``model`` on ``train_split`` (a rankdown.data.Split); returns per-epoch history.
+    """Train ``model`` on ``train_split`` (a rankdown.data.Split, or any map-style Dataset whose
+    items are inputs, (inputs, label) pairs or dicts of keyword inputs); returns per-epoch history.
+    Without labels the loss is distillation from ``teacher`` alone.
 
     ``trainable``: names of the submodules to train when ``config.freeze_dense`` (the factorized
     layers). ``frozen``: submodules kept fixed, batch-norm statistics included (progressive
@@ -330,32 +345,38 @@ def finetune(
             idx = mine[step * config.batch_size : (step + 1) * config.batch_size]
             if len(idx) == 0:
                 break
-            x, y = train_split.images[idx], train_split.labels[idx]
-            if config.augment:
+            x, y = fetch(train_split, idx)
+            x = to_model(x, model)
+            if config.augment and isinstance(x, torch.Tensor) and x.ndim == 4:
                 x = augment(x, gen, flip=config.flip)
-            logits = net(x)
-            loss = F.cross_entropy(logits, y)
+            logits = primary_output(forward(net, x))
+            flat = logits.reshape(-1, logits.shape[-1])  # (batch[, positions], classes)
+            if y is None and (teacher is None or config.distill <= 0):
+                raise RankdownError("unlabelled training data: fine-tuning needs distillation from the dense model")
+            loss = F.cross_entropy(flat, y.reshape(-1)) if y is not None else flat.new_zeros(())
             if teacher is not None and config.distill > 0:
                 with torch.no_grad():
-                    t_logits = teacher(x)
+                    t_flat = primary_output(forward(teacher, x)).reshape(-1, logits.shape[-1])
                 kd = (
                     F.kl_div(
-                        F.log_softmax(logits / config.temperature, 1),
-                        F.softmax(t_logits / config.temperature, 1),
+                        F.log_softmax(flat / config.temperature, 1),
+                        F.softmax(t_flat / config.temperature, 1),
                         reduction="batchmean",
                     )
                     * config.temperature**2
                 )
-                loss = (1 - config.distill) * loss + config.distill * kd
+                loss = kd if y is None else (1 - config.distill) * loss + config.distill * kd
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if force is not None:
                 force.apply()
             opt.step()
             sched.step()
-            seen += len(y)
-            loss_sum += loss.item() * len(y)
-            correct += int((logits.argmax(1) == y).sum())
+            b = batch_len(x)
+            seen += b
+            loss_sum += loss.item() * b
+            if y is not None:
+                correct += int((logits.argmax(-1) == y).float().mean() * b)
             if rank == 0 and hasattr(bar, "set_postfix"):
                 bar.set_postfix(
                     loss=f"{loss_sum / seen:.4f}",

@@ -1,0 +1,137 @@
+"""A workload: a model and the data it is judged by. The end-to-end job takes one; a user builds it
+from their own ``nn.Module`` and data, and the bundled models are workloads built the same way."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rankdown.errors import RankdownError
+from rankdown.probe import Inputs, example_input, forward
+from rankdown.quality import MetricFn
+from rankdown.sources import Data
+
+
+@dataclass
+class Workload:
+    """``example``: one input (batch 1) for probes, MAC counts and latency. ``calib``: data for every
+    data-aware step (sensitivity, fitting metrics, reconstruction, latency error budgets);
+    ``eval``: quality; ``train``: fine-tuning. ``spec`` names how a saved folder rebuilds the model
+    (a bundled name or package.module:factory; None for a model object). ``skip``: layers kept
+    dense unless asked for (by default the layers that see the raw input)."""
+
+    model: nn.Module
+    example: Inputs
+    calib: Data | Callable[[], Data] | None = None  # a callable loads the data when first needed
+    eval: Data | Callable[[], Data] | None = None
+    train: Data | Callable[[], Data] | None = None
+    spec: str | None = None
+    metric: MetricFn | None = None
+    skip: tuple[str, ...] = ()
+    augment: bool = False  # shift/flip augmentation while fine-tuning: only where it suits the data
+    flip: bool = True
+
+    def get(self, what: str) -> Data | None:
+        """The data for a role ("calib", "eval", "train"), loaded on first use."""
+        data = getattr(self, what)
+        if callable(data) and not isinstance(data, Data):
+            data = data()
+            for role in ("calib", "eval", "train"):  # roles sharing one loader share its data
+                if getattr(self, role) is getattr(self, what):
+                    setattr(self, role, data)
+        return data
+
+    def need(self, what: str, flag: str, step: str) -> Data:
+        """The data a step needs, or a one-line error naming the flag that provides it."""
+        data = self.get(what)
+        if data is None:
+            raise RankdownError(
+                f"{step} needs {what if what != 'calib' else 'calibration'} data: give {flag} (an image folder, a "
+                ".safetensors/.npz/.npy file, package.module:function returning a DataLoader"
+                + (", or noise to use seeded Gaussian inputs)" if what == "calib" else ")")
+            )
+        return data
+
+
+def raw_input_layers(model: nn.Module, example: Inputs) -> tuple[str, ...]:
+    """Conv2d/Linear layers called on the model's input itself (raw pixels): small, and sensitive
+    where a low-rank fit gains least, so they stay dense by default, as the papers leave them."""
+    inputs = list(example.values()) if isinstance(example, dict) else [example]
+    found: list[str] = []
+    handles = [
+        m.register_forward_pre_hook(
+            lambda _m, args, name=name: found.append(name) if args and any(args[0] is t for t in inputs) else None
+        )
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and name
+    ]
+    try:
+        with torch.no_grad():
+            forward(model, example)
+    finally:
+        for h in handles:
+            h.remove()
+    return tuple(dict.fromkeys(found))
+
+
+def user_workload(
+    model: nn.Module,
+    *,
+    calib: Data | None = None,
+    eval: Data | None = None,
+    train: Data | None = None,
+    example: Inputs | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    spec: str | None = None,
+    metric: MetricFn | None = None,
+    skip: tuple[str, ...] | None = None,
+) -> Workload:
+    """A workload from a user's model and data. Each data role defaults sensibly to the others:
+    calibration to the training data, else the evaluation data; evaluation and training to the
+    calibration data (the report says when evaluation ran on the calibration data)."""
+    calib = calib or train or eval
+    eval = eval or calib
+    train = train or calib
+    if example is None:
+        if calib is not None:
+            example = calib.example()
+        elif input_shape is not None:
+            example = example_input(model, input_shape)
+        else:
+            raise RankdownError(
+                "give data (--calib-data, --eval-data or --train-data) or --input-shape for one example"
+            )
+    from rankdown.probe import to_model
+
+    example = to_model(example, model)
+    if skip is None:
+        skip = raw_input_layers(model.eval(), example)
+    return Workload(model.eval(), example, calib, eval, train, spec, metric, tuple(skip))
+
+
+def bundled_workload(
+    name: str, *, data_dir: str | None = None, eval_limit: int | None = None, weights: str | None = None
+) -> Workload:
+    """A bundled model with its own data: training images to calibrate and fine-tune on, the test
+    split to evaluate on. Data load lazily (Fashion-MNIST from the Debian package, characters
+    rendered once and cached)."""
+    from rankdown.models import BUNDLED, DATASETS, build_model
+
+    spec = BUNDLED[name]
+    model = build_model(name, weights)
+    example = example_input(model, spec.input_shape)
+    if spec.dataset not in DATASETS:  # pragma: no cover - every bundled model has data
+        raise RankdownError(f"bundled model {name!r} has no data")
+    load = DATASETS[spec.dataset]
+    # The test split is read now (a missing package fails in a second, not after the work); the
+    # training split when a step first needs it.
+    eval_ = Data(load("test", data_dir, eval_limit), f"{spec.dataset} test", batch_size=500)
+
+    def train() -> Data:
+        return Data(load("train", data_dir, None), f"{spec.dataset} train", batch_size=128)
+
+    # A mirrored character is another character: no flips for charnet.
+    return Workload(model, example, train, eval_, train, name, None, spec.default_skip, True, spec.dataset != "chars")
