@@ -125,3 +125,41 @@ def tiny_vgg_bfloat16() -> TinyVGG:
 
 def tiny_vgg_float16() -> TinyVGG:
     return tiny_vgg().half()
+
+
+class TokenClassifier(nn.Module):
+    """Keyword inputs (token ids and an attention mask) and a dict output, as text models have."""
+
+    def __init__(self, vocab: int = 50, dim: int = 24, classes: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.fc1 = nn.Linear(dim, 48)
+        self.fc2 = nn.Linear(48, classes)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+        h = self.embed(input_ids) * attention_mask[..., None]
+        pooled = h.sum(1) / attention_mask.sum(1, keepdim=True).clamp_min(1)
+        return {"logits": self.fc2(torch.relu(self.fc1(pooled))), "pooled": pooled}
+
+
+def token_classifier() -> TokenClassifier:
+    torch.manual_seed(0)
+    return TokenClassifier()
+
+
+def tiny_vgg_loader():
+    """A user's DataLoader factory (package.module:function)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(48, 3, 16, 16, generator=g)
+    y = torch.randint(0, 10, (48,), generator=g)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+
+
+def top1_metric(model: nn.Module, data) -> dict:
+    """A user's own metric (--eval nets:top1_metric): mean of the max logit."""
+    total = n = 0.0
+    with torch.no_grad():
+        for x, _ in data.batches(32):
+            total += float(model(x).max(1).values.sum())
+            n += x.shape[0]
+    return {"mean_max_logit": total / n}

@@ -24,9 +24,28 @@ _EXPORTS = {
     "apply_plan": "rankdown.plan",
     "save_compressed": "rankdown.plan",
     "load_compressed": "rankdown.plan",
+    "LayerRanks": "rankdown.rank",
     "build_model": "rankdown.models",
-    "run_compress": "rankdown.pipeline",
+    "Workload": "rankdown.workload",
+    "user_workload": "rankdown.workload",
+    "bundled_workload": "rankdown.workload",
+    "Data": "rankdown.sources",
+    "ImageFolder": "rankdown.sources",
+    "ImageOptions": "rankdown.sources",
+    "TensorFile": "rankdown.sources",
+    "evaluate": "rankdown.quality",
+    "run_job": "rankdown.pipeline",
     "MeasureOptions": "rankdown.pipeline",
+    "AllocationOptions": "rankdown.pipeline",
+    "LatencyOptions": "rankdown.pipeline",
+    "ReconstructionOptions": "rankdown.pipeline",
+    "Budget": "rankdown.allocate",
+    "allocate_ranks": "rankdown.api",
+    "CalibrationConfig": "rankdown.calibrate",
+    "reconstruct": "rankdown.calibrate",
+    "TrainConfig": "rankdown.train",
+    "finetune": "rankdown.train",
+    "deploy": "rankdown.deploy",
     "count_macs": "rankdown.bench",
     "measure_latency": "rankdown.bench",
     "register": "rankdown.methods",
@@ -42,10 +61,23 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
-    from rankdown.api import CompressConfig, CompressResult, compress
+    from rankdown.allocate import Budget
+    from rankdown.api import CompressConfig, CompressResult, allocate_ranks, compress
     from rankdown.bench import count_macs, measure_latency
+    from rankdown.calibrate import CalibrationConfig, reconstruct
+    from rankdown.deploy import deploy
     from rankdown.methods import Method, register
     from rankdown.models import build_model
-    from rankdown.pipeline import MeasureOptions, run_compress
+    from rankdown.pipeline import (
+        AllocationOptions,
+        LatencyOptions,
+        MeasureOptions,
+        ReconstructionOptions,
+        run_job,
+    )
     from rankdown.plan import Plan, apply_plan, load_compressed, save_compressed
-    from rankdown.rank import Energy, Evbmf, FixedRank, MacFraction, ParamFraction
+    from rankdown.quality import evaluate
+    from rankdown.rank import Energy, Evbmf, FixedRank, LayerRanks, MacFraction, ParamFraction
+    from rankdown.sources import Data, ImageFolder, ImageOptions, TensorFile
+    from rankdown.train import TrainConfig, finetune
+    from rankdown.workload import Workload, bundled_workload, user_workload

@@ -33,6 +33,7 @@ class Workload:
     skip: tuple[str, ...] = ()
     augment: bool = False  # shift/flip augmentation while fine-tuning: only where it suits the data
     flip: bool = True
+    eval_from_calib: bool = False  # no evaluation data was given: quality is measured on the calibration data
 
     def get(self, what: str) -> Data | None:
         """The data for a role ("calib", "eval", "train"), loaded on first use."""
@@ -93,6 +94,7 @@ def user_workload(
     calibration to the training data, else the evaluation data; evaluation and training to the
     calibration data (the report says when evaluation ran on the calibration data)."""
     calib = calib or train or eval
+    eval_from_calib = eval is None and calib is not None
     eval = eval or calib
     train = train or calib
     if example is None:
@@ -104,12 +106,15 @@ def user_workload(
             raise RankdownError(
                 "give data (--calib-data, --eval-data or --train-data) or --input-shape for one example"
             )
-    from rankdown.probe import to_model
+    from rankdown.probe import check_runs, to_model
 
     example = to_model(example, model)
+    check_runs(model, example, f"model {spec!r}" if spec else "the model")  # before any other forward pass
     if skip is None:
         skip = raw_input_layers(model.eval(), example)
-    return Workload(model.eval(), example, calib, eval, train, spec, metric, tuple(skip))
+    w = Workload(model.eval(), example, calib, eval, train, spec, metric, tuple(skip))
+    w.eval_from_calib = eval_from_calib
+    return w
 
 
 def bundled_workload(

@@ -1,0 +1,190 @@
+"""A user's own model and data, never seen by rankdown, through the CLI and the Python API: image
+folders, tensor files with keyword inputs, DataLoaders; quality for every model; bad data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import nets
+from test_reliability import assert_refused, in_process
+
+FAST = ["--latency-runs", "2", "--batch-sizes", "1,4", "--no-guard", "-q"]
+
+
+def write_images(root: Path, classes: int | None, per_class: int = 12, size: int = 20, seed: int = 0) -> Path:
+    """PNG files: one sub-folder per class (class-dependent colour), or a flat folder."""
+    rng = np.random.default_rng(seed)
+    folders = [root / f"class_{c}" for c in range(classes)] if classes else [root]
+    for c, folder in enumerate(folders):
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+            img[..., c % 3] = np.clip(img[..., c % 3].astype(int) + 60 * c, 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(folder / f"img_{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    return write_images(tmp_path / "images", classes=3)
+
+
+def test_cli_user_model_on_an_image_folder_end_to_end(images, tmp_path, capsys):
+    """Global budget on the user's images, reconstruction, fine-tuning; quality in the report."""
+    args = ["compress", "--model", "nets:tiny_vgg", "--calib-data", str(images), "--image-size", "16"]
+    args += ["--speedup", "2", "--sensitivity", "layer", "--calibration", "24", "--finetune-epochs", "1"]
+    args += ["--batch-size", "8", "--cache-dir", str(tmp_path / "cache"), "--out", "out", *FAST]
+    code, out, err = in_process(args, capsys, tmp_path)
+    assert code == 0, err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    q = report["quality"]
+    assert q["examples"] == 36 and q["labelled"]
+    assert {"top1", "top1_agreement", "kl_to_dense", "output_rel_error"} <= set(q["metrics"])
+    assert "calibration data" in q["note"]  # no --eval-data: evaluated on the calibration images, and said so
+    assert report["accuracy"]["n"] == 36 and report["output_rel_error_on"].startswith(str(images))
+    meta = json.loads((tmp_path / "out" / "plan.json").read_text())["meta"]
+    assert meta["calibration_data"].startswith(str(images)) and "noise" not in meta["calibration_data"]
+    assert report["finetune"]["history"][0]["epoch"] == 1
+    # The raw-pixel layer stays dense by default, for a user model too.
+    first = next(r for r in report["layers"] if r["name"] == "features.0")
+    assert first["method"] is None
+    assert "top-1 agreement with dense" in out
+    # Re-measured on separate evaluation data.
+    evald = write_images(tmp_path / "eval_images", classes=3, per_class=4, seed=1)
+    args = ["eval", "out", "--model", "nets:tiny_vgg", "--eval-data", str(evald), "--image-size", "16"]
+    code, out, err = in_process([*args, "--json", "again.json", *FAST], capsys, tmp_path)
+    assert code == 0, err
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["quality"]["examples"] == 12 and "note" not in again["quality"]
+
+
+def test_unlabelled_folder_gives_agreement_and_distils(tmp_path, capsys):
+    flat = write_images(tmp_path / "flat", classes=None, per_class=20)
+    args = ["compress", "--model", "nets:tiny_vgg", "--calib-data", str(flat), "--image-size", "16"]
+    args += ["--params", "0.5", "--finetune-epochs", "1", "--batch-size", "8", "--out", "out", "--no-latency", "-q"]
+    code, _, err = in_process(args, capsys, tmp_path)
+    assert code == 0, err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["accuracy"] is None and not report["quality"]["labelled"]
+    assert "top1_agreement" in report["quality"]["metrics"] and "top1" not in report["quality"]["metrics"]
+    assert report["finetune"]["config"]["distill"] == 0.0  # asked for none ...
+    assert report["finetune"]["history"]  # ... and trained by distillation alone: no labels
+
+
+def _token_file(path: Path, n: int = 40, labelled: bool = True) -> Path:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 50, (n, 12), generator=g)
+    mask = torch.ones(n, 12, dtype=torch.int64)
+    mask[::3, 8:] = 0  # padding
+    tensors = {"inputs.input_ids": ids, "inputs.attention_mask": mask}
+    if labelled:
+        tensors["labels"] = torch.randint(0, 4, (n,), generator=g)
+    save_file(tensors, str(path))
+    return path
+
+
+def test_cli_keyword_input_model_on_a_tensor_file(tmp_path, capsys):
+    data = _token_file(tmp_path / "tokens.safetensors")
+    args = ["compress", "--model", "nets:token_classifier", "--calib-data", str(data), "--method", "svd"]
+    args += ["--speedup", "1.5", "--sensitivity", "model", "--cache-dir", str(tmp_path / "c"), "--out", "out", *FAST]
+    code, _, err = in_process(args, capsys, tmp_path)
+    assert code == 0, err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["quality"]["examples"] == 40 and "top1" in report["quality"]["metrics"]
+    assert {r["name"] for r in report["layers"] if r["method"]} <= {"fc1", "fc2"}
+    assert report["latency"]["batch_4"]["speedup"] > 0
+
+
+def test_cli_dataloader_factory_and_own_metric(tmp_path, capsys):
+    args = ["compress", "--model", "nets:tiny_vgg", "--calib-data", "nets:tiny_vgg_loader"]
+    args += ["--eval", "nets:top1_metric", "--params", "0.5", "--out", "out", "--no-latency", "-q"]
+    code, _, err = in_process(args, capsys, tmp_path)
+    assert code == 0, err
+    q = json.loads((tmp_path / "out" / "report.json").read_text())["quality"]
+    assert set(q["metrics"]["mean_max_logit"]) == {"dense", "compressed"} and q["examples"] == 48
+
+
+def test_python_api_with_a_dataloader():
+    import rankdown
+
+    model = nets.tiny_resnet().eval()
+    nets.randomize_bn(model)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 3, 16, 16, generator=g), torch.randint(0, 10, (64,), generator=g)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    workload = rankdown.user_workload(model, calib=rankdown.Data(loader, "my images"))
+    assert workload.skip == ("stem.0",)  # the conv on raw pixels
+    config = rankdown.CompressConfig("tucker2")
+    opts = rankdown.MeasureOptions(measure_latency=False)
+    result, report = rankdown.run_job(
+        workload,
+        config,
+        allocation=rankdown.AllocationOptions(rankdown.Budget(speedup=2.0), criterion="layer", calibration=32),
+        finetune_config=rankdown.TrainConfig(epochs=1, batch_size=16, max_steps_per_epoch=2),
+        opts=opts,
+    )
+    assert 1.9 < report["totals"]["macs_reduction"] < 2.4
+    assert report["quality"]["examples"] == 64 and "top1" in report["quality"]["metrics"]
+    assert result.plan.meta["calibration_data"] == "my images"
+
+
+def test_a_plan_that_wrecks_the_model_is_said_before_committing(tmp_path, capsys):
+    args = ["compress", "--model", "nets:tiny_vgg", "--calib-data", "nets:tiny_vgg_loader", "--rank", "1"]
+    code, _out, err = in_process([*args, "--out", "out", "--no-latency", "-q"], capsys, tmp_path)
+    assert code == 0, err
+    assert "warning: this plan changes the model's output a lot" in err and "--finetune-epochs" in err
+    assert "warning" in json.loads((tmp_path / "out" / "report.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "make, flag_value, culprit",
+    [
+        (lambda d: None, "missing_folder", "--calib-data missing_folder: no such folder or file"),
+        (
+            lambda d: (d / "bad").mkdir() or (d / "bad" / "x.png").write_bytes(b"garbage"),
+            "bad",
+            "x.png is not a readable image",
+        ),
+        (lambda d: (d / "empty").mkdir(), "empty", "no images"),
+        (lambda d: write_images(d / "small", 2, 3, size=4), "small", "does not run on an input"),
+        (
+            lambda d: write_images(d / "mixed", 2, 2, size=16) and write_images(d / "mixed", 2, 1, size=20, seed=3),
+            "mixed",
+            "different sizes",
+        ),
+        (lambda d: save_file({"x": torch.zeros(3)}, str(d / "t.safetensors")), "t.safetensors", "holds no 'inputs'"),
+        (
+            lambda d: save_file(
+                {"inputs": torch.zeros(4, 3, 16, 16), "labels": torch.zeros(3, dtype=torch.int64)},
+                str(d / "l.safetensors"),
+            ),
+            "l.safetensors",
+            "labels must be integers, one per example (4)",
+        ),
+        (lambda d: np.save(d / "n.npy", np.full((2, 3, 16, 16), np.nan, dtype=np.float32)), "n.npy", "NaN"),
+        (lambda d: None, "nets:raises", "the function raised ValueError"),
+    ],
+)
+def test_bad_data_is_one_line_before_the_work(tmp_path, capsys, make, flag_value, culprit):
+    make(tmp_path)
+    args = ["compress", "--model", "nets:tiny_vgg", "--calib-data", flag_value, "--speedup", "2"]
+    assert_refused([*args, "--out", "out", "--no-latency", "-q"], culprit, capsys, tmp_path)
+
+
+def test_data_aware_options_without_data_name_the_flag(tmp_path, capsys):
+    base = ["compress", "--model", "nets:tiny_vgg", "--input-shape", "3,16,16", "--out", "o", "--no-latency", "-q"]
+    for extra, culprit in (
+        (["--speedup", "2"], "needs calibration data: give --calib-data"),
+        (["--metric", "covariance"], "--metric covariance needs calibration data"),
+        (["--calibration", "8"], "reconstruction (--calibration) needs calibration data"),
+        (["--latency-aware"], "--latency-aware needs calibration data"),
+        (["--finetune-epochs", "1"], "fine-tuning needs train data: give --train-data"),
+    ):
+        assert_refused([*base, *extra], culprit, capsys, tmp_path)
