@@ -213,6 +213,8 @@ def test_cli_compress_with_a_weighted_metric(tmp_path, metric):
     out = tmp_path / "m"
     args = ["compress", "--model", "nets:tiny_vgg", "--input-shape", "3,16,16", "--method", "tucker2", "--rank", "4"]
     args += [
+        "--calib-data",
+        "noise",
         "--metric",
         metric,
         "--calibration",
