@@ -163,3 +163,32 @@ def top1_metric(model: nn.Module, data) -> dict:
             total += float(model(x).max(1).values.sum())
             n += x.shape[0]
     return {"mean_max_logit": total / n}
+
+
+class WrappedConv(nn.Conv2d):
+    """A ported conv subclass whose forward is the plain conv's (as ported code often has)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)
+
+
+class ScaledLinear(nn.Linear):
+    """A subclass that computes something else: rankdown must refuse it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(x)
+
+
+def ported_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        WrappedConv(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        ScaledLinear(128, 64),
+        nn.ReLU(),
+        nn.Linear(64, 10),
+    )

@@ -111,3 +111,24 @@ def test_tucker2_rejects_bad_input():
         tucker2(torch.randn(4, 3, 3, 3), (1, 0))
     with pytest.raises(ValueError, match="4-way"):
         tucker2(torch.randn(4, 3), (1, 1))
+
+
+def test_automatic_randomized_svd_matches_the_exact_truncation_error():
+    """A speed trick may never change the result: on slowly decaying spectra (where two power
+    iterations are not enough) the automatic path's truncation error equals the exact one."""
+    from rankdown.decompose import truncated_svd
+    from rankdown.decompose.svd import AUTO_TOL, converged_randomized_svd
+
+    g = torch.Generator().manual_seed(0)
+    m, n, k = 520, 640, 40
+    u = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(n, m, generator=g, dtype=torch.float64)).Q
+    for decay in (0.05, 0.3, 1.0):
+        s = torch.arange(1, m + 1, dtype=torch.float64) ** -decay
+        a = (u * s) @ v.T
+        exact = float((s[k:] ** 2).sum().sqrt())
+        fa, fb = truncated_svd(a.float(), k)  # automatic: randomized (520 >= 512, 40 <= 130)
+        auto = float((a - (fa.double() @ fb.double())).norm())
+        assert auto <= exact * (1 + 10 * AUTO_TOL) + 1e-4 * float(a.norm()), (decay, auto, exact)
+        two = converged_randomized_svd(a, k, max_iter=2)
+        assert two is None  # two iterations never count as converged: at least one check is made

@@ -188,3 +188,19 @@ def test_data_aware_options_without_data_name_the_flag(tmp_path, capsys):
         (["--finetune-epochs", "1"], "fine-tuning needs train data: give --train-data"),
     ):
         assert_refused([*base, *extra], culprit, capsys, tmp_path)
+
+
+def test_subclasses_that_compute_as_the_plain_layer_are_factorized(tmp_path):
+    from rankdown.api import CompressConfig, compress
+    from rankdown.plan import load_compressed, save_compressed
+    from rankdown.rank import ParamFraction
+
+    model = nets.ported_net().eval()
+    res = compress(model, CompressConfig("tucker2", ParamFraction(0.5)), torch.zeros(1, 3, 8, 8))
+    rows = {r.name: r for r in res.layers}
+    assert rows["2"].method == "tucker2" and "computes as a plain Conv2d (probed)" in rows["2"].note
+    assert rows["6"].method is None and "computes something else" in rows["6"].note
+    res.plan.model = "nets:ported_net"
+    out = save_compressed(tmp_path / "o", res.model, res.plan)
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(load_compressed(out, nets.ported_net())(x), res.model(x))

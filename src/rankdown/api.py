@@ -152,9 +152,11 @@ def compress(
             kept_dense(fqn, ltype, f"{fact.failure}: kept dense", fact.rel_error)
             continue
         replace_module(model, fqn, fact.module)
-        plan_layers[fqn] = LayerPlan(handler.name, rank, ltype, tuple(module.weight.shape))
+        plain = handler.layer_type.__name__
+        plan_layers[fqn] = LayerPlan(handler.name, rank, plain, tuple(module.weight.shape))
+        note = "" if type(module) is handler.layer_type else f"computes as a plain {plain} (probed)"
         rows.append(
-            LayerReport(fqn, ltype, handler.name, rank, before[fqn], before[fqn], fact.rel_error, info=fact.info)
+            LayerReport(fqn, ltype, handler.name, rank, before[fqn], before[fqn], fact.rel_error, note, fact.info)
         )
     for fqn, reason in selection.skipped.items():
         kept_dense(fqn, type(model.get_submodule(fqn)).__name__, reason)

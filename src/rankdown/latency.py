@@ -214,7 +214,8 @@ def _applicable(fqn: str, module: nn.Module, methods: list[str]) -> list[tuple[s
     """The methods (of those asked for) that can factorize this layer; the others are skipped."""
     out = []
     for name in methods:
-        handler = METHODS.get((name, type(module)))
+        base = next((t for t in type(module).__mro__ if (name, t) in METHODS), None)
+        handler = None if base is None else METHODS[(name, base)]
         if handler is None:
             continue
         try:

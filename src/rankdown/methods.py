@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -63,12 +64,16 @@ class Method(ABC):
         """Raise UnsupportedLayerError unless the layer can be represented exactly."""
         if hasattr(module, "parametrizations"):
             raise UnsupportedLayerError(fqn, type(module).__name__, "its weight is parametrized (e.g. weight_norm)")
-        if type(module) is not self.layer_type:
+        if type(module) is not self.layer_type and not computes_as_plain(module, self.layer_type):
             raise UnsupportedLayerError(
                 fqn,
                 type(module).__name__,
                 f"method {self.name!r} handles plain {self.layer_type.__name__} only"
-                + (" (a subclass may change forward)" if isinstance(module, self.layer_type) else ""),
+                + (
+                    " (this subclass computes something else on a probe input)"
+                    if isinstance(module, self.layer_type)
+                    else ""
+                ),
             )
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor) or isinstance(weight, nn.parameter.UninitializedParameter):
@@ -121,6 +126,57 @@ class Method(ABC):
         if not (isinstance(value, list) and len(value) == self.rank_arity and all(positive_int(v) for v in value)):
             raise RankError(f"{self.name} rank must be a list of {self.rank_arity} positive integers, got {value!r}")
         return tuple(int(v) for v in value)
+
+
+_PROBED: weakref.WeakKeyDictionary[nn.Module, tuple[int, bool]] = weakref.WeakKeyDictionary()
+
+
+def computes_as_plain(module: nn.Module, layer_type: type[nn.Module]) -> bool:
+    """Whether a subclass of Conv2d/Linear (ported "same padding" convs, quantization stubs,
+    wrappers) computes exactly what the plain layer with its weights computes: probed once on a
+    random input (float64), within float rounding. Only then may it be factorized like one."""
+    if not isinstance(module, layer_type) or layer_type not in (nn.Conv2d, nn.Linear):
+        return False
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or isinstance(weight, nn.parameter.UninitializedParameter):
+        return False
+    key = weight._version
+    cached = _PROBED.get(module)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    ok = False
+    try:
+        probe = copy.deepcopy(module).double().eval()
+        plain: nn.Module
+        if layer_type is nn.Conv2d:
+            c = probe
+            plain = nn.Conv2d(
+                c.in_channels,
+                c.out_channels,
+                c.kernel_size,
+                c.stride,
+                c.padding,
+                c.dilation,
+                c.groups,
+                c.bias is not None,
+                c.padding_mode,
+                dtype=torch.float64,
+            )
+            size = [d * (k - 1) + 1 + 2 * s + 3 for d, k, s in zip(c.dilation, c.kernel_size, c.stride, strict=True)]
+            x = torch.randn(2, c.in_channels, *size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        else:
+            plain = nn.Linear(probe.in_features, probe.out_features, probe.bias is not None, dtype=torch.float64)
+            x = torch.randn(3, probe.in_features, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            plain.weight.copy_(probe.weight)
+            if probe.bias is not None:
+                plain.bias.copy_(probe.bias)
+            a, b = probe(x), plain(x)
+        ok = isinstance(a, torch.Tensor) and a.shape == b.shape and bool(torch.allclose(a, b, rtol=1e-9, atol=1e-12))
+    except Exception:  # a forward that needs other inputs, or fails on a probe: not a plain layer
+        ok = False
+    _PROBED[module] = (key, ok)
+    return ok
 
 
 METHODS: dict[tuple[str, type[nn.Module]], Method] = {}

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rankdown.errors import PlanError, RankError
-from rankdown.methods import Rank, get_method
+from rankdown.methods import Rank, computes_as_plain, get_method
 from rankdown.storage import atomic_write_dir
 from rankdown.surgery import get_module, replace_module
 
@@ -128,12 +128,14 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     """Give a freshly built model the plan's factorized structure (weights uninitialised: load them next)."""
     for fqn, lp in plan.layers.items():
         dense = get_module(model, fqn)
-        if type(dense).__name__ != lp.layer_type or tuple(dense.weight.shape) != lp.weight_shape:
+        ltype = getattr(nn, lp.layer_type)
+        plain = type(dense) is ltype or computes_as_plain(dense, ltype)
+        if not plain or tuple(dense.weight.shape) != lp.weight_shape:
             raise PlanError(
                 f"plan layer {fqn!r} expects {lp.layer_type} with weight {lp.weight_shape}, model has "
                 f"{type(dense).__name__} with weight {tuple(getattr(dense, 'weight', torch.empty(0)).shape)}"
             )
-        method = get_method(lp.method, type(dense))
+        method = get_method(lp.method, ltype)
         try:
             method.validate_rank(dense, lp.rank)
         except RankError as exc:

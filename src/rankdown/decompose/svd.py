@@ -50,11 +50,41 @@ def randomized_svd(
     return u, s, vh
 
 
+# A speed trick may never change the result a user sees: the automatic randomized SVD runs power
+# iterations until the energy it keeps stops growing (relative change of the truncation error
+# below this), and falls back to the exact SVD if that takes more than AUTO_MAX_ITER iterations.
+AUTO_TOL = 1e-4
+AUTO_MAX_ITER = 12
+
+
+def converged_randomized_svd(
+    m: torch.Tensor, rank: int, *, tol: float = AUTO_TOL, max_iter: int = AUTO_MAX_ITER
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Randomized SVD with power iterations added two at a time until the truncation error
+    ‖A‖² − Σ s_k² (which only falls, towards the exact optimum) changes by less than ``tol`` of
+    itself; None when ``max_iter`` is not enough (the caller then computes the exact SVD)."""
+    total = float((m.double() ** 2).sum())
+    previous = None
+    oversample = max(10, rank // 4)
+    for n_iter in range(2, max_iter + 1, 2):
+        gen = torch.Generator(device=m.device).manual_seed(0)
+        u, s, vh = randomized_svd(m, rank, oversample=oversample, n_iter=n_iter, generator=gen)
+        err = max(total - float((s.double() ** 2).sum()), 0.0)
+        if previous is not None and previous - err <= tol * max(err, 1e-300 * total):
+            return u, s, vh
+        previous = err
+    return None
+
+
 def _svd(m: torch.Tensor, rank: int, method: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if method == "auto":
         small = min(m.shape)
         big_and_low = small >= RANDOMIZED_MIN_DIM and rank <= RANDOMIZED_MAX_RANK_FRACTION * small
-        method = "randomized" if big_and_low else "full"
+        if big_and_low:
+            found = converged_randomized_svd(m, rank)
+            if found is not None:
+                return found
+        method = "full"
     if method == "randomized":
         return randomized_svd(m, rank, generator=torch.Generator(device=m.device).manual_seed(0))
     if method != "full":
