@@ -174,6 +174,7 @@ def sensitivity(
                 continue
             with torch.no_grad():
                 if criterion == "layer":
+                    assert dense_out is not None
                     err = relative_error(fact.module(inputs[fqn]), dense_out)
                 else:
                     with swapped(model, fqn, fact.module):

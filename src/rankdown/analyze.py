@@ -15,7 +15,7 @@ from rankdown.api import CompressConfig, _handler, select_targets
 from rankdown.bench import count_macs
 from rankdown.probe import batch_slice
 from rankdown.storage import atomic_write_dir
-from rankdown.surgery import record_inputs
+from rankdown.surgery import record_inputs, weight_of
 
 
 def _unfoldings(w: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -45,7 +45,7 @@ def analyze_model(
     )
     layers = []
     for name, method in targets.items():
-        w = model.get_submodule(name).weight.detach()
+        w = weight_of(model.get_submodule(name)).detach()
         row: dict = {
             "name": name,
             "type": type(model.get_submodule(name)).__name__,

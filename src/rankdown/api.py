@@ -17,8 +17,8 @@ from rankdown.metrics import factorize_weighted
 from rankdown.plan import LayerPlan, Plan
 from rankdown.probe import Inputs, batch_slice
 from rankdown.progress import progress
-from rankdown.rank import LayerRanks, ParamFraction, RankPolicy, candidate_cost, choose_rank, policy_to_dict
-from rankdown.surgery import FilterFn, Selection, record_inputs, replace_module, select_layers
+from rankdown.rank import Choice, LayerRanks, ParamFraction, RankPolicy, candidate_cost, choose_rank, policy_to_dict
+from rankdown.surgery import FilterFn, Selection, record_inputs, replace_module, select_layers, weight_of
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ def compress(
     example = batch_slice(example_input, 0, 1)
     selection = select_targets(model, config)
     for fqn in selection.targets:  # before any work: a NaN would end in a linear-algebra traceback
-        w = model.get_submodule(fqn).weight
+        w = weight_of(model.get_submodule(fqn))
         if not bool(torch.isfinite(w).all()):
             raise RankdownError(f"layer {fqn!r}: its weight holds NaN or Inf values")
     inputs = record_inputs(model, example, selection.targets)
@@ -127,7 +127,7 @@ def compress(
         module = model.get_submodule(fqn)
         handler = _handler(config, fqn, module)
         choice = config.rank.ranks.get(fqn) if isinstance(config.rank, LayerRanks) else None
-        if hasattr(choice, "method"):  # a per-layer method (latency-aware plans)
+        if isinstance(choice, Choice):  # a per-layer method (latency-aware plans)
             handler = get_method(choice.method, type(module))
             handler.check(fqn, module)
         ltype = type(module).__name__
@@ -137,14 +137,14 @@ def compress(
         try:
             rank = choose_rank(handler, module, config.rank, inputs[fqn], before[fqn], fqn)
         except RankdownError as exc:
-            raise type(exc)(f"layer {fqn!r} ({ltype} {tuple(module.weight.shape)}): {exc}") from None
+            raise type(exc)(f"layer {fqn!r} ({ltype} {tuple(weight_of(module).shape)}): {exc}") from None
         if rank is None:
             kept_dense(fqn, ltype, f"no rank meets {config.rank.describe()}: kept dense")
             continue
         cost = candidate_cost(handler, module, rank, inputs[fqn])
         # A latency-aware choice was made on measured time, which is what counts; otherwise a form
         # that saves neither parameters nor MACs is not worth having.
-        if not hasattr(choice, "method") and cost.params >= before[fqn].params and cost.macs >= before[fqn].macs:
+        if not isinstance(choice, Choice) and cost.params >= before[fqn].params and cost.macs >= before[fqn].macs:
             kept_dense(fqn, ltype, f"rank {rank} would save neither parameters nor MACs: kept dense")
             continue
         fact = factorize_weighted(handler, fqn, module, rank, (metrics or {}).get(fqn))
@@ -153,7 +153,7 @@ def compress(
             continue
         replace_module(model, fqn, fact.module)
         plain = handler.layer_type.__name__
-        plan_layers[fqn] = LayerPlan(handler.name, rank, plain, tuple(module.weight.shape))
+        plan_layers[fqn] = LayerPlan(handler.name, rank, plain, tuple(weight_of(module).shape))
         note = "" if type(module) is handler.layer_type else f"computes as a plain {plain} (probed)"
         rows.append(
             LayerReport(fqn, ltype, handler.name, rank, before[fqn], before[fqn], fact.rel_error, note, fact.info)

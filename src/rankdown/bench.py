@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from rankdown.probe import batch_len, forward
+from rankdown.probe import Inputs, batch_len, forward
 from rankdown.progress import progress
 
 
@@ -43,7 +43,7 @@ def _leaf_macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
     return 0
 
 
-def count_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+def count_macs(model: nn.Module, example: Inputs) -> dict[str, int]:
     """MACs of every Conv2d/Linear in ``model`` for one example, by fully qualified name."""
     macs: dict[str, int] = {}
     handles = []
@@ -67,7 +67,7 @@ def n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def layer_costs(model: nn.Module, example: torch.Tensor, fqns: list[str]) -> dict[str, Cost]:
+def layer_costs(model: nn.Module, example: Inputs, fqns: list[str]) -> dict[str, Cost]:
     """Cost of each named subtree (a dense layer or the factorized module that replaced it)."""
     macs = count_macs(model, example)
     out = {}
@@ -78,7 +78,7 @@ def layer_costs(model: nn.Module, example: torch.Tensor, fqns: list[str]) -> dic
     return out
 
 
-def model_cost(model: nn.Module, example: torch.Tensor) -> Cost:
+def model_cost(model: nn.Module, example: Inputs) -> Cost:
     return Cost(n_params(model), sum(count_macs(model, example).values()))
 
 

@@ -34,7 +34,7 @@ from torch import nn
 from rankdown import decompose
 from rankdown.errors import RankdownError
 from rankdown.layers import ChannelSVDConv2d, LowRankLinear, balance_factors
-from rankdown.probe import batch_len, batch_slice, forward
+from rankdown.probe import Inputs, batch_len, batch_slice, forward
 from rankdown.progress import progress
 from rankdown.surgery import record_inputs
 
@@ -85,7 +85,7 @@ def _layer_input(model: nn.Module, fqn: str, x: torch.Tensor) -> torch.Tensor:
     return box["x"]
 
 
-def execution_order(model: nn.Module, fqns: list[str], example: torch.Tensor) -> list[str]:
+def execution_order(model: nn.Module, fqns: list[str], example: Inputs) -> list[str]:
     """``fqns`` in the order a forward pass first calls them (not the registration order): the
     probe of :func:`rankdown.surgery.record_inputs` records them in that order."""
     seen = list(record_inputs(model, example, fqns))

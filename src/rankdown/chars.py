@@ -150,11 +150,11 @@ def render_one(index: int, seed: int, fonts: list[Font], rng: np.random.Generato
         for _ in range(int(rng.integers(1, 3))):
             x0, y0, x1, y1 = rng.uniform(0, canvas, size=4)
             draw.line((x0, y0, x1, y1), fill=255, width=int(rng.integers(1, 3)))
-    mask = mask.rotate(float(rng.uniform(-12, 12)), resample=Image.BILINEAR, center=(cx, cy))
+    mask = mask.rotate(float(rng.uniform(-12, 12)), resample=Image.Resampling.BILINEAR, center=(cx, cy))
     scale = rng.uniform(0.9, 1.1)
     crop = SIZE * scale
     box = (cx - crop / 2, cy - crop / 2, cx + crop / 2, cy + crop / 2)
-    ink = np.asarray(mask.resize((SIZE, SIZE), Image.BILINEAR, box=box), dtype=np.float64) / 255.0
+    ink = np.asarray(mask.resize((SIZE, SIZE), Image.Resampling.BILINEAR, box=box), dtype=np.float64) / 255.0
 
     bg = _background(rng, SIZE)
     # Ink at least 0.3 away from the mean background; the polarity flips when the first choice clips.

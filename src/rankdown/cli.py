@@ -280,7 +280,8 @@ def _open_data(kw: dict, input_shape=None) -> tuple[dict, object]:
 
 def _given(param: str) -> bool:
     """Whether the user set ``param`` (rather than click filling in its default)."""
-    return click.get_current_context().get_parameter_source(param).name != "DEFAULT"
+    source = click.get_current_context().get_parameter_source(param)
+    return source is not None and source.name != "DEFAULT"
 
 
 def _opts(data_dir, eval_limit, batch_sizes, latency_runs, threads, no_latency, no_guard):

@@ -24,16 +24,9 @@ from rankdown.errors import RankdownError
 from rankdown.methods import METHODS, Method, Rank
 from rankdown.probe import batch_slice, forward
 from rankdown.progress import progress
+from rankdown.rank import Choice
 from rankdown.storage import default_cache_dir
 from rankdown.surgery import get_module, swapped
-
-
-@dataclass(frozen=True)
-class Choice:
-    """A per-layer decision: which method, at which rank."""
-
-    method: str
-    rank: Rank
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from torch import nn
 from rankdown.errors import PlanError, RankError
 from rankdown.methods import Rank, computes_as_plain, get_method
 from rankdown.storage import atomic_write_dir
-from rankdown.surgery import get_module, replace_module
+from rankdown.surgery import get_module, replace_module, weight_of
 
 PLAN_FORMAT = "rankdown-plan"
 PLAN_VERSION = 1
@@ -130,7 +130,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
         dense = get_module(model, fqn)
         ltype = getattr(nn, lp.layer_type)
         plain = type(dense) is ltype or computes_as_plain(dense, ltype)
-        if not plain or tuple(dense.weight.shape) != lp.weight_shape:
+        if not plain or tuple(weight_of(dense).shape) != lp.weight_shape:
             raise PlanError(
                 f"plan layer {fqn!r} expects {lp.layer_type} with weight {lp.weight_shape}, model has "
                 f"{type(dense).__name__} with weight {tuple(getattr(dense, 'weight', torch.empty(0)).shape)}"

@@ -16,14 +16,14 @@ from torch import nn
 
 from rankdown.api import CompressConfig, CompressResult, compress
 from rankdown.calibrate import execution_order
-from rankdown.probe import batch_slice
+from rankdown.probe import Inputs, batch_slice
 from rankdown.progress import progress
 from rankdown.rank import LayerRanks
 from rankdown.surgery import record_inputs
 from rankdown.train import TrainConfig, finetune
 
 
-def called_up_to(model: nn.Module, fqn: str, example: torch.Tensor) -> list[str]:
+def called_up_to(model: nn.Module, fqn: str, example: Inputs) -> list[str]:
     """Every module with parameters or buffers whose first call comes no later than ``fqn``'s
     (``fqn`` included): what "the layers before it" means for a model with a custom forward."""
     names = [n for n, m in model.named_modules() if n and (list(m.parameters(False)) or list(m.buffers(False)))]

@@ -93,6 +93,14 @@ class Evbmf:
 
 
 @dataclass(frozen=True)
+class Choice:
+    """A per-layer decision that names its method too (latency-aware plans choose both)."""
+
+    method: str
+    rank: Rank
+
+
+@dataclass(frozen=True)
 class LayerRanks:
     """An explicit rank per layer (e.g. from the global allocator); a layer mapped to None or
     absent stays dense."""
@@ -143,7 +151,7 @@ def choose_rank(
         return method.rank_from_int(module, policy.rank)
     if isinstance(policy, LayerRanks):
         value = policy.ranks.get(fqn)
-        return value.rank if hasattr(value, "method") else value  # a latency Choice carries its method
+        return value.rank if isinstance(value, Choice) else value
     if isinstance(policy, Energy):
         return method.energy_rank(module, policy.energy)
     if isinstance(policy, Evbmf):

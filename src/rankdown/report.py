@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import datetime
 import sys
+from typing import cast
 
-from rich.console import Console
+from rich.console import Console, JustifyMethod
 from rich.table import Table
 
 from rankdown import __version__
@@ -95,7 +96,7 @@ def render(report: dict, console: Console | None = None) -> None:
         ("rel. err", "right"),
         ("note", "left"),
     ):
-        t.add_column(col, justify=just, overflow="fold")
+        t.add_column(col, justify=cast(JustifyMethod, just), overflow="fold")
     for r in report["layers"]:
         t.add_row(
             r["name"],

@@ -109,24 +109,25 @@ class ImageFolder(Dataset):
         path, label = self.files[i]
         o = self.options
         try:
-            with Image.open(path) as im:
-                im = im.convert("L" if o.grayscale else "RGB")
-                if o.size is not None:
-                    if isinstance(o.size, int):
-                        w, h = im.size
-                        s = o.size / min(w, h)
-                        im = im.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR)
-                    else:
-                        im = im.resize((o.size[1], o.size[0]), Image.BILINEAR)
-                if o.crop is not None:
-                    ch, cw = _pair(o.crop)
-                    w, h = im.size
-                    if ch > h or cw > w:
-                        raise DataError(f"{self.what}: {path} ({w}x{h}) is smaller than the crop {ch}x{cw}")
-                    left, top = (w - cw) // 2, (h - ch) // 2
-                    im = im.crop((left, top, left + cw, top + ch))
-                x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-                x = x.reshape(im.size[1], im.size[0], -1).permute(2, 0, 1).float().div_(255.0)
+            with Image.open(path) as raw:
+                img = raw.convert("L" if o.grayscale else "RGB")
+            bilinear = Image.Resampling.BILINEAR
+            if o.size is not None:
+                if isinstance(o.size, int):
+                    w, h = img.size
+                    s = o.size / min(w, h)
+                    img = img.resize((max(1, round(w * s)), max(1, round(h * s))), bilinear)
+                else:
+                    img = img.resize((o.size[1], o.size[0]), bilinear)
+            if o.crop is not None:
+                ch, cw = _pair(o.crop)
+                w, h = img.size
+                if ch > h or cw > w:
+                    raise DataError(f"{self.what}: {path} ({w}x{h}) is smaller than the crop {ch}x{cw}")
+                left, top = (w - cw) // 2, (h - ch) // 2
+                img = img.crop((left, top, left + cw, top + ch))
+            x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+            x = x.reshape(img.size[1], img.size[0], -1).permute(2, 0, 1).float().div_(255.0)
         except DataError:
             raise
         except Exception as exc:  # decoding errors of a file that passed the header check

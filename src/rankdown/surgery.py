@@ -32,6 +32,14 @@ def get_module(model: nn.Module, fqn: str) -> nn.Module:
         raise LayerNotFoundError(f"no layer named {fqn!r} in {type(model).__name__}{hint}") from None
 
 
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """A layer's weight, typed (``module.weight`` is ``Tensor | Module`` to a type checker)."""
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{type(module).__name__} has no weight tensor")
+    return w
+
+
 def replace_module(model: nn.Module, fqn: str, new: nn.Module) -> nn.Module:
     """Put ``new`` at ``fqn`` (through the parent's attribute); returns the old module."""
     if not fqn:
@@ -93,7 +101,7 @@ class Selection:
 def select_layers(
     model: nn.Module,
     *,
-    is_candidate: Callable[[str, nn.Module], None],
+    is_candidate: Callable[[str, nn.Module], object],
     layers: Iterable[str] | None = None,
     skip: Iterable[str] = (),
     filter_fn: FilterFn | None = None,

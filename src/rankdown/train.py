@@ -100,16 +100,19 @@ class ForceRegularizer:
     def apply(self) -> None:
         if self.strength == 0:
             return
+        from rankdown.surgery import weight_of
+
         for module in self.layers.values():
-            g = self.force_grad(module.weight, self.kind)
+            w = weight_of(module)
+            g = self.force_grad(w, self.kind)
             lam = self.strength
             if self.adaptive:
-                grad_norm = 0.0 if module.weight.grad is None else float(module.weight.grad.norm())
+                grad_norm = 0.0 if w.grad is None else float(w.grad.norm())
                 lam = lam * grad_norm / max(float(g.norm()), 1e-12)
-            if module.weight.grad is None:
-                module.weight.grad = lam * g
+            if w.grad is None:
+                w.grad = lam * g
             else:
-                module.weight.grad.add_(g, alpha=lam)
+                w.grad.add_(g, alpha=lam)
 
 
 # --------------------------------------------------------------------------- the engine
@@ -274,6 +277,7 @@ def finetune(
     net: nn.Module = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model)
+    opt: torch.optim.Optimizer
     if config.optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
     else:
