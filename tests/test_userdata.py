@@ -204,3 +204,41 @@ def test_subclasses_that_compute_as_the_plain_layer_are_factorized(tmp_path):
     out = save_compressed(tmp_path / "o", res.model, res.plan)
     x = torch.randn(2, 3, 8, 8)
     assert torch.equal(load_compressed(out, nets.ported_net())(x), res.model(x))
+
+
+def test_a_whole_job_from_a_recipe_file(images, tmp_path, capsys):
+    (tmp_path / "job.toml").write_text(
+        f"""
+[model]
+model = "nets:tiny_vgg"
+
+[data]
+calib_data = "{images}"
+image_size = 16
+
+[plan]
+method = "tucker2"
+speedup = 2
+sensitivity = "layer"
+cache_dir = "cache"
+
+[finetune]
+finetune_epochs = 1
+batch_size = 8
+
+[measure]
+no_latency = true
+
+[output]
+out = "runs/job"
+quiet = true
+"""
+    )
+    code, _, err = in_process(["run", "job.toml"], capsys, tmp_path)
+    assert code == 0, err
+    report = json.loads((tmp_path / "runs/job/report.json").read_text())
+    assert report["totals"]["macs_reduction"] >= 1.9 and report["finetune"]["history"]
+    (tmp_path / "bad.toml").write_text("[plan]\nspeed_up = 2\n")
+    assert_refused(["run", "bad.toml"], "[plan] has no option 'speed_up'", capsys, tmp_path)
+    (tmp_path / "bad2.toml").write_text("[tuning]\nlr = 1\n")
+    assert_refused(["run", "bad2.toml"], "unknown section [tuning]", capsys, tmp_path)

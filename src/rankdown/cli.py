@@ -1043,6 +1043,119 @@ def bench_cmd(
         atomic_write_text(Path(json_out), json.dumps(result, indent=2) + "\n")
 
 
+# Recipe sections, each holding compress options under their own names (without the dashes; a
+# dash or an underscore alike): the file is the command line, grouped the way the config
+# dataclasses group it. A key that is not an option of its section is an error naming it.
+RECIPE_SECTIONS = {
+    "model": ("model", "weights", "input-shape", "layers", "skip"),
+    "data": (
+        "calib-data",
+        "eval-data",
+        "train-data",
+        "preset",
+        "image-size",
+        "crop",
+        "mean",
+        "std",
+        "grayscale",
+        "eval",
+        "data-dir",
+        "eval-limit",
+        "train-limit",
+    ),
+    "plan": (
+        "method",
+        "rank",
+        "params",
+        "macs",
+        "energy",
+        "evbmf",
+        "target-macs",
+        "target-params",
+        "speedup",
+        "sensitivity",
+        "round-to",
+        "cache-dir",
+        "latency-aware",
+        "max-error",
+        "error-scope",
+        "methods",
+        "latency-batch",
+        "metric",
+    ),
+    "reconstruct": ("calibration", "reconstruct", "linear-response", "calibration-epochs"),
+    "finetune": (
+        "finetune-epochs",
+        "progressive-steps",
+        "lr",
+        "batch-size",
+        "weight-decay",
+        "distill",
+        "freeze-dense",
+        "seed",
+    ),
+    "measure": ("batch-sizes", "latency-runs", "threads", "no-latency", "no-guard"),
+    "output": ("out", "force", "json", "quiet"),
+}
+
+
+def recipe_args(path: str) -> list[str]:
+    """A recipe file (TOML) as the compress command line it stands for."""
+    from pathlib import Path
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        raise RankdownError("rankdown run needs Python >= 3.11 (tomllib)") from None
+    try:
+        recipe = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise RankdownError(f"recipe {path}: no such file") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise RankdownError(f"recipe {path} could not be read ({exc})") from None
+    args: list[str] = []
+    for section, table in recipe.items():
+        if section not in RECIPE_SECTIONS:
+            raise RankdownError(f"recipe {path}: unknown section [{section}] (known: {', '.join(RECIPE_SECTIONS)})")
+        if not isinstance(table, dict):
+            raise RankdownError(f"recipe {path}: [{section}] must be a table of options")
+        for key, value in table.items():
+            flag = key.replace("_", "-")
+            if flag not in RECIPE_SECTIONS[section]:
+                raise RankdownError(
+                    f"recipe {path}: [{section}] has no option {key!r} (known: {', '.join(RECIPE_SECTIONS[section])})"
+                )
+            values = value if isinstance(value, list) and flag in ("layers", "skip") else [value]
+            for v in values:
+                if isinstance(v, bool):
+                    if v:
+                        args.append(f"--{flag}")
+                elif isinstance(v, (int, float, str)):
+                    args += [f"--{flag}", str(v)]
+                elif isinstance(v, list) and all(isinstance(x, (int, float)) for x in v):
+                    args += [f"--{flag}", ",".join(str(x) for x in v)]
+                else:
+                    raise RankdownError(f"recipe {path}: [{section}] {key} = {v!r} is not a flag's value")
+    return args
+
+
+@main.command("run")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--print", "print_only", is_flag=True, help="Print the compress command the recipe stands for.")
+def run_recipe(recipe, print_only):
+    """Run a whole job from a recipe file (TOML): sections [model], [data], [plan], [reconstruct],
+    [finetune], [measure], [output] hold compress options under their own names."""
+    import shlex
+
+    args = recipe_args(recipe)
+    if print_only:
+        click.echo(shlex.join(["rankdown", "compress", *args]))
+        return
+    ctx = compress.make_context("compress", args)
+    with ctx:
+        compress.invoke(ctx)
+
+
 @main.command()
 def methods() -> None:
     """List the registered methods and the layer types they handle."""

@@ -329,6 +329,10 @@ def run_job(
         argv=argv,
         **measured,
     )
+    if allocation is not None:
+        report["budget"] = budget_check(allocation.budget, report["totals"], result)
+        if report["budget"]["missed"] and warn is not None:
+            warn(report["budget"]["missed"])
     if warning:
         report["warning"] = warning
     if ft is not None:
@@ -336,6 +340,21 @@ def run_job(
     if out is not None:
         save_compressed(out, result.model, result.plan, report, force=force)
     return result, report
+
+
+def budget_check(budget: Budget, totals: dict, result: CompressResult) -> dict:
+    """Target against delivered, always in the report; ``missed`` says how far short a plan fell
+    (a fit that failed and left its layer dense) in one line, or is None."""
+    kind = budget.kind
+    asked = budget.fraction
+    delivered = totals[f"{kind}_after"] / max(totals[f"{kind}_before"], 1)
+    missed = None
+    if delivered > asked * 1.02:  # more than a rank step or two over
+        dense = [r.name for r in result.layers if r.method is None and ("fail" in r.note or "degenerat" in r.note)]
+        missed = f"budget missed: asked for {asked:.3f} of the {kind}, delivered {delivered:.3f}" + (
+            f" (left dense after a failed fit: {', '.join(dense)})" if dense else ""
+        )
+    return {"kind": kind, "asked_fraction": asked, "delivered_fraction": delivered, "missed": missed}
 
 
 def _trainable(data: Data, flag: str) -> Data:
