@@ -146,7 +146,29 @@ def _is_image(f: Path) -> bool:
     return f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")
 
 
-class TensorFile(Dataset):
+class _Pairs(Dataset):
+    """(inputs, labels) tensors as a map-style dataset."""
+
+    def __init__(self, inputs: Inputs, labels: torch.Tensor | None) -> None:
+        self.inputs, self.labels = inputs, labels
+        if labels is not None and labels.shape[0] != batch_len(inputs):
+            raise DataError(f"{batch_len(inputs)} inputs but {labels.shape[0]} labels")
+
+    def __len__(self) -> int:
+        return batch_len(self.inputs)
+
+    def __getitem__(self, i: int):
+        x = {k: v[i] for k, v in self.inputs.items()} if isinstance(self.inputs, Mapping) else self.inputs[i]
+        return x if self.labels is None else (x, self.labels[i])
+
+    def iter_batches(self, batch_size: int) -> Iterator:
+        """Slices, not a DataLoader: in-memory tensors need no per-example collation."""
+        for i in range(0, len(self), batch_size):
+            x = batch_slice(self.inputs, i, i + batch_size)
+            yield x if self.labels is None else (x, self.labels[i : i + batch_size])
+
+
+class TensorFile(_Pairs):
     """``inputs`` (and optional ``labels``) from a ``.safetensors`` or ``.npz`` file, or inputs alone
     from a ``.npy``. Keyword inputs: keys ``inputs.NAME`` (e.g. ``inputs.input_ids``). Nothing is
     unpickled (``allow_pickle=False``)."""
@@ -201,13 +223,6 @@ class TensorFile(Dataset):
         if suffix == ".npy":
             return {"inputs": torch.from_numpy(np.load(self.path, allow_pickle=False))}
         raise DataError(f"{self.what} {self.path}: expected {', '.join(TENSOR_SUFFIXES)}")
-
-    def __len__(self) -> int:
-        return batch_len(self.inputs)
-
-    def __getitem__(self, i: int):
-        x = {k: v[i] for k, v in self.inputs.items()} if isinstance(self.inputs, Mapping) else self.inputs[i]
-        return x if self.labels is None else (x, self.labels[i])
 
 
 class Noise(Dataset):
@@ -333,28 +348,6 @@ class Data:
 
     def describe(self) -> str:
         return self.name + (" (seeded Gaussian noise, not real data)" if self.noise else "")
-
-
-class _Pairs(Dataset):
-    """(inputs, labels) tensors as a map-style dataset."""
-
-    def __init__(self, inputs: Inputs, labels: torch.Tensor | None) -> None:
-        self.inputs, self.labels = inputs, labels
-        if labels is not None and labels.shape[0] != batch_len(inputs):
-            raise DataError(f"{batch_len(inputs)} inputs but {labels.shape[0]} labels")
-
-    def __len__(self) -> int:
-        return batch_len(self.inputs)
-
-    def __getitem__(self, i: int):
-        x = {k: v[i] for k, v in self.inputs.items()} if isinstance(self.inputs, Mapping) else self.inputs[i]
-        return x if self.labels is None else (x, self.labels[i])
-
-    def iter_batches(self, batch_size: int) -> Iterator:
-        """Slices, not a DataLoader: in-memory tensors need no per-example collation."""
-        for i in range(0, len(self), batch_size):
-            x = batch_slice(self.inputs, i, i + batch_size)
-            yield x if self.labels is None else (x, self.labels[i : i + batch_size])
 
 
 def load_factory_data(spec: str, what: str) -> Any:
