@@ -242,3 +242,17 @@ quiet = true
     assert_refused(["run", "bad.toml"], "[plan] has no option 'speed_up'", capsys, tmp_path)
     (tmp_path / "bad2.toml").write_text("[tuning]\nlr = 1\n")
     assert_refused(["run", "bad2.toml"], "unknown section [tuning]", capsys, tmp_path)
+
+
+def test_calibration_draws_across_a_class_sorted_folder(images):
+    """An image folder lists its classes one after the other: calibration examples are drawn
+    across the whole set (seeded), not the first class's."""
+    from rankdown.sources import Data, ImageFolder, ImageOptions
+
+    folder = ImageFolder(images, ImageOptions(size=16))
+    data = Data(folder, "images")
+    x = data.inputs(9)
+    firsts = torch.stack([folder[i][0] for i in range(len(folder))])
+    drawn = {int(torch.where((firsts == xi).all(dim=(1, 2, 3)))[0][0]) // 12 for xi in x}
+    assert len(drawn) == 3  # all three classes
+    assert torch.equal(x, data.inputs(9))  # and the same draw every time

@@ -81,11 +81,12 @@ class LayerCurve:
     options: list[Option] = field(default_factory=list)  # ascending cost, dense last
 
 
-def _grid(cands: list[Rank], points: int, round_to: int) -> list[Rank]:
+def _grid(method: Method, module: nn.Module, points: int, round_to: int) -> list[Rank]:
+    """At most ``points`` of the method's candidate ranks, evenly spread, each rounded by the
+    method to a multiple of ``round_to`` (every size of a Tucker-2 rank, not just the first)."""
+    cands = list(method.candidates(module))
     if round_to > 1:
-        primary = [c[0] if isinstance(c, tuple) else c for c in cands]
-        kept = [c for c, p in zip(cands, primary, strict=True) if p % round_to == 0]
-        cands = kept or cands[-1:]
+        cands = list(dict.fromkeys(method.round_rank(module, c, round_to) for c in cands))
     if len(cands) <= points:
         return list(cands)
     idx = sorted({round(i * (len(cands) - 1) / (points - 1)) for i in range(points)})
@@ -165,7 +166,7 @@ def sensitivity(
         curve = LayerCurve(fqn, method.name)
         with torch.no_grad():
             dense_out = module(inputs[fqn]) if criterion == "layer" else None
-        for rank in _grid(list(method.candidates(module)), points, round_to):
+        for rank in _grid(method, module, points, round_to):
             cost = candidate_cost(method, module, rank, per_example[fqn])
             if cost.params >= dense_cost.params and cost.macs >= dense_cost.macs:
                 continue  # never pays: staying dense is cheaper
@@ -320,6 +321,6 @@ def rank_ladders(
     out = {}
     for fqn, method in targets.items():
         module = get_module(model, fqn)
-        cands = _grid(list(method.candidates(module)), 10**9, round_to)
+        cands = _grid(method, module, 10**9, round_to)
         out[fqn] = [(r, getattr(candidate_cost(method, module, r, example_inputs[fqn]), kind)) for r in cands]
     return out

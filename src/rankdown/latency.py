@@ -191,16 +191,7 @@ class LayerOptions:
 def _round_rank(method: Method, module: nn.Module, fraction: float, multiple: int) -> Rank:
     cands = list(method.candidates(module))
     r = cands[min(len(cands) - 1, max(0, round(fraction * (len(cands) - 1))))]
-    if multiple <= 1:
-        return r
-
-    def rnd(v: int) -> int:
-        return max(multiple, round(v / multiple) * multiple) if v >= multiple else v
-
-    if isinstance(r, tuple):
-        n, c = module.weight.shape[:2]
-        return (min(n, rnd(r[0])), min(c, rnd(r[1])))
-    return min(method.max_rank(module), rnd(int(r)))
+    return method.round_rank(module, r, multiple)
 
 
 def _applicable(fqn: str, module: nn.Module, methods: list[str]) -> list[tuple[str, Method]]:

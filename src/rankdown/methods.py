@@ -109,6 +109,12 @@ class Method(ABC):
         is data: its ranks are checked before anything is allocated)."""
         _check_int_rank(self, module, rank)  # type: ignore[arg-type]
 
+    def round_rank(self, module: nn.Module, rank: Rank, multiple: int) -> Rank:
+        """``rank`` with every size the hardware sees rounded to a multiple (vector units like
+        multiples of 8), still valid for this layer. Defined by the method, so shared code never
+        indexes into a tuple."""
+        return _round_to(int(rank), multiple, self.max_rank(module))  # type: ignore[arg-type]
+
     # Plans store ranks as JSON; these keep the representation in one place.
     def rank_to_json(self, rank: Rank) -> Any:
         return list(rank) if isinstance(rank, tuple) else int(rank)
@@ -224,6 +230,14 @@ def _rel_error(dense_weight: torch.Tensor, approx: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(approx.detach().double() - w)) / denom
 
 
+def _round_to(v: int, multiple: int, top: int) -> int:
+    """The nearest multiple of ``multiple`` (at least one multiple, at most ``top``); values below
+    one multiple stay as they are."""
+    if multiple <= 1 or v < multiple:
+        return v
+    return min(top, max(multiple, round(v / multiple) * multiple))
+
+
 def _check_int_rank(method: Method, module: nn.Module, rank: int) -> None:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise RankError(f"rank must be a positive integer, got {rank!r}")
@@ -305,6 +319,10 @@ class Tucker2(_ConvMethod):
         n, c = module.out_channels, module.in_channels
         if not (isinstance(rank, tuple) and len(rank) == 2 and 1 <= rank[0] <= n and 1 <= rank[1] <= c):
             raise RankError(f"Tucker-2 ranks must be (r_out, r_in) within (1..{n}, 1..{c}), got {rank!r}")
+
+    def round_rank(self, module: nn.Module, rank: Rank, multiple: int) -> Rank:
+        r_out, r_in = rank  # type: ignore[misc]
+        return (_round_to(r_out, multiple, module.out_channels), _round_to(r_in, multiple, module.in_channels))
 
     def rank_from_int(self, module: nn.Module, rank: int) -> Rank:
         _check_int_rank(self, module, rank)
@@ -479,6 +497,9 @@ class MonochromaticMethod(_ConvMethod):
     def validate_rank(self, module: nn.Module, rank: Rank) -> None:
         self.rank_from_int(module, rank)  # type: ignore[arg-type]
 
+    def round_rank(self, module: nn.Module, rank: Rank, multiple: int) -> Rank:
+        return rank  # a number of colours must divide the filters: not rounded
+
     def rank_from_int(self, module: nn.Module, rank: int) -> Rank:
         _check_int_rank(self, module, rank)
         if module.out_channels % rank:
@@ -537,6 +558,10 @@ class Bicluster(_ConvMethod):
             raise RankError(
                 f"{self.name} rank {k} must be in [1, {self._block_max(module, g, h)}] for groups ({g}, {h})"
             )
+
+    def round_rank(self, module: nn.Module, rank: Rank, multiple: int) -> Rank:
+        g, h, k = rank  # type: ignore[misc]
+        return (g, h, _round_to(k, multiple, self._block_max(module, g, h)))
 
     def candidates(self, module: nn.Module) -> Sequence[Rank]:
         g, h = self._groups(module)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import default_collate
 
 from rankdown.allocate import Budget, relative_error
 from rankdown.api import CompressConfig, CompressResult, allocate_ranks, compress, select_targets
@@ -539,6 +540,8 @@ def finetune_on(
             if not hasattr(dataset, "images")
             else _head(dataset, train_limit)
         )
+    if train.collate is not default_collate:  # the user's DataLoader batches with its own collate_fn
+        dataset = _Collated(dataset, train.collate)
     return finetune(
         model,
         dataset,
@@ -548,6 +551,19 @@ def finetune_on(
         checkpoint_dir=checkpoint_dir,
         resume=resume,
     )
+
+
+class _Collated(torch.utils.data.Dataset):
+    """A map-style dataset with the collate_fn its DataLoader batches it with."""
+
+    def __init__(self, dataset, collate_fn) -> None:
+        self.dataset, self.collate_fn = dataset, collate_fn
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        return self.dataset[i]
 
 
 def _head(split, n: int):

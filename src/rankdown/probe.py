@@ -82,6 +82,12 @@ def batch_slice(x: Inputs, start: int, stop: int) -> Inputs:
     return x[start:stop]
 
 
+def batch_index(x: Inputs, idx: torch.Tensor) -> Inputs:
+    if isinstance(x, Mapping):
+        return {k: v[idx] for k, v in x.items()}
+    return x[idx]
+
+
 def batch_cat(parts: list[Inputs]) -> Inputs:
     if isinstance(parts[0], Mapping):
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}  # type: ignore[index]

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from rankdown.errors import RankdownError
-from rankdown.probe import Inputs, batch_cat, batch_len, batch_slice
+from rankdown.probe import Inputs, batch_cat, batch_index, batch_len, batch_slice
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 TENSOR_SUFFIXES = (".safetensors", ".npz", ".npy")
@@ -335,8 +335,24 @@ class Data:
             if limit is not None and seen >= limit:
                 return
 
-    def inputs(self, n: int) -> Inputs:
-        """The first ``n`` examples' inputs as one batch (calibration sets are small: hundreds)."""
+    @property
+    def collate(self) -> Callable[[list], Any]:
+        """How a list of the dataset's items becomes a batch (a DataLoader's own collate_fn, e.g.
+        a tokenizer's padding, else PyTorch's default)."""
+        fn = getattr(self.source, "collate_fn", None)
+        return fn if isinstance(self.source, DataLoader) and fn is not None else default_collate
+
+    def inputs(self, n: int, seed: int = 0) -> Inputs:
+        """``n`` examples' inputs as one batch (calibration sets are small: hundreds), drawn by a
+        seeded permutation from a map-style dataset (an image folder is sorted by class: its first
+        examples are one class), else the first ``n`` batches' worth of an iterable."""
+        ds = self.dataset
+        if ds is not None and len(ds) > n:  # type: ignore[arg-type]
+            idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].sort().values  # type: ignore[arg-type]
+            if isinstance(ds, _Pairs):
+                return batch_index(ds.inputs, idx)
+            items = [ds[int(i)] for i in idx]
+            return batch_cat([split_batch(self.collate(items[i : i + 256]), self.name)[0] for i in range(0, n, 256)])
         parts = [x for x, _ in self.batches(limit=n)]
         if not parts:
             raise DataError(f"{self.name} is empty")

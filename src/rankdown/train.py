@@ -157,7 +157,8 @@ def fetch(train, idx: torch.Tensor) -> tuple[Inputs, torch.Tensor | None]:
 
     from rankdown.sources import split_batch
 
-    return split_batch(default_collate([train[int(i)] for i in idx]), "training data")
+    collate = getattr(train, "collate_fn", None) or default_collate
+    return split_batch(collate([train[int(i)] for i in idx]), "training data")
 
 
 def _dist() -> tuple[int, int]:

@@ -1,0 +1,73 @@
+"""The contract every registered method keeps, generated from the registry: a new method is one
+maths function, one module and one registry entry, and these tests cover it without a line more."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from rankdown.methods import METHODS
+from rankdown.rank import candidate_cost
+
+# Methods whose largest candidate rank reproduces every weight exactly (the others are fits of a
+# structure that a random weight does not have: CP, monochromatic colours, scheme 1's basis).
+EXACT_AT_FULL_RANK = {"svd", "channel-svd", "tucker2", "separable", "tt", "bicluster", "bicluster-cp"}
+
+
+def layer_for(ltype: type[nn.Module]) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    if ltype is nn.Conv2d:
+        return nn.Conv2d(4, 6, 3, padding=1).double().eval(), torch.randn(2, 4, 7, 7, dtype=torch.float64)
+    return nn.Linear(16, 12).double().eval(), torch.randn(3, 16, dtype=torch.float64)
+
+
+def dense_holding(layer: nn.Module, weight: torch.Tensor) -> nn.Module:
+    import copy
+
+    ref = copy.deepcopy(layer)
+    with torch.no_grad():
+        ref.weight.copy_(weight)
+    return ref
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+@pytest.mark.parametrize(
+    "key", sorted(METHODS, key=lambda k: (k[0], k[1].__name__)), ids=lambda k: f"{k[0]}-{k[1].__name__}"
+)
+def test_method_contract(key):
+    name, ltype = key
+    method = METHODS[key]
+    layer, x = layer_for(ltype)
+    method.check("layer", layer)
+    cands = list(method.candidates(layer))
+    assert cands, name
+    example = x[:1]
+    costs = [candidate_cost(method, layer, r, example) for r in cands]
+    assert all(a.macs <= b.macs for a, b in itertools.pairwise(costs)), f"{name}: MACs not monotone in rank"
+    assert all(a.params <= b.params for a, b in itertools.pairwise(costs)), f"{name}: params not monotone"
+    for multiple in (1, 4, 8):
+        for r in cands:
+            method.validate_rank(layer, method.round_rank(layer, r, multiple))
+    for r in {cands[0], cands[len(cands) // 2], cands[-1]}:
+        method.validate_rank(layer, r)
+        assert method.rank_from_json(json.loads(json.dumps(method.rank_to_json(r)))) == r
+        fact = method.factorize(layer, r)
+        if fact.module is None:  # a fit may fail (a degenerate CP): it must say why
+            assert fact.failure
+            continue
+        built = method.build(layer, r)
+        assert {k: v.shape for k, v in built.state_dict().items()} == {
+            k: v.shape for k, v in fact.module.state_dict().items()
+        }, f"{name}: build and factorize give different structures at rank {r}"
+        y = fact.module(x)
+        assert rel(y, dense_holding(layer, fact.module.reconstruct_weight())(x)) < 1e-9, name
+        if r == cands[-1] and name in EXACT_AT_FULL_RANK:
+            assert fact.rel_error < 1e-5 and rel(y, layer(x)) < 1e-5, f"{name}: not exact at full rank"
