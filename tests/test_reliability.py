@@ -573,3 +573,40 @@ def test_any_json_in_a_plan_field_is_a_plan_or_a_plan_error(saved, field, value)
         apply_plan(nets.tiny_vgg(), plan)
     except PlanError:
         pass
+
+
+@pytest.mark.slow
+def test_finetune_killed_at_random_moments_leaves_old_or_new(tmp_path, fake_fashion, has_bundled_weights):
+    if not has_bundled_weights:
+        pytest.skip("bundled weights not built yet")
+    from rankdown.models import build_model
+
+    out = tmp_path / "out"
+    config = CompressConfig("tucker2", ParamFraction(0.5), skip=("features.0",))
+    res = compress(build_model("fashion-vgg"), config, torch.zeros(1, 1, 28, 28))
+    res.plan.model = "fashion-vgg"
+    save_compressed(out, res.model, res.plan, {"rankdown": "x"})
+    args = [sys.executable, "-c", "from rankdown.cli import run; run()", "finetune", str(out)]
+    args += ["--data-dir", str(fake_fashion), "--eval-limit", "16", "--train-limit", "32", "--epochs", "1"]
+    args += ["--batch-size", "16", "--no-latency", "-q"]
+    env = dict(os.environ, RANKDOWN_QUIET="1")
+
+    def ours(folder: Path) -> dict:
+        return {k: v for k, v in snapshot(folder).items() if not k.startswith("checkpoints")}
+
+    old = ours(out)
+    t0 = time.perf_counter()
+    assert subprocess.run(args, env=env, capture_output=True).returncode == 0
+    duration = time.perf_counter() - t0
+    gen = torch.Generator().manual_seed(1)
+    for i in range(4):
+        old = ours(out)
+        p = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(float(torch.rand(1, generator=gen)) * duration * 1.1)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        recover(out)
+        recover(out / "checkpoints" / "last")
+        state = "old" if out.exists() and ours(out) == old else _state(out)
+        assert state in ("old", "complete"), (i, state)
+        assert sorted(q.name for q in tmp_path.iterdir()) == ["out"], i
