@@ -169,22 +169,24 @@ def main() -> None:
     result = load_or_run(OUT, args.from_json, lambda: run(args))
     env, s = result["environment"], result["settings"]
     lines = [
-        "| target | plan | MACs ÷ | top-1 | agreement | top-1 after 1 epoch | speedup b1, measured twice | compress s |",
+        "| target | plan | MACs ÷ | top-1 | agreement | top-1 after 1 epoch | speedup b1 (twice) | compress s |",
         "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['target']:g}× | {r['plan']} | {r['macs_reduction']:.2f} | {100 * r['top1']:.2f}% | "
             f"{100 * r['agreement']:.1f}% | {100 * r['top1_finetuned']:.2f}% | ×{r['speedup_b1']:.2f}, "
-            f"×{r['speedup_b1_finetuned']:.2f}{' (contended)' if r['contended'] else ''} | {r['compress_seconds']:.0f} |"
+            f"×{r['speedup_b1_finetuned']:.2f}{' (contended)' if r['contended'] else ''} | "
+            f"{r['compress_seconds']:.0f} |"
         )
     dense = result["rows"][0]["dense_top1"]
     body = f"""## A model rankdown has never seen, through the user path
 
 `python benchmarks/user_model.py` ({env["cpu"]}, {env["cpu_count"]} CPUs, torch {env["torch"]}, 2 threads).
-A ResNet-style CNN (`benchmarks/usernet.py`: 15 convs: 13 3×3 and 2 1×1 shortcuts, 3 stages) trained by plain PyTorch for
-{s["epochs"]} epochs on {s["train"]} Fashion-MNIST images written out as PNG folders; dense test
-top-1 **{100 * dense:.2f}%** on {s["test"]} test images. Everything else is the CLI as a user runs it:
+A ResNet-style CNN (`benchmarks/usernet.py`: 15 convs: 13 3×3 and 2 1×1 shortcuts, 3 stages)
+trained by plain PyTorch for {s["epochs"]} epochs on {s["train"]} Fashion-MNIST images written out
+as PNG folders; dense test top-1 **{100 * dense:.2f}%** on {s["test"]} test images. Everything
+else is the CLI as a user runs it:
 `rankdown compress --model usernet:make --weights W --calib-data train/ --eval-data test/
 --grayscale --mean 0.2860 --std 0.3530 ...`, then `rankdown finetune OUT --train-data train/
 --epochs 1 --lr 5e-4`. Uniform: Tucker-2 at the target's MAC fraction in every layer, no data.
