@@ -173,7 +173,8 @@ def reading(rows: list[dict], dense: float) -> str:
     return (
         f"data-free uniform plans wreck this model before fine-tuning (top-1 down to "
         f"{100 * worst_u:.1f}%; rankdown printed its collapse warning for {warned('uniform')} of them), "
-        f"where the data-aware budget keeps up to {100 * best_g:.1f}% (warnings: {warned('global')}). After one epoch on the user's images the data-aware "
+        f"where the data-aware budget keeps up to {100 * best_g:.1f}% (warnings: {warned('global')}). "
+        f"After one epoch on the user's images the data-aware "
         f"plans end within {100 * max(dense - by[(t, 'global')]['top1_finetuned'] for t, _ in by):.1f} "
         f"points of the dense {100 * dense:.2f}% at every target ({100 * g4['top1_finetuned']:.1f}% at "
         f"{g4['target']:g}×, against {100 * u4['top1_finetuned']:.1f}% for the uniform plan). Fewer MACs "
