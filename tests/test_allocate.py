@@ -120,3 +120,28 @@ def test_round_to_multiple(tmp_path):
         cache_dir=tmp_path,
     )
     assert all(r is None or r % 4 == 0 for r in policy.ranks.values())
+
+
+def test_a_failed_fit_falls_back_to_a_lower_rank_and_the_budget_is_met(monkeypatch):
+    """A degenerate CP at the planned rank must not leave the layer dense without a word (a
+    uniform 4x request once delivered 3.12x): the next lower rank that fits is used, and said."""
+    from torch import nn
+
+    from rankdown.api import CompressConfig, compress
+    from rankdown.methods import CP, Factorized
+    from rankdown.rank import MacFraction
+
+    real = CP.factorize
+
+    def flaky(self, module, rank):
+        if int(rank) > 5:
+            return Factorized(None, 1.0, {}, "CP fit degenerated (component congruence -0.99)")
+        return real(self, module, rank)
+
+    monkeypatch.setattr(CP, "factorize", flaky)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1)).eval()
+    res = compress(model, CompressConfig("cp", MacFraction(0.25), skip=("0",)), torch.zeros(1, 3, 8, 8))
+    row = next(r for r in res.layers if r.name == "2")
+    assert row.method == "cp" and row.rank == 5 and "fell back to rank 5" in row.note
+    assert row.after.macs <= 0.25 * row.before.macs

@@ -17,7 +17,16 @@ from rankdown.metrics import factorize_weighted
 from rankdown.plan import LayerPlan, Plan
 from rankdown.probe import Inputs, batch_slice
 from rankdown.progress import progress
-from rankdown.rank import Choice, LayerRanks, ParamFraction, RankPolicy, candidate_cost, choose_rank, policy_to_dict
+from rankdown.rank import (
+    Choice,
+    FixedRank,
+    LayerRanks,
+    ParamFraction,
+    RankPolicy,
+    candidate_cost,
+    choose_rank,
+    policy_to_dict,
+)
 from rankdown.surgery import FilterFn, Selection, record_inputs, replace_module, select_layers, weight_of
 
 
@@ -76,6 +85,21 @@ def _handler(config: CompressConfig, fqn: str, module: nn.Module) -> Method:
         raise UnsupportedLayerError(fqn, type(module).__name__, f"no method handles {type(module).__name__}")
     handler.check(fqn, module)
     return handler
+
+
+MAX_FALLBACKS = 8  # lower ranks tried, one step at a time, after a failed fit
+
+
+def _below(candidate: Rank, rank: Rank) -> bool:
+    """Whether ``candidate`` is a smaller rank than ``rank`` of the same kind (every size smaller
+    or equal, one smaller), so that it costs no more."""
+    a = candidate if isinstance(candidate, tuple) else (candidate,)
+    b = rank if isinstance(rank, tuple) else (rank,)
+    return len(a) == len(b) and all(x <= y for x, y in zip(a, b, strict=True)) and a != b
+
+
+def _rank_text(rank: Rank) -> str:
+    return "×".join(map(str, rank)) if isinstance(rank, tuple) else str(rank)
 
 
 def select_targets(model: nn.Module, config: CompressConfig) -> Selection:
@@ -148,6 +172,17 @@ def compress(
             kept_dense(fqn, ltype, f"rank {rank} would save neither parameters nor MACs: kept dense")
             continue
         fact = factorize_weighted(handler, fqn, module, rank, (metrics or {}).get(fqn))
+        fallback = ""
+        if fact.failure is not None and not isinstance(config.rank, FixedRank):
+            # A budget is not missed without a word: a fit that fails (a degenerate CP) is retried at
+            # the next lower ranks, which still meet the budget, before the layer is left dense.
+            first_failure, lower = fact.failure, [c for c in handler.candidates(module) if _below(c, rank)]
+            for r in list(reversed(lower))[:MAX_FALLBACKS]:
+                retry = factorize_weighted(handler, fqn, module, r, (metrics or {}).get(fqn))
+                if retry.failure is None:
+                    fallback = f"{first_failure} at rank {_rank_text(rank)}: fell back to rank {_rank_text(r)}"
+                    fact, rank = retry, r
+                    break
         if fact.failure is not None:
             kept_dense(fqn, ltype, f"{fact.failure}: kept dense", fact.rel_error)
             continue
@@ -155,6 +190,7 @@ def compress(
         plain = handler.layer_type.__name__
         plan_layers[fqn] = LayerPlan(handler.name, rank, plain, tuple(weight_of(module).shape))
         note = "" if type(module) is handler.layer_type else f"computes as a plain {plain} (probed)"
+        note = "; ".join(n for n in (note, fallback) if n)
         rows.append(
             LayerReport(fqn, ltype, handler.name, rank, before[fqn], before[fqn], fact.rel_error, note, fact.info)
         )
