@@ -177,11 +177,11 @@ def compress(
             # A budget is not missed without a word: a fit that fails (a degenerate CP) is retried at
             # the next lower ranks, which still meet the budget, before the layer is left dense.
             first_failure, lower = fact.failure, [c for c in handler.candidates(module) if _below(c, rank)]
-            for r in list(reversed(lower))[:MAX_FALLBACKS]:
-                retry = factorize_weighted(handler, fqn, module, r, (metrics or {}).get(fqn))
+            for smaller in list(reversed(lower))[:MAX_FALLBACKS]:
+                retry = factorize_weighted(handler, fqn, module, smaller, (metrics or {}).get(fqn))
                 if retry.failure is None:
-                    fallback = f"{first_failure} at rank {_rank_text(rank)}: fell back to rank {_rank_text(r)}"
-                    fact, rank = retry, r
+                    fallback = f"{first_failure} at rank {_rank_text(rank)}: fell back to rank {_rank_text(smaller)}"
+                    fact, rank = retry, smaller
                     break
         if fact.failure is not None:
             kept_dense(fqn, ltype, f"{fact.failure}: kept dense", fact.rel_error)
