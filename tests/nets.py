@@ -192,3 +192,9 @@ def ported_net() -> nn.Module:
         nn.ReLU(),
         nn.Linear(64, 10),
     )
+
+
+def mlp_classifier() -> nn.Module:
+    """Outputs that depend on the input only (no biases): a rank-1 plan visibly wrecks it."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(768, 64, bias=False), nn.ReLU(), nn.Linear(64, 10, bias=False))

@@ -136,11 +136,15 @@ def test_python_api_with_a_dataloader():
 
 
 def test_a_plan_that_wrecks_the_model_is_said_before_committing(tmp_path, capsys):
-    args = ["compress", "--model", "nets:tiny_vgg", "--calib-data", "nets:tiny_vgg_loader", "--rank", "1"]
-    code, _out, err = in_process([*args, "--out", "out", "--no-latency", "-q"], capsys, tmp_path)
+    args = ["compress", "--model", "nets:mlp_classifier", "--calib-data", "nets:tiny_vgg_loader", "--rank", "1"]
+    code, _out, err = in_process([*args, "--layers", "1", "--out", "out", "--no-latency", "-q"], capsys, tmp_path)
     assert code == 0, err
     assert "warning: this plan changes the model's output a lot" in err and "--finetune-epochs" in err
     assert "warning" in json.loads((tmp_path / "out" / "report.json").read_text())
+    # A mild plan on the same model: no warning.
+    args = ["compress", "--model", "nets:mlp_classifier", "--calib-data", "nets:tiny_vgg_loader", "--params", "0.9"]
+    code, _out, err = in_process([*args, "--out", "mild", "--no-latency", "-q"], capsys, tmp_path)
+    assert code == 0 and "warning" not in err, err
 
 
 @pytest.mark.parametrize(
