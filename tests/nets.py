@@ -198,3 +198,16 @@ def mlp_classifier() -> nn.Module:
     """Outputs that depend on the input only (no biases): a rank-1 plan visibly wrecks it."""
     torch.manual_seed(0)
     return nn.Sequential(nn.Flatten(), nn.Linear(768, 64, bias=False), nn.ReLU(), nn.Linear(64, 10, bias=False))
+
+
+class TokenTagger(nn.Module):
+    """A per-token Linear on (batch, tokens, features): padding positions reach it."""
+
+    def __init__(self, vocab: int = 50, dim: int = 16, classes: int = 5) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.proj = nn.Linear(dim, 32)
+        self.out = nn.Linear(32, classes)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.proj(self.embed(input_ids))))

@@ -260,3 +260,17 @@ def test_calibration_draws_across_a_class_sorted_folder(images):
     drawn = {int(torch.where((firsts == xi).all(dim=(1, 2, 3)))[0][0]) // 12 for xi in x}
     assert len(drawn) == 3  # all three classes
     assert torch.equal(x, data.inputs(9))  # and the same draw every time
+
+
+def test_covariance_statistics_skip_padding_positions():
+    """Calibration statistics come from real tokens only: a padded position is not data."""
+    from rankdown.metrics import collect
+
+    torch.manual_seed(0)
+    model = nets.TokenTagger().eval()
+    ids = torch.randint(0, 50, (6, 10))
+    mask = torch.ones(6, 10, dtype=torch.int64)
+    mask[:, 4:] = 0  # 60% padding
+    metric = collect(model, ["proj"], {"input_ids": ids, "attention_mask": mask}, "covariance", batch_size=4)
+    real = model.embed(ids)[mask.bool()].double()
+    assert torch.allclose(metric["proj"].patch_gram, real.T @ real)

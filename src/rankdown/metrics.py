@@ -80,21 +80,27 @@ def collect(
     if metric == "covariance":
         grams: dict[str, torch.Tensor] = {}
         patch: dict[str, torch.Tensor] = {}
+        mask: list[torch.Tensor | None] = [None]  # the batch's attention mask, if it has one
 
         def hook(m, args, fqn):
-            rows = _input_rows(m, args[0].detach()).double()
+            x = args[0].detach()
+            if isinstance(m, nn.Linear) and mask[0] is not None and x.shape[:-1] == mask[0].shape:
+                x = x[mask[0].bool()]  # padding positions are not data: they must not shape the fit
+            rows = _input_rows(m, x).double()
             grams[fqn] = grams.get(fqn, 0) + rows.T @ rows
             if isinstance(m, nn.Linear) or (
                 isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and not isinstance(m.padding, str)
             ):
-                p = patch_rows(m, args[0].detach()).double()
+                p = patch_rows(m, x).double()
                 patch[fqn] = patch.get(fqn, 0) + p.T @ p
 
         handles = [m.register_forward_pre_hook(lambda m, a, f=f: hook(m, a, f)) for f, m in mods.items()]
         try:
             with torch.no_grad():
                 for i in range(0, batch_len(inputs), batch_size):
-                    forward(model, batch_slice(inputs, i, i + batch_size))
+                    batch = batch_slice(inputs, i, i + batch_size)
+                    mask[0] = batch.get("attention_mask") if isinstance(batch, dict) else None
+                    forward(model, batch)
         finally:
             for h in handles:
                 h.remove()
