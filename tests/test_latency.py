@@ -321,3 +321,21 @@ def test_merge_pointwise_is_exact_in_float64_and_cheaper():
         assert n >= 1
         assert torch.allclose(res.model(example), before, rtol=1e-12, atol=1e-12)
         assert sum(count_macs(res.model, example[:1]).values()) < macs_before
+
+
+def test_plan_for_mac_budget_bounds_the_error_and_says_it():
+    """Time alone chooses a's separable form (error 0.6); with an error bound it may not."""
+    from rankdown.latency import plan_error, plan_for_mac_budget
+
+    opts = options()
+    free = plan_for_mac_budget(opts, 70)
+    bounded = plan_for_mac_budget(opts, 70, max_error=0.3)
+    assert plan_error(opts, free)["max"] == pytest.approx(0.6)
+    assert plan_error(opts, bounded)["max"] <= 0.3
+    macs = sum(
+        next(c.macs for c in opts[n].candidates if ch and (c.method, c.rank) == (ch.method, ch.rank)) if ch else 100
+        for n, ch in bounded.items()
+    )
+    assert macs <= 70
+    with pytest.raises(RankdownError, match="max error must be > 0"):
+        plan_for_mac_budget(opts, 70, max_error=0)
