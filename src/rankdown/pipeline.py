@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from rankdown.probe import Inputs, batch_tile, check_runs, example_input, forwar
 from rankdown.quality import MetricFn, evaluate
 from rankdown.report import build_report
 from rankdown.sources import Data
-from rankdown.storage import atomic_write_dir, check_output_dir
+from rankdown.storage import check_output_dir
 from rankdown.train import TrainConfig, finetune
 from rankdown.workload import Workload, bundled_workload, user_workload
 
@@ -93,7 +92,8 @@ def reconstruct_layers(result: CompressResult, dense: nn.Module, calib: Data, op
 
 
 def calib_inputs(data: Data, n: int, model: nn.Module) -> Inputs:
-    """The first ``n`` calibration examples as one batch, in the model's dtype and device."""
+    """``n`` calibration examples (a seeded draw, see ``Data.inputs``) as one batch, in the model's
+    dtype and device."""
     if n < 1:
         raise RankdownError(f"--calibration must be >= 1 example, got {n}")
     return to_model(data.inputs(n), model)
@@ -235,33 +235,34 @@ def run_job(
     if config.layers is None and not config.skip and workload.skip:
         config = dataclasses.replace(config, skip=workload.skip)
     select_targets(dense, config)  # unknown or unsupported layers named by the user fail now
-    # Every data-aware step's data, checked before any work.
-    if latency_aware is not None:
-        workload.need("calib", "--calib-data", "--latency-aware")
-    if allocation is not None:
-        workload.need("calib", "--calib-data", "a global budget (--target-macs, --target-params, --speedup)")
-    if metric != "frobenius":
-        workload.need("calib", "--calib-data", f"--metric {metric}")
-    if reconstruction is not None:
-        workload.need("calib", "--calib-data", "data reconstruction (--calibration)")
-    if progressive is not None:
-        _trainable(workload.need("train", "--train-data", "--progressive-steps"), "--train-data")
-    if finetune_config is not None:
-        _trainable(workload.need("train", "--train-data", "fine-tuning"), "--train-data")
+    # Every data-aware step's data, fetched (and checked) once, before any work; the error names
+    # the first step that needs what is missing.
+    calib_steps = [
+        step
+        for step, wanted in (
+            ("--latency-aware", latency_aware is not None),
+            ("a global budget (--target-macs, --target-params, --speedup)", allocation is not None),
+            (f"--metric {metric}", metric != "frobenius"),
+            ("data reconstruction (--calibration)", reconstruction is not None),
+        )
+        if wanted
+    ]
+    calib = workload.need("calib", "--calib-data", calib_steps[0]) if calib_steps else None
+    train_steps = [s for s, w in (("--progressive-steps", progressive), ("fine-tuning", finetune_config)) if w]
+    if train_steps:
+        _trainable(workload.need("train", "--train-data", train_steps[0]), "--train-data")
     example = workload.example
     if latency_aware is not None:
         from rankdown.latency import DeviceKey, latency_ranks
 
-        calib = calib_inputs(
-            workload.need("calib", "--calib-data", "--latency-aware"), latency_aware.calibration, dense
-        )
+        assert calib is not None
         key = DeviceKey.current(
             "cpu", batch=latency_aware.batch, threads=opts.threads, channels_last=latency_aware.channels_last
         )
         policy, _ = latency_ranks(
             dense,
             config,
-            calib,
+            calib_inputs(calib, latency_aware.calibration, dense),
             key,
             max_error=latency_aware.max_error,
             methods=latency_aware.methods,
@@ -272,11 +273,11 @@ def run_job(
         )
         config = dataclasses.replace(config, rank=policy)
     if allocation is not None:
-        calib = calib_inputs(workload.need("calib", "--calib-data", "a global budget"), allocation.calibration, dense)
+        assert calib is not None
         policy = allocate_ranks(
             dense,
             config,
-            calib,
+            calib_inputs(calib, allocation.calibration, dense),
             allocation.budget,
             criterion=allocation.criterion,
             round_to=allocation.round_to,
@@ -287,8 +288,10 @@ def run_job(
     if metric != "frobenius":
         from rankdown.metrics import collect
 
-        calib = calib_inputs(workload.need("calib", "--calib-data", "--metric"), metric_examples, dense)
-        metrics = collect(dense, select_targets(dense, config).targets, calib, metric)
+        assert calib is not None
+        metrics = collect(
+            dense, select_targets(dense, config).targets, calib_inputs(calib, metric_examples, dense), metric
+        )
     if progressive is not None:
         from rankdown.progressive import progressive_compress
 
@@ -301,27 +304,21 @@ def run_job(
     else:
         result = compress(dense, config, example, model_spec=spec, metrics=metrics)
     result.plan.meta["metric"] = metric
-    calib_data = workload.get("calib")
-    if calib_data is not None and (allocation or latency_aware or metric != "frobenius" or reconstruction):
-        result.plan.meta["calibration_data"] = calib_data.describe()
+    if calib is not None:
+        result.plan.meta["calibration_data"] = calib.describe()
     if allocation is not None:
         result.plan.meta["allocation"] = allocation.to_dict()
     if reconstruction is not None:
-        reconstruct_layers(result, dense, workload.need("calib", "--calib-data", "reconstruction"), reconstruction)
+        assert calib is not None
+        reconstruct_layers(result, dense, calib, reconstruction)
     warning = collapse_warning(dense, result.model, workload)
     if warning and warn is not None:
         warn(warning)
     ft = None
     if finetune_config is not None:
-        eval_data = workload.get("eval")
-        q0 = None if eval_data is None else evaluate({"compressed": result.model}, eval_data, limit=opts.eval_limit)
+        q0 = _quality_now(result.model, workload, opts)
         history = finetune_on(result.model, dense, list(result.plan.layers), workload, finetune_config, train_limit)
-        ft = {
-            "config": dataclasses.asdict(finetune_config),
-            "history": history,
-            "accuracy_before_finetune": ((q0 or {}).get("metrics", {}).get("top1") or {}).get("compressed"),
-            "quality_before_finetune": None if q0 is None else q0["metrics"],
-        }
+        ft = _finetune_record(finetune_config, history, q0)
     # None: the factory's (or the bundled model's) own weights are the original.
     result.plan.meta["source_weights"] = None if weights is None else str(Path(weights).resolve())
     measured = measure(workload, dense, result.model, opts)
@@ -359,6 +356,23 @@ def budget_check(budget: Budget, totals: dict, result: CompressResult) -> dict:
             f" (left dense after a failed fit: {', '.join(dense)})" if dense else ""
         )
     return {"kind": kind, "asked_fraction": asked, "delivered_fraction": delivered, "missed": missed}
+
+
+def _quality_now(model: nn.Module, workload: Workload, opts: MeasureOptions) -> dict | None:
+    """The model's quality on the evaluation data before fine-tuning (None without data)."""
+    data = workload.get("eval")
+    return None if data is None else evaluate({"compressed": model}, data, limit=opts.eval_limit)
+
+
+def _finetune_record(config: TrainConfig, history: list[dict], before: dict | None) -> dict:
+    """The report's fine-tuning section: settings, history, and quality before it."""
+    metrics = None if before is None else before["metrics"]
+    return {
+        "config": dataclasses.asdict(config),
+        "history": history,
+        "accuracy_before_finetune": ((metrics or {}).get("top1") or {}).get("compressed"),
+        "quality_before_finetune": metrics,
+    }
 
 
 def _trainable(data: Data, flag: str) -> Data:
@@ -589,10 +603,6 @@ def run_finetune(
     """Fine-tune a saved compressed model in place. The folder changes in one step at the end
     (new weights, plan and report together, or nothing); epoch checkpoints go to
     FOLDER/checkpoints (``resume`` continues them) and are carried over."""
-    from safetensors.torch import save_file
-
-    from rankdown.plan import PLAN_FILE, REPORT_FILE, WEIGHTS_FILE
-
     opts = opts or MeasureOptions()
     folder = Path(folder)
     check_output_dir(folder, force=True)  # only a folder rankdown wrote is rewritten
@@ -600,9 +610,7 @@ def run_finetune(
     _trainable(saved.workload.need("train", "--train-data", "fine-tuning"), "--train-data")
     if config.distill > 0 and saved.dense is None:
         raise RankdownError("distillation needs the dense original, whose weights file is gone")
-    plan_text = (folder / PLAN_FILE).read_text()
-    eval_data = saved.workload.get("eval")
-    q0 = None if eval_data is None else evaluate({"compressed": saved.model}, eval_data, limit=opts.eval_limit)
+    q0 = _quality_now(saved.model, saved.workload, opts)
     history = finetune_on(
         saved.model,
         saved.dense,
@@ -614,20 +622,8 @@ def run_finetune(
         resume=resume,
     )
     report = remeasure(saved, opts, argv)
-    report["finetune"] = {
-        "config": dataclasses.asdict(config),
-        "history": history,
-        "accuracy_before_finetune": ((q0 or {}).get("metrics", {}).get("top1") or {}).get("compressed"),
-        "quality_before_finetune": None if q0 is None else q0["metrics"],
-    }
-
-    def write(tmp: Path) -> None:
-        (tmp / PLAN_FILE).write_text(plan_text)
-        state = {k: v.detach().contiguous().cpu() for k, v in saved.model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "rankdown-plan"})
-        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-
-    atomic_write_dir(folder, write, force=True, keep=("checkpoints",))
+    report["finetune"] = _finetune_record(config, history, q0)
+    save_compressed(folder, saved.model, saved.plan, report, force=True, keep=("checkpoints",))
     return report
 
 

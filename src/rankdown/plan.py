@@ -148,8 +148,17 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
 
 
 def save_compressed(
-    out: str | Path, model: nn.Module, plan: Plan, report: dict | None = None, *, force: bool = False
+    out: str | Path,
+    model: nn.Module,
+    plan: Plan,
+    report: dict | None = None,
+    *,
+    force: bool = False,
+    keep: tuple[str, ...] = (),
 ) -> Path:
+    """Write plan + weights (+ report) as one folder, atomically; ``keep``: entries of the folder
+    being replaced that the new one carries over (a fine-tuned folder's checkpoints)."""
+
     def write(tmp: Path) -> None:
         (tmp / PLAN_FILE).write_text(plan.to_json() + "\n")
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -157,7 +166,7 @@ def save_compressed(
         if report is not None:
             (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
 
-    atomic_write_dir(Path(out), write, force)
+    atomic_write_dir(Path(out), write, force, keep=keep)
     return Path(out)
 
 

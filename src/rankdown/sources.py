@@ -269,6 +269,7 @@ class Data:
     noise: bool = False
     classes: list[str] | None = field(default=None, repr=False)
     _first: tuple[Inputs, torch.Tensor | None] | None = field(default=None, repr=False)
+    _drawn: dict[tuple[int, int], Inputs] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         s = self.source
@@ -346,6 +347,12 @@ class Data:
         """``n`` examples' inputs as one batch (calibration sets are small: hundreds), drawn by a
         seeded permutation from a map-style dataset (an image folder is sorted by class: its first
         examples are one class), else the first ``n`` batches' worth of an iterable."""
+        if (n, seed) in self._drawn:  # every data-aware step asks: read (and decode) once
+            return self._drawn[(n, seed)]
+        self._drawn[(n, seed)] = self._draw(n, seed)
+        return self._drawn[(n, seed)]
+
+    def _draw(self, n: int, seed: int) -> Inputs:
         ds = self.dataset
         if ds is not None and len(ds) > n:  # type: ignore[arg-type]
             idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].sort().values  # type: ignore[arg-type]
