@@ -28,11 +28,11 @@ from rankdown import __version__
 from rankdown.bench import Cost, count_macs, n_params
 from rankdown.errors import RankdownError
 from rankdown.methods import Method, Rank
-from rankdown.probe import batch_len, batch_slice, forward, primary_output
+from rankdown.probe import batch_len, batch_size_for, batch_slice, forward, primary_output
 from rankdown.progress import progress
 from rankdown.rank import candidate_cost
 from rankdown.storage import atomic_write_text, default_cache_dir
-from rankdown.surgery import get_module, swapped
+from rankdown.surgery import get_module, swapped, weight_of
 
 
 @dataclass(frozen=True)
@@ -43,9 +43,14 @@ class Budget:
     macs: float | None = None
     params: float | None = None
     speedup: float | None = None
+    # "model": the fraction is of the whole model; "layers": of the layers being factorized only
+    # (the LLM convention, "20 % of the block weights removed", which leaves embeddings aside).
+    scope: str = "model"
 
     def __post_init__(self) -> None:
-        given = [k for k, v in asdict(self).items() if v is not None]
+        if self.scope not in ("model", "layers"):
+            raise RankdownError(f"budget scope must be 'model' or 'layers', got {self.scope!r}")
+        given = [k for k, v in asdict(self).items() if v is not None and k != "scope"]
         if len(given) != 1:
             raise RankdownError(f"give exactly one budget (macs, params or speedup), got {given or 'none'}")
         if self.speedup is not None and not self.speedup > 1.0:
@@ -188,11 +193,77 @@ def sensitivity(
     return curves
 
 
+# Methods whose fit is a truncated SVD of the (weighted) weight matrix: their error at every rank
+# follows from one SVD.
+SPECTRUM_METHODS = ("svd", "channel-svd")
+
+
 @torch.no_grad()
-def _outputs(model: nn.Module, calib, batch_size: int = 64) -> torch.Tensor:
+def spectrum_curves(
+    model: nn.Module,
+    targets: dict[str, Method],
+    example_inputs: dict[str, torch.Tensor],
+    metrics: dict | None = None,
+    *,
+    points: int = 64,
+    round_to: int = 1,
+) -> dict[str, LayerCurve]:
+    """Error curves in closed form, no forward pass: a rank-r truncated SVD of the weighted matrix
+    M loses exactly the tail of its singular values, so the relative error at rank r is
+    sqrt(Σ_{i>r} σ_i² / Σ σ_i²). Under the covariance metric M = W·L (Σ = L Lᵀ the input second
+    moment) and this is the layer's relative output error on the calibration data (SVD-LLM's
+    truncation loss); under the other metrics, the weighted weight error. One SVD per layer, so it
+    scales to the hundreds of matrices of a transformer where a sweep does not."""
+    from rankdown.decompose import shifted_cholesky
+    from rankdown.metrics import transformed
+
+    curves: dict[str, LayerCurve] = {}
+    for fqn, method in progress(targets.items(), total=len(targets), desc="spectrum"):
+        if method.name not in SPECTRUM_METHODS:
+            raise RankdownError(
+                f"layer {fqn!r}: closed-form (spectrum) allocation needs a truncated-SVD method "
+                f"({', '.join(SPECTRUM_METHODS)}), not {method.name!r}"
+            )
+        module = get_module(model, fqn)
+        m = (metrics or {}).get(fqn)
+        w = weight_of(module).detach().double()
+        if m is not None and m.patch_gram is not None:
+            mat = w.reshape(w.shape[0], -1) @ shifted_cholesky(m.patch_gram)
+        elif m is not None and (m.t_in is not None or m.d_out is not None):
+            mat = weight_of(transformed(module, m)).detach().double().reshape(w.shape[0], -1)
+        else:
+            mat = w.reshape(w.shape[0], -1)
+        sq = torch.linalg.svdvals(mat) ** 2
+        tail = sq.flip(0).cumsum(0).flip(0)  # tail[i] = Σ_{j>=i} σ_j²
+        total = float(tail[0]) if len(tail) else 0.0
+        dense_cost = Cost(n_params(module), candidate_cost_dense(module, example_inputs[fqn]))
+        curve = LayerCurve(fqn, method.name)
+        for rank in _grid(method, module, points, round_to):
+            cost = candidate_cost(method, module, rank, example_inputs[fqn])
+            if cost.params >= dense_cost.params and cost.macs >= dense_cost.macs:
+                continue
+            r = int(rank)  # type: ignore[arg-type]  # SPECTRUM_METHODS take integer ranks
+            err = math.sqrt(float(tail[r]) / total) if r < len(tail) and total > 0 else 0.0
+            curve.options.append(Option(rank, cost.params, cost.macs, err))
+        curve.options.append(Option(None, dense_cost.params, dense_cost.macs, 0.0))
+        curves[fqn] = curve
+    return curves
+
+
+def candidate_cost_dense(module: nn.Module, example: torch.Tensor) -> int:
+    """MACs of the dense layer on one example (meta device: nothing computed)."""
+    from rankdown.bench import module_cost
+    from rankdown.rank import _meta_copy
+
+    return module_cost(_meta_copy(module), example.to("meta")).macs
+
+
+@torch.no_grad()
+def _outputs(model: nn.Module, calib, batch_size: int | None = None) -> torch.Tensor:
     """The model's output tensor on the calibration data, computed in batches (memory stays at one
     batch's activations)."""
     n = batch_len(calib)
+    batch_size = batch_size or batch_size_for(calib)
     return torch.cat(
         [primary_output(forward(model, batch_slice(calib, i, i + batch_size))) for i in range(0, n, batch_size)]
     )
@@ -256,7 +327,7 @@ def allocate(
     final one-rank-step fill; without it the fill moves along the sweep's grid.
     """
     kind = budget.kind
-    limit = budget.fraction * total
+    limit = budget.fraction * total if budget.scope == "model" else fixed + budget.fraction * (total - fixed)
     cheapest = fixed + sum(min(o.__dict__[kind] for o in c.options) for c in curves.values())
     if cheapest > limit:
         raise RankdownError(

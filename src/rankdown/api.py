@@ -57,6 +57,7 @@ class LayerReport:
     rel_error: float | None
     note: str = ""
     info: dict = field(default_factory=dict)  # method diagnostics (iterations, convergence, ...)
+    target: bool = True  # False: excluded from factorization (skipped or unsupported), not merely left dense
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -196,6 +197,7 @@ def compress(
         )
     for fqn, reason in selection.skipped.items():
         kept_dense(fqn, type(model.get_submodule(fqn)).__name__, reason)
+        rows[-1].target = False
     # Costs after, measured on the compressed model by the same counter as before.
     after_costs = layer_costs(model, example, [r.name for r in rows])
     for r in rows:
@@ -221,12 +223,15 @@ def allocate_ranks(
     points: int = 12,
     round_to: int = 1,
     cache_dir: str | Path | None = None,
+    metrics: dict | None = None,
 ) -> LayerRanks:
     """Spend one whole-model ``budget`` across the layers ``config`` selects (see rankdown.allocate).
+    ``criterion`` "spectrum" takes each layer's error curve in closed form from its (``metrics``-
+    weighted) singular values instead of a sweep (truncated-SVD methods only).
 
     Returns a LayerRanks policy: ``compress(model, replace(config, rank=policy), ...)`` applies it.
     """
-    from rankdown.allocate import allocate, rank_ladders, sensitivity
+    from rankdown.allocate import allocate, rank_ladders, sensitivity, spectrum_curves
     from rankdown.bench import model_cost
 
     model = model.eval()
@@ -234,15 +239,18 @@ def allocate_ranks(
     example = batch_slice(calibration, 0, 1)
     inputs = record_inputs(model, example, selection.targets)
     targets = {n: _handler(config, n, model.get_submodule(n)) for n in selection.targets if n in inputs}
-    curves = sensitivity(
-        model,
-        targets,
-        calibration,
-        criterion=criterion,
-        points=points,
-        round_to=round_to,
-        cache_dir=Path(cache_dir) if cache_dir else None,
-    )
+    if criterion == "spectrum":
+        curves = spectrum_curves(model, targets, inputs, metrics, round_to=round_to)
+    else:
+        curves = sensitivity(
+            model,
+            targets,
+            calibration,
+            criterion=criterion,
+            points=points,
+            round_to=round_to,
+            cache_dir=Path(cache_dir) if cache_dir else None,
+        )
     kind = budget.kind
     total = getattr(model_cost(model, example), kind)
     fixed = total - sum(c.options[-1].__dict__[kind] for c in curves.values())

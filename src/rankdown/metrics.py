@@ -9,6 +9,9 @@ it does to the layer's output:
   reduced to its best separable form α ≈ a_out ⊗ a_in (root-mean-square over the other modes):
   then diag(a_out) · W · diag(a_in) is decomposed by any method and the scaling is undone on the
   factor that touches each mode. Exactly the paper's "fit on α ⊙ W and rescale" when α is separable.
+- ``activation``: ASVD's activation-aware scaling (Yuan et al. 2023): input channel j weighted by
+  (mean |x_j|)^α, α = 0.5, so that channels carrying large activations (the outliers of
+  transformer layers) are kept. A diagonal input transform, so every method can use it.
 - ``covariance``: the error under the layer's input distribution, E‖(W − Ŵ) x‖². With the
   input-channel second moment Σ = L Lᵀ, decompose W ×_in Lᵀ and undo with L⁻¹ on the input
   factor. For ``svd`` / ``channel-svd`` the full im2col covariance (channels × kernel taps) is used
@@ -43,9 +46,10 @@ from rankdown.layers import (
     Tucker2Conv2d,
     balance_factors,
 )
-from rankdown.probe import batch_len, batch_slice, forward, primary_output
+from rankdown.probe import Inputs, batch_len, batch_size_for, batch_slice, forward, primary_output
 
-METRICS = ("frobenius", "mahalanobis", "covariance")
+METRICS = ("frobenius", "mahalanobis", "covariance", "activation")
+ASVD_ALPHA = 0.5
 _SUPPORTED = (LowRankLinear, ChannelSVDConv2d, Tucker2Conv2d, CPConv2d, SeparableConv2d, BasisConv2d)
 
 
@@ -67,9 +71,10 @@ def _input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def collect(
-    model: nn.Module, fqns: list[str], inputs: torch.Tensor, metric: str, *, batch_size: int = 64
+    model: nn.Module, fqns: list[str], inputs: Inputs, metric: str, *, batch_size: int | None = None
 ) -> dict[str, LayerMetric]:
     """Statistics for ``metric`` at each layer, streamed over ``inputs`` in batches."""
+    batch_size = batch_size or batch_size_for(inputs)
     if metric not in METRICS:
         raise RankdownError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
     out = {fqn: LayerMetric() for fqn in fqns}
@@ -77,9 +82,10 @@ def collect(
         return out
     model.eval()
     mods = {fqn: model.get_submodule(fqn) for fqn in fqns}
-    if metric == "covariance":
+    if metric in ("covariance", "activation"):
         grams: dict[str, torch.Tensor] = {}
         patch: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
         mask: list[torch.Tensor | None] = [None]  # the batch's attention mask, if it has one
 
         def hook(m, args, fqn):
@@ -87,6 +93,10 @@ def collect(
             if isinstance(m, nn.Linear) and mask[0] is not None and x.shape[:-1] == mask[0].shape:
                 x = x[mask[0].bool()]  # padding positions are not data: they must not shape the fit
             rows = _input_rows(m, x).double()
+            if metric == "activation":  # sums of |x| per channel; no Gram needed
+                grams[fqn] = grams.get(fqn, 0) + rows.abs().sum(0)
+                counts[fqn] = counts.get(fqn, 0) + rows.shape[0]
+                return
             grams[fqn] = grams.get(fqn, 0) + rows.T @ rows
             if isinstance(m, nn.Linear) or (
                 isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and not isinstance(m.padding, str)
@@ -105,7 +115,11 @@ def collect(
             for h in handles:
                 h.remove()
         for fqn in fqns:
-            if fqn in grams:
+            if fqn in grams and metric == "activation":
+                scale = (grams[fqn] / max(counts[fqn], 1)).pow(ASVD_ALPHA)
+                floor = 1e-3 * float(scale.max()) if float(scale.max()) > 0 else 1.0  # dead channels: not 0
+                out[fqn] = LayerMetric(t_in=torch.diag(scale.clamp_min(floor)))
+            elif fqn in grams:
                 out[fqn] = LayerMetric(t_in=decompose.shifted_cholesky(grams[fqn]), patch_gram=patch.get(fqn))
         return out
     # mahalanobis: squared gradients of the loss against the model's own predictions

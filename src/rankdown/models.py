@@ -287,7 +287,16 @@ def resolve_factory(spec: str) -> Callable[[], nn.Module]:
 
 
 def build_model(spec: str, weights: str | Path | None = None, *, pretrained: bool = True) -> nn.Module:
-    """Build a bundled model (with its shipped weights) or a user factory (with ``weights``)."""
+    """Build a bundled model (with its shipped weights), a Hugging Face model (``hf:PATH``) or a
+    user factory (with ``weights``)."""
+    if spec.startswith("hf:"):
+        from rankdown.hf import load_model
+
+        if weights is not None:
+            raise ModelError(f"model {spec!r}: --weights is not used with hf: models (the folder holds them)")
+        model = load_model(spec)
+        check_finite(model, f"model {spec!r}")
+        return model
     if spec in BUNDLED:
         model = BUNDLED[spec].factory()
         if weights is not None:

@@ -147,6 +147,26 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
 # --------------------------------------------------------------------------- folders
 
 
+def _aliases(model: nn.Module) -> dict[str, str]:
+    """State-dict keys that name the same tensor as an earlier key (tied weights) -> that key."""
+    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    out = {}
+    for k, v in model.state_dict(keep_vars=True).items():
+        ident = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        if ident in seen and v.numel() > 0:
+            out[k] = seen[ident]
+        else:
+            seen[ident] = k
+    return out
+
+
+def _unaliased_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each tied tensor once (safetensors refuses shared memory; the model
+    built again ties them itself)."""
+    aliases = _aliases(model)
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in aliases}
+
+
 def save_compressed(
     out: str | Path,
     model: nn.Module,
@@ -161,8 +181,7 @@ def save_compressed(
 
     def write(tmp: Path) -> None:
         (tmp / PLAN_FILE).write_text(plan.to_json() + "\n")
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": PLAN_FORMAT})
+        save_file(_unaliased_state(model), str(tmp / WEIGHTS_FILE), metadata={"format": PLAN_FORMAT})
         if report is not None:
             (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
 
@@ -190,6 +209,8 @@ def load_compressed(folder: str | Path, model: nn.Module) -> nn.Module:
     from rankdown.models import state_dict_mismatch
 
     apply_plan(model, plan)
+    aliases = _aliases(model)  # tied in the model built again: stored once, under the first name
+    state = {**state, **{k: state[a] for k, a in aliases.items() if k not in state and a in state}}
     mismatch = state_dict_mismatch(model, state)
     if mismatch:
         raise PlanError(f"{weights} does not match the plan's architecture: {mismatch}")

@@ -76,6 +76,20 @@ def batch_len(x: Inputs) -> int:
     return int(x.shape[0])
 
 
+# Forward passes over token sequences are batched by tokens, not examples: 64 sequences of 256
+# tokens through a 50k-vocabulary model are 3 GB of logits.
+BATCH_TOKENS = 2048
+
+
+def batch_size_for(x: Inputs, examples: int = 64) -> int:
+    """Examples per forward pass: ``examples``, or fewer for long token sequences."""
+    if isinstance(x, Mapping):
+        ids = x.get("input_ids")
+        if isinstance(ids, torch.Tensor) and ids.ndim == 2 and not ids.is_floating_point():
+            return max(1, min(examples, BATCH_TOKENS // max(int(ids.shape[1]), 1)))
+    return examples
+
+
 def batch_slice(x: Inputs, start: int, stop: int) -> Inputs:
     if isinstance(x, Mapping):
         return {k: v[start:stop] for k, v in x.items()}

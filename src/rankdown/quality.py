@@ -48,10 +48,17 @@ def evaluate(
 
     sq_diff: dict[str, float] = {}
     sq_ref = 0.0
+    nll: dict[str, float] = {}
+    scored = 0
     for x, y in progress(data.batches(limit), desc=desc):
         outs = {k: primary_output(forward(m, to_model(x, m))).float() for k, m in live.items()}
         b = batch_len(x)
         n += b
+        if data.task == "causal-lm":
+            ids, mask = _tokens(x, data.name)
+            for k, o in outs.items():
+                nll[k] = nll.get(k, 0.0) + _next_token_nll(o, ids, mask, data.name)
+            scored += int(mask[:, 1:].sum())
         if y is not None:
             for k, o in outs.items():
                 if not _classes(o) or o.shape[:-1] != y.shape:
@@ -66,18 +73,25 @@ def evaluate(
                     add("top5", k, float((top == y[..., None]).any(-1).float().mean()) * b)
         if ref is not None:
             r = outs[reference]  # type: ignore[index]
-            sq_ref += float((r.double() ** 2).sum())
+            sq_ref += float((r * r).sum(dtype=torch.float64))
             for k, o in outs.items():
                 if k == reference:
                     continue
-                sq_diff[k] = sq_diff.get(k, 0.0) + float(((o.double() - r.double()) ** 2).sum())
-                if _classes(o):
+                sq_diff[k] = sq_diff.get(k, 0.0) + float(((o - r) ** 2).sum(dtype=torch.float64))
+                if data.task == "embedding":
+                    mask = _tokens(x, data.name)[1]
+                    cos = F.cosine_similarity(_mean_pool(o, mask), _mean_pool(r, mask), dim=-1)
+                    add("embedding_cosine", k, float(cos.sum()))
+                elif _classes(o):
                     add("top1_agreement", k, float((o.argmax(-1) == r.argmax(-1)).float().mean()) * b)
                     kl = F.kl_div(F.log_softmax(o, -1), F.log_softmax(r, -1), log_target=True, reduction="none")
                     add("kl_to_dense", k, float(kl.sum(-1).mean()) * b)
     if n == 0:
         raise RankdownError(f"{data.name}: no examples to evaluate on")
     metrics = {name: {k: v / n for k, v in per.items()} for name, per in sums.items()}
+    if nll:
+        metrics["perplexity"] = {k: math.exp(min(v / max(scored, 1), 700.0)) for k, v in nll.items()}
+        metrics["tokens_scored"] = {k: float(scored) for k in nll}
     if ref is not None and sq_diff:
         metrics["output_rel_error"] = {k: math.sqrt(v / max(sq_ref, 1e-300)) for k, v in sq_diff.items()}
     if metric is not None:
@@ -95,11 +109,44 @@ def evaluate(
     return {"data": data.describe(), "examples": n, "labelled": data.labelled, "metrics": metrics}
 
 
+def _tokens(x: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(x, dict) or "input_ids" not in x:
+        raise RankdownError(f"{name}: text metrics need keyword inputs with input_ids")
+    ids = x["input_ids"]
+    return ids, x.get("attention_mask", torch.ones_like(ids))
+
+
+def _next_token_nll(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, name: str) -> float:
+    """Summed negative log-likelihood of each token given the ones before it (padding skipped)."""
+    if logits.shape[:2] != ids.shape or logits.ndim != 3:
+        raise RankdownError(
+            f"{name}: perplexity needs next-token logits of shape (batch, tokens, vocabulary), "
+            f"got {tuple(logits.shape)} for token ids {tuple(ids.shape)}"
+        )
+    lp = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1).to(logits.device), reduction="none"
+    )
+    return float((lp * mask[:, 1:].reshape(-1).to(lp)).sum())
+
+
+def _mean_pool(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sentence embeddings as sentence-transformers pools them: the mean over real tokens."""
+    if h.ndim == 2:
+        return h
+    m = mask.to(h)[..., None]
+    return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+# Quality metrics where smaller is better; every other is larger-is-better except the errors.
+LOWER_IS_BETTER = ("perplexity", "kl_to_dense", "output_rel_error")
+
+
 def headline(quality: dict) -> tuple[str, str | None]:
-    """The metric a report leads with: top-1 accuracy with labels, else top-1 agreement, else the
-    relative output error; and which model key holds the compressed value."""
+    """The metric a report leads with: top-1 accuracy with labels, perplexity for a language model,
+    embedding cosine for an encoder, else top-1 agreement, else the relative output error; and
+    which model key holds the compressed value."""
     m = quality.get("metrics", {})
-    for name in ("top1", "top1_agreement", "output_rel_error"):
+    for name in ("top1", "perplexity", "embedding_cosine", "top1_agreement", "output_rel_error"):
         if name in m:
             return name, None
     return next(iter(m), ""), None

@@ -145,9 +145,11 @@ def render(report: dict, console: Console | None = None) -> None:
         "top5": ("top-5 accuracy", True),
         "top1_agreement": ("top-1 agreement with dense", True),
         "kl_to_dense": ("KL(dense ‖ compressed)", False),
+        "perplexity": ("perplexity", False),
+        "embedding_cosine": ("embedding cosine to dense", False),
     }
     for name, per in (quality.get("metrics") or {}).items():
-        if name in shown or name == "output_rel_error":
+        if name in shown or name in ("output_rel_error", "tokens_scored"):
             continue
         label, pct = labels.get(name, (name, False))
         fmt = (lambda v: f"{100 * v:.2f}%") if pct else (lambda v: f"{v:.4g}")
@@ -173,6 +175,11 @@ def render(report: dict, console: Console | None = None) -> None:
             f"{comp['median_ms']:.2f} ms {layout(comp)}",
             "" if dense is None else f"×{row['speedup']:.2f} (theory ×{row['theoretical_speedup']:.2f})",
         )
+    tps = report.get("tokens_per_s")
+    if tps and "dense" in tps:
+        for key, label in (("prefill_tokens_per_s", "prefill"), ("decode_tokens_per_s", "decode, batch 1")):
+            d, c = tps["dense"][key], tps["compressed"][key]
+            s.add_row(f"tokens/s {label}, {tps['threads']} threads", f"{d:.1f}", f"{c:.1f}", f"×{c / d:.2f}")
     console.print(s)
     if quality.get("note"):
         console.print(f"note: {quality['note']}")
@@ -193,19 +200,27 @@ def render_bench(result: dict, console: Console | None = None) -> None:
         title_justify="left",
     )
     keys = [k for k in ("dense", "compressed", "model") if k in result["macs"]]
+    first = result["end_to_end"][0] if result["end_to_end"] else {}
+    keys += [f"{k} (onnxruntime)" for k in list(keys) if f"{k} (onnxruntime)" in first]
     t.add_column("batch", justify="right")
     for k in keys:
         t.add_column(f"{k} ms", justify="right")
-    if "compressed" in keys and "dense" in keys:
+    pair = "compressed" in keys and "dense" in keys
+    if pair:
         for col in ("measured speedup", "theoretical (MACs)", "measured / theoretical"):
             t.add_column(col, justify="right")
+        if "speedup_onnxruntime" in first:
+            t.add_column("onnxruntime speedup (/ theoretical)", justify="right")
     for row in result["end_to_end"]:
         cells = [str(row["batch"])]
         for k in keys:
             lat = row[k]
-            cells.append(f"{lat['median_ms']:.3f} {'NHWC' if lat['channels_last'] else 'NCHW'}")
+            layout = "" if "onnxruntime" in k else (" NHWC" if lat["channels_last"] else " NCHW")
+            cells.append(f"{lat['median_ms']:.3f}{layout}")
         if "speedup" in row:
             cells += [f"×{row['speedup']:.2f}", f"×{row['theoretical']:.2f}", f"{row['ratio']:.2f}"]
+        if "speedup_onnxruntime" in row:
+            cells.append(f"×{row['speedup_onnxruntime']:.2f} ({row['ratio_onnxruntime']:.2f})")
         t.add_row(*cells)
     console.print(t)
     if result["layers"]:

@@ -267,6 +267,9 @@ class Data:
     name: str = "data"
     batch_size: int = 64
     noise: bool = False
+    # What the examples are, where the input alone says too little: "causal-lm" (token sequences
+    # judged by next-token perplexity) or "embedding" (judged by pooled-output cosine); None otherwise.
+    task: str | None = None
     classes: list[str] | None = field(default=None, repr=False)
     _first: tuple[Inputs, torch.Tensor | None] | None = field(default=None, repr=False)
     _drawn: dict[tuple[int, int], Inputs] = field(default_factory=dict, repr=False)
@@ -394,8 +397,23 @@ def open_data(
     image_options: ImageOptions | None = None,
     input_shape: tuple[int, ...] | None = None,
     batch_size: int = 64,
+    text: dict | None = None,
 ) -> Data:
-    """A CLI data source (see the module docstring); ``what`` names the flag in errors."""
+    """A CLI data source (see the module docstring); ``what`` names the flag in errors. ``text``:
+    the tokenizer and options that make ``text:FILE`` (or a .txt file) token sequences."""
+    if spec.startswith("text:") or (spec.endswith(".txt") and Path(spec).is_file()):
+        if not text or text.get("tokenizer") is None:
+            raise DataError(f"{what} {spec}: text data needs a tokenizer: use it with --model hf:PATH")
+        from rankdown.text import text_data
+
+        return text_data(
+            spec[len("text:") :] if spec.startswith("text:") else spec,
+            text["tokenizer"],
+            seq_len=text.get("seq_len", 256),
+            max_sequences=text.get("sequences"),
+            task=text.get("task") or "causal-lm",
+            what=what,
+        )
     if spec == "noise":
         if input_shape is None:
             raise DataError(f"{what} noise needs --input-shape (the shape of one example)")
@@ -412,5 +430,5 @@ def open_data(
         return Data(load_factory_data(spec, what), spec, batch_size)
     raise DataError(
         f"{what} {spec}: no such folder or file (expected an image folder, a .safetensors/.npz/.npy file, "
-        "package.module:function returning a DataLoader, or noise)"
+        "text:FILE for a language model, package.module:function returning a DataLoader, or noise)"
     )

@@ -78,6 +78,20 @@ def raw_input_layers(model: nn.Module, example: Inputs) -> tuple[str, ...]:
     return tuple(dict.fromkeys(found))
 
 
+def tied_layers(model: nn.Module) -> tuple[str, ...]:
+    """Conv2d/Linear layers whose weight is shared with another module (an LM head tied to the
+    token embedding): factorizing one would untie it and store both, so they stay dense."""
+    owners: dict[int, list[str]] = {}
+    for name, m in model.named_modules():
+        for p in m.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(name)
+    return tuple(
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and len(owners.get(id(m.weight), [])) > 1
+    )
+
+
 def user_workload(
     model: nn.Module,
     *,
@@ -111,7 +125,7 @@ def user_workload(
     example = to_model(example, model)
     check_runs(model, example, f"model {spec!r}" if spec else "the model")  # before any other forward pass
     if skip is None:
-        skip = raw_input_layers(model.eval(), example)
+        skip = tuple(dict.fromkeys((*raw_input_layers(model.eval(), example), *tied_layers(model))))
     w = Workload(model.eval(), example, calib, eval, train, spec, metric, tuple(skip))
     w.eval_from_calib = eval_from_calib
     return w
