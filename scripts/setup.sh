@@ -35,7 +35,7 @@ if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+
   echo "setup: installing torch 2.13.0 (CPU)" >&2
   .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
 fi
-if ! .venv/bin/python -c "import rankdown, pytest, hypothesis, matplotlib, mypy" 2>/dev/null; then
-  echo "setup: installing rankdown and its test tools" >&2
-  .venv/bin/pip install -q --disable-pip-version-check -e ".[dev]"
+if ! .venv/bin/python -c "import rankdown, pytest, hypothesis, matplotlib, mypy, transformers, gguf, onnxruntime, onnxscript" 2>/dev/null; then
+  echo "setup: installing rankdown, its test tools and the hf and onnx extras" >&2
+  .venv/bin/pip install -q --disable-pip-version-check -e ".[dev,hf,onnx]"
 fi

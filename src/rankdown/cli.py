@@ -225,6 +225,19 @@ def _data_options(roles: tuple[str, ...]):
             click.option("--std", callback=_floats, default=None, help="Per-channel std dividing (x/255 - mean)."),
             click.option("--grayscale", is_flag=True, help="Read images as one channel (else RGB)."),
             click.option(
+                "--seq-len",
+                type=click.IntRange(2, 1 << 20),
+                default=256,
+                show_default=True,
+                help="Text data (text:FILE, with --model hf:PATH): tokens per sequence.",
+            ),
+            click.option(
+                "--sequences",
+                type=click.IntRange(min=1),
+                default=None,
+                help="Text data: use at most this many sequences of each file (default: all).",
+            ),
+            click.option(
                 "--eval",
                 "eval_metric",
                 default=None,
@@ -238,12 +251,31 @@ def _data_options(roles: tuple[str, ...]):
     return deco
 
 
-def _open_data(kw: dict, input_shape=None) -> tuple[dict, object]:
+def _text_options(kw: dict, model_spec: str | None, specs: list[str]) -> dict | None:
+    """Tokenizer and sequence options for text data: the tokenizer is the hf: model's own."""
+    seq_len, sequences = kw.pop("seq_len", 256), kw.pop("sequences", None)
+    if not any(s.startswith("text:") or s.endswith(".txt") for s in specs):
+        return None
+    from rankdown.hf import is_hf, load_tokenizer, task_of_spec
+
+    if model_spec is None or not is_hf(model_spec):
+        return {}
+    return {
+        "tokenizer": load_tokenizer(model_spec),
+        "seq_len": seq_len,
+        "sequences": sequences,
+        "task": task_of_spec(model_spec),
+    }
+
+
+def _open_data(kw: dict, input_shape=None, model_spec: str | None = None) -> tuple[dict, object]:
     """The data sources given on the command line, each opened (and checked) before any work;
     the same source given twice is opened once. Pops the data options from ``kw``."""
     import dataclasses as dc
 
     from rankdown.sources import PRESETS, ImageOptions, open_data
+
+    text = _text_options(kw, model_spec, [v for k, v in kw.items() if k.endswith("_data") and v])
 
     preset = kw.pop("preset", None)
     base = PRESETS[preset] if preset else ImageOptions()
@@ -273,9 +305,23 @@ def _open_data(kw: dict, input_shape=None) -> tuple[dict, object]:
         if spec is None:
             continue
         if spec not in opened:
-            opened[spec] = open_data(spec, f"--{role}-data", image_options=images, input_shape=input_shape)
+            opened[spec] = open_data(spec, f"--{role}-data", image_options=images, input_shape=input_shape, text=text)
         data[role] = opened[spec]
     return data, metric_fn
+
+
+def _saved_spec(folder: str, model_spec: str | None) -> str | None:
+    """The model a saved folder is rebuilt from (for its tokenizer); None when unknown here (the
+    pipeline then says what is wrong)."""
+    if model_spec is not None:
+        return model_spec
+    from rankdown.errors import RankdownError
+    from rankdown.plan import read_plan
+
+    try:
+        return read_plan(folder).model
+    except RankdownError:
+        return None
 
 
 def _given(param: str) -> bool:
@@ -437,11 +483,22 @@ def main() -> None:
 )
 @click.option(
     "--sensitivity",
-    type=click.Choice(["model", "layer"]),
+    type=click.Choice(["model", "layer", "spectrum"]),
     default="model",
     show_default=True,
     help="For global budgets and --latency-aware: error of the model's output (model) or of each "
-    "layer's own output (layer, faster) at candidate ranks. --latency-aware defaults to layer.",
+    "layer's own output (layer, faster) at candidate ranks; or, for global budgets with --method svd / "
+    "channel-svd, each layer's error in closed form from its --metric-weighted singular values (spectrum: "
+    "no sweep, scales to transformers). --latency-aware defaults to layer.",
+)
+@click.option(
+    "--budget-scope",
+    type=click.Choice(["model", "layers"]),
+    default="model",
+    show_default=True,
+    help="What --target-params/--target-macs are a fraction of: the whole model, or only the layers "
+    "rankdown may factorize (the LLM convention, '20%% of the block weights removed' = --target-params "
+    "0.8 --budget-scope layers).",
 )
 @click.option(
     "--calibration",
@@ -462,12 +519,13 @@ def main() -> None:
 )
 @click.option(
     "--metric",
-    type=click.Choice(["frobenius", "mahalanobis", "covariance"]),
+    type=click.Choice(["frobenius", "mahalanobis", "covariance", "activation"]),
     default="frobenius",
     show_default=True,
     help="What the weight fit minimises: plain weight error, Denton's gradient-weighted "
-    "(Mahalanobis) error, or the output error under the layer's input covariance (SVD-LLM "
-    "whitening). The data-aware metrics use --calibration examples (default 256).",
+    "(Mahalanobis; FWSVD's Fisher weighting) error, the output error under the layer's input covariance "
+    "(SVD-LLM whitening), or ASVD's activation-scaled error. The data-aware metrics use --calibration "
+    "examples (default 256).",
 )
 @click.option(
     "--linear-response",
@@ -577,6 +635,7 @@ def compress(
     target_params,
     speedup,
     sensitivity,
+    budget_scope,
     calibration,
     reconstruct,
     metric,
@@ -660,12 +719,16 @@ def compress(
     stray = [flag for param, flag in latency_only.items() if _given(param)]
     if stray and not latency_aware:
         raise click.UsageError(f"{', '.join(stray)}: only used with --latency-aware")
+    if latency_aware and sensitivity == "spectrum":
+        raise click.UsageError("--sensitivity spectrum is for global budgets; --latency-aware measures layer or model")
+    if _given("budget_scope") and target_macs is None and target_params is None:
+        raise click.UsageError("--budget-scope: only used with --target-params or --target-macs")
     allocation = None
     if target_macs is not None or target_params is not None or speedup is not None:
         from rankdown.allocate import Budget
         from rankdown.pipeline import AllocationOptions
 
-        budget = Budget(macs=target_macs, params=target_params, speedup=speedup)
+        budget = Budget(macs=target_macs, params=target_params, speedup=speedup, scope=budget_scope)
         allocation = AllocationOptions(budget, sensitivity, calibration or 256, round_to, cache_dir)
     reconstruction = None
     if calibration is not None and reconstruct != "filter":
@@ -685,7 +748,7 @@ def compress(
         from rankdown.storage import check_output_dir
 
         check_output_dir(out, force)  # before the data are opened and the model built
-    data, metric_fn = _open_data(data_kw, input_shape)
+    data, metric_fn = _open_data(data_kw, input_shape, model_spec)
     _, report = run_compress(
         model_spec,
         config,
@@ -758,7 +821,7 @@ def eval_cmd(
     from rankdown.progress import set_quiet
 
     set_quiet(quiet)
-    data, _ = _open_data(data_kw)
+    data, _ = _open_data(data_kw, model_spec=_saved_spec(folder, model_spec))
     report = run_eval(
         folder,
         weights=weights,
@@ -807,7 +870,7 @@ def finetune(
 
     set_quiet(quiet)
     config = _train_config(epochs, lr, batch_size, weight_decay, distill, freeze_dense, seed)
-    data, _ = _open_data(data_kw)
+    data, _ = _open_data(data_kw, model_spec=_saved_spec(folder, model_spec))
     report = run_finetune(
         folder,
         config,
@@ -1003,6 +1066,13 @@ def analyze(
     "adjacent 1×1 conv or Linear where the product is cheaper.",
 )
 @click.option("--per-layer", is_flag=True, help="Also time every factorized layer beside its dense original.")
+@click.option(
+    "--onnxruntime",
+    "use_ort",
+    is_flag=True,
+    help="Also time each model exported to ONNX (after the deployment folds, parity-checked) in onnxruntime, "
+    "with the same load guard.",
+)
 @click.option("--no-guard", is_flag=True)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, callback=_json_path)
 @click.option("-q", "--quiet", is_flag=True)
@@ -1020,6 +1090,7 @@ def bench_cmd(
     cuda_graphs,
     fold_bn,
     per_layer,
+    use_ort,
     no_guard,
     json_out,
     quiet,
@@ -1035,7 +1106,7 @@ def bench_cmd(
 
     set_quiet(quiet)
     opts = BenchOptions(
-        batch_sizes, threads, device, dtype, runs, use_compile, cuda_graphs, fold_bn, per_layer, not no_guard
+        batch_sizes, threads, device, dtype, runs, use_compile, cuda_graphs, fold_bn, per_layer, not no_guard, use_ort
     )
     result = run_bench(target, weights=weights, input_shape=input_shape, bench=opts, model_spec=model_spec)
     render_bench(result)
@@ -1062,6 +1133,8 @@ RECIPE_SECTIONS = {
         "data-dir",
         "eval-limit",
         "train-limit",
+        "seq-len",
+        "sequences",
     ),
     "plan": (
         "method",
@@ -1074,6 +1147,7 @@ RECIPE_SECTIONS = {
         "target-params",
         "speedup",
         "sensitivity",
+        "budget-scope",
         "round-to",
         "cache-dir",
         "latency-aware",
@@ -1154,6 +1228,73 @@ def run_recipe(recipe, print_only):
     ctx = compress.make_context("compress", args)
     with ctx:
         compress.invoke(ctx)
+
+
+@main.command("export")
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option(
+    "--format", "fmt", type=click.Choice(["onnx", "torchscript", "exported-program"]), default="onnx", show_default=True
+)
+@click.option(
+    "--out",
+    "out_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="File to write (default: FOLDER/model.onnx, model.torchscript.pt or model.pt2).",
+)
+@click.option(
+    "--batch",
+    type=click.IntRange(1, 4096),
+    default=1,
+    show_default=True,
+    help="Batch size of the example the model is exported at.",
+)
+@click.option(
+    "--dynamic-batch/--static-batch",
+    default=True,
+    show_default=True,
+    help="Whether the exported graph takes any batch size (ONNX, exported-program).",
+)
+@click.option("--no-fold", is_flag=True, help="Export as it is, without the deployment folds.")
+@_saved_model_option
+@_data_options(("eval",))
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, callback=_json_path)
+@click.option("-q", "--quiet", is_flag=True)
+def export_cmd(folder, fmt, out_file, batch, dynamic_batch, no_fold, model_spec, json_out, quiet, **data_kw):
+    """Export a saved compressed model for deployment, after checking that the exported file gives
+    PyTorch's outputs (on --eval-data, else on the example and seeded noise)."""
+    from pathlib import Path
+
+    from rankdown.export import default_path, is_rankdown_export
+    from rankdown.pipeline import run_export
+    from rankdown.progress import set_quiet
+    from rankdown.storage import atomic_write_text, check_output_file
+
+    set_quiet(quiet)
+    target = Path(out_file) if out_file else default_path(folder, fmt)
+    if not (Path(folder) / "plan.json").is_file():
+        raise click.BadParameter(f"{folder} holds no plan.json: not a rankdown output folder", param_hint="FOLDER")
+    check_output_file(target, "--out", ours=is_rankdown_export)
+    data, _ = _open_data(data_kw, model_spec=_saved_spec(folder, model_spec))
+    result = run_export(
+        folder,
+        target,
+        fmt,
+        batch=batch,
+        dynamic_batch=dynamic_batch,
+        fold=not no_fold,
+        model_spec=model_spec,
+        data=data,
+    )
+    p = result["parity"]
+    click.echo(
+        f"wrote {result['file']} ({fmt}{', opset ' + str(result['opset']) if result['opset'] else ''}, "
+        f"{result['dtype']}, {'dynamic' if result['dynamic_batch'] else 'static'} batch, "
+        f"{result['bytes'] / 2**20:.1f} MiB); parity with PyTorch on {p['examples']} examples "
+        f"({result['checked_on']}): max abs error {p['max_abs_error']:.2e}, relative {p['rel_error']:.2e}"
+    )
+    if json_out:
+        atomic_write_text(Path(json_out), json.dumps(result, indent=2) + "\n")
 
 
 @main.command()

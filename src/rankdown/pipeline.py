@@ -20,7 +20,16 @@ from rankdown.calibrate import CalibrationConfig
 from rankdown.errors import RankdownError
 from rankdown.models import BUNDLED, build_model
 from rankdown.plan import Plan, load_compressed, read_plan, save_compressed
-from rankdown.probe import Inputs, batch_tile, check_runs, example_input, forward, primary_output, to_model
+from rankdown.probe import (
+    Inputs,
+    batch_size_for,
+    batch_tile,
+    check_runs,
+    example_input,
+    forward,
+    primary_output,
+    to_model,
+)
 from rankdown.quality import MetricFn, evaluate
 from rankdown.report import build_report
 from rankdown.sources import Data
@@ -50,7 +59,11 @@ class AllocationOptions:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["budget"] = {k: v for k, v in dataclasses.asdict(self.budget).items() if v is not None}
+        d["budget"] = {
+            k: v
+            for k, v in dataclasses.asdict(self.budget).items()
+            if v is not None and not (k == "scope" and v == "model")  # the default, as plans always had it
+        }
         return d
 
 
@@ -147,6 +160,9 @@ def measure(workload: Workload, dense: nn.Module | None, compressed: nn.Module, 
     else:
         out_err = None if dense is None else noise_output_error(dense, compressed, workload.example)
         out_err_on = None if out_err is None else "seeded Gaussian noise (no evaluation data)"
+    # Token sequences: batch sizes capped by tokens (64 sequences of 256 tokens is not a latency
+    # a language model is served at); the report states the sizes used.
+    sizes = tuple(sorted({batch_size_for(workload.example, b) for b in opts.batch_sizes}))
     return {
         "accuracy": _accuracy_block(quality),
         "quality": quality,
@@ -156,7 +172,7 @@ def measure(workload: Workload, dense: nn.Module | None, compressed: nn.Module, 
             dense,
             compressed,
             workload.example,
-            batch_sizes=opts.batch_sizes,
+            batch_sizes=sizes,
             runs=opts.latency_runs,
             threads=opts.threads,
             guard=opts.guard,
@@ -164,6 +180,22 @@ def measure(workload: Workload, dense: nn.Module | None, compressed: nn.Module, 
         if opts.measure_latency
         else None,
     }
+
+
+def token_speed_of(
+    workload: Workload, dense: nn.Module | None, compressed: nn.Module, opts: MeasureOptions
+) -> dict | None:
+    """Prefill and batch-1 decode tokens/s of a language model, dense vs compressed (None for
+    other models, or without latency measurement)."""
+    data = workload.get("eval") or workload.get("calib")
+    if not opts.measure_latency or dense is None or data is None or data.task != "causal-lm":
+        return None
+    from rankdown.hf import token_speed
+
+    ids = workload.example["input_ids"] if isinstance(workload.example, dict) else None
+    if ids is None:
+        return None
+    return token_speed({"dense": dense, "compressed": compressed}, ids[:1, :128], threads=opts.threads)
 
 
 # Past this, the part of the output that depends on the input is mostly gone: the error relative to
@@ -272,6 +304,14 @@ def run_job(
             scope=latency_aware.scope,
         )
         config = dataclasses.replace(config, rank=policy)
+    metrics = None
+    if metric != "frobenius":
+        from rankdown.metrics import collect
+
+        assert calib is not None
+        metrics = collect(
+            dense, select_targets(dense, config).targets, calib_inputs(calib, metric_examples, dense), metric
+        )
     if allocation is not None:
         assert calib is not None
         policy = allocate_ranks(
@@ -282,16 +322,9 @@ def run_job(
             criterion=allocation.criterion,
             round_to=allocation.round_to,
             cache_dir=allocation.cache_dir,
+            metrics=metrics,
         )
         config = dataclasses.replace(config, rank=policy)
-    metrics = None
-    if metric != "frobenius":
-        from rankdown.metrics import collect
-
-        assert calib is not None
-        metrics = collect(
-            dense, select_targets(dense, config).targets, calib_inputs(calib, metric_examples, dense), metric
-        )
     if progressive is not None:
         from rankdown.progressive import progressive_compress
 
@@ -322,6 +355,7 @@ def run_job(
     # None: the factory's (or the bundled model's) own weights are the original.
     result.plan.meta["source_weights"] = None if weights is None else str(Path(weights).resolve())
     measured = measure(workload, dense, result.model, opts)
+    tokens = token_speed_of(workload, dense, result.model, opts)
     report = build_report(
         result,
         model_spec=spec,
@@ -336,6 +370,8 @@ def run_job(
             warn(report["budget"]["missed"])
     if warning:
         report["warning"] = warning
+    if tokens is not None:
+        report["tokens_per_s"] = tokens
     if ft is not None:
         report["finetune"] = ft
     if out is not None:
@@ -348,14 +384,25 @@ def budget_check(budget: Budget, totals: dict, result: CompressResult) -> dict:
     (a fit that failed and left its layer dense) in one line, or is None."""
     kind = budget.kind
     asked = budget.fraction
-    delivered = totals[f"{kind}_after"] / max(totals[f"{kind}_before"], 1)
+    if budget.scope == "layers":  # the layers the budget was spent on: skipped ones are not in it
+        rows = [r for r in result.layers if r.target]
+        before = sum(getattr(r.before, kind) for r in rows)
+        delivered = sum(getattr(r.after, kind) for r in rows) / max(before, 1)
+    else:
+        delivered = totals[f"{kind}_after"] / max(totals[f"{kind}_before"], 1)
     missed = None
     if delivered > asked * 1.02:  # more than a rank step or two over
         dense = [r.name for r in result.layers if r.method is None and ("fail" in r.note or "degenerat" in r.note)]
         missed = f"budget missed: asked for {asked:.3f} of the {kind}, delivered {delivered:.3f}" + (
             f" (left dense after a failed fit: {', '.join(dense)})" if dense else ""
         )
-    return {"kind": kind, "asked_fraction": asked, "delivered_fraction": delivered, "missed": missed}
+    return {
+        "kind": kind,
+        "scope": budget.scope,
+        "asked_fraction": asked,
+        "delivered_fraction": delivered,
+        "missed": missed,
+    }
 
 
 def _quality_now(model: nn.Module, workload: Workload, opts: MeasureOptions) -> dict | None:
@@ -422,11 +469,17 @@ def build_workload(
     model = build_model(spec, weights)
     shape = input_shape_for(spec, input_shape)
     skip = BUNDLED[spec].default_skip if spec in BUNDLED else None
+    example = None
+    if not data and shape is None:
+        from rankdown.hf import example_tokens, is_hf
+
+        example = example_tokens(model) if is_hf(spec) else None
     return user_workload(
         model,
         calib=data.get("calib"),
         eval=data.get("eval"),
         train=data.get("train"),
+        example=example,
         input_shape=shape,
         spec=spec,
         metric=metric_fn,
@@ -451,7 +504,9 @@ def trusted_model_spec(folder: str | Path, plan_model: str | None, model_spec: s
         return model_spec
     if not plan_model:
         raise RankdownError(f"{folder}/plan.json does not say which model it was made from: pass --model")
-    if plan_model not in BUNDLED:
+    from rankdown.hf import is_hf
+
+    if plan_model not in BUNDLED and not is_hf(plan_model):  # hf: loads data only (no remote code)
         raise RankdownError(
             f"{folder}/plan.json names the model {plan_model!r}, which is not bundled; a saved folder never "
             f"chooses code to run: pass --model {plan_model} (Python: model_spec=...) to build it"
@@ -642,6 +697,7 @@ class BenchOptions:
     fold_bn: bool = False
     per_layer: bool = False
     guard: bool = True
+    onnxruntime: bool = False
 
 
 def _e2e(model: nn.Module, example: Inputs, b: int, o: BenchOptions) -> dict:
@@ -664,6 +720,62 @@ def _e2e(model: nn.Module, example: Inputs, b: int, o: BenchOptions) -> dict:
         m, x, runs=o.runs if b <= 8 else max(5, o.runs // 3), threads=o.threads, guard=o.guard, desc=f"bench b{b}"
     )
     return lat.to_dict()
+
+
+def _ort_models(models: dict[str, nn.Module], example: Inputs, o: BenchOptions) -> dict[str, nn.Module]:
+    """Each model exported to ONNX (folded, dynamic batch, parity-checked) and wrapped for timing."""
+    import tempfile
+
+    from rankdown.export import OrtModule, export
+
+    if o.device != "cpu":
+        raise RankdownError("--onnxruntime times on the CPU only")
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="rankdown-ort-") as tmp:
+        for k, m in models.items():
+            path = Path(tmp) / f"{k}.onnx"
+            export(m, example, path, "onnx", check=[example, batch_tile(example, 2)])
+            out[k] = OrtModule(path, threads=o.threads)  # the session holds the model: the file may go
+    return out
+
+
+def _ort_latency(m: nn.Module, example: Inputs, b: int, o: BenchOptions) -> dict:
+    from rankdown.bench import measure_latency
+
+    runs = o.runs if b <= 8 else max(5, o.runs // 3)
+    lat = measure_latency(m, batch_tile(example, b), runs=runs, guard=o.guard, desc=f"onnxruntime b{b}")
+    return lat.to_dict()
+
+
+def run_export(
+    folder: str | Path,
+    path: str | Path,
+    fmt: str,
+    *,
+    batch: int = 1,
+    dynamic_batch: bool = True,
+    fold: bool = True,
+    model_spec: str | None = None,
+    data: dict[str, Data] | None = None,
+) -> dict:
+    """A saved compressed model exported to ``path`` (see rankdown.export), checked on the
+    evaluation data when given, else on the example and seeded noise of its shape."""
+    from rankdown.export import export
+
+    saved = open_saved(folder, MeasureOptions(), model_spec=model_spec, data=data)
+    example = batch_tile(saved.workload.example, batch)
+    ev = (data or {}).get("eval")
+    if ev is not None:
+        check = [to_model(x, saved.model) for x, _ in ev.batches(limit=64)]
+        on = ev.describe()
+    else:
+        check = [example]
+        if isinstance(example, torch.Tensor) and example.is_floating_point():
+            check.append(example_input(saved.model, tuple(example.shape[1:]), 4, random=True))
+        on = "the example input and seeded noise"
+    result = export(saved.model, example, path, fmt, check=check, dynamic_batch=dynamic_batch, fold=fold)
+    result["checked_on"] = on
+    return result
 
 
 def run_bench(
@@ -711,14 +823,21 @@ def run_bench(
     if o.threads:
         torch.set_num_threads(o.threads)
     rows = []
+    ort = _ort_models(models, example, o) if o.onnxruntime else {}
     for b in o.batch_sizes:
         row: dict = {"batch": b}
         for k, m in models.items():
             row[k] = _e2e(m, example, b, o)
+        for k, m in ort.items():
+            row[f"{k} (onnxruntime)"] = _ort_latency(m, example, b, o)
         if "dense" in row and "compressed" in row:
             row["speedup"] = row["dense"]["median_ms"] / row["compressed"]["median_ms"]
             row["theoretical"] = costs["dense"] / costs["compressed"]
             row["ratio"] = row["speedup"] / row["theoretical"]
+            if ort:
+                ort_speedup = row["dense (onnxruntime)"]["median_ms"] / row["compressed (onnxruntime)"]["median_ms"]
+                row["speedup_onnxruntime"] = ort_speedup
+                row["ratio_onnxruntime"] = ort_speedup / row["theoretical"]
         rows.append(row)
     layers = []
     if o.per_layer and plan is not None and "dense" in models:

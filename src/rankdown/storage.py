@@ -37,6 +37,9 @@ OWN_NAMES = frozenset(
         "spectra.png",
         "energy.png",
         "sensitivity.png",
+        "model.onnx",  # rankdown export (rankdown.export.FORMATS)
+        "model.torchscript.pt",
+        "model.pt2",
     }
 )
 INDEX_NAMES = ("plan.json", "analysis.json", "meta.json")
