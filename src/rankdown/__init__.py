@@ -46,6 +46,8 @@ _EXPORTS = {
     "TrainConfig": "rankdown.train",
     "finetune": "rankdown.train",
     "deploy": "rankdown.deploy",
+    "export_model": "rankdown.export",
+    "text_data": "rankdown.text",
     "count_macs": "rankdown.bench",
     "measure_latency": "rankdown.bench",
     "register": "rankdown.methods",
@@ -66,6 +68,7 @@ if TYPE_CHECKING:
     from rankdown.bench import count_macs, measure_latency
     from rankdown.calibrate import CalibrationConfig, reconstruct
     from rankdown.deploy import deploy
+    from rankdown.export import export_model
     from rankdown.methods import Method, register
     from rankdown.models import build_model
     from rankdown.pipeline import (
@@ -79,5 +82,6 @@ if TYPE_CHECKING:
     from rankdown.quality import evaluate
     from rankdown.rank import Energy, Evbmf, FixedRank, LayerRanks, MacFraction, ParamFraction
     from rankdown.sources import Data, ImageFolder, ImageOptions, TensorFile
+    from rankdown.text import text_data
     from rankdown.train import TrainConfig, finetune
     from rankdown.workload import Workload, bundled_workload, user_workload

@@ -30,7 +30,7 @@ from rankdown.errors import RankdownError
 from rankdown.methods import Method, Rank
 from rankdown.probe import batch_len, batch_size_for, batch_slice, forward, primary_output
 from rankdown.progress import progress
-from rankdown.rank import candidate_cost
+from rankdown.rank import Choice, candidate_cost
 from rankdown.storage import atomic_write_text, default_cache_dir
 from rankdown.surgery import get_module, swapped, weight_of
 
@@ -73,7 +73,7 @@ class Budget:
 
 @dataclass
 class Option:
-    rank: Rank | None  # None: stay dense
+    rank: Rank | Choice | None  # None: stay dense; a Choice in a mixed-method curve
     params: int
     macs: int
     error: float
@@ -318,8 +318,8 @@ def allocate(
     budget: Budget,
     total: int,
     fixed: int,
-    step_options: dict[str, list[tuple[Rank, int]]] | None = None,
-) -> dict[str, Rank | None]:
+    step_options: dict[str, list[tuple[Rank | Choice, int]]] | None = None,
+) -> dict[str, Rank | Choice | None]:
     """Choose one option per layer so that fixed + Σ cost <= budget.fraction × total.
 
     ``total`` is the dense model's cost (MACs or params, per ``budget.kind``), ``fixed`` the part
@@ -354,7 +354,7 @@ def allocate(
         else:
             lo = mid + 1
     choice = pick(taus[lo])
-    ranks: dict[str, Rank | None] = {n: curves[n].options[i].rank for n, i in choice.items()}
+    ranks: dict[str, Rank | Choice | None] = {n: curves[n].options[i].rank for n, i in choice.items()}
     costs = {n: curves[n].options[i].__dict__[kind] for n, i in choice.items()}
     errors = {n: curves[n].options[i].error for n, i in choice.items()}
     # Fill: give spare budget, one step at a time, to the worst layer that can take it.
@@ -370,7 +370,7 @@ def allocate(
         if not movable:
             break
         n = max(movable, key=lambda k: errors[k])
-        ladder = steps[n]
+        ladder = [(r, c) for r, c in steps[n] if _same_form(r, ranks[n])]
         pos = next((i for i, (r, _) in enumerate(ladder) if r == ranks[n]), None)
         if pos is None or pos + 1 >= len(ladder) or ladder[pos + 1][1] - costs[n] > spare:
             stuck.add(n)
@@ -378,11 +378,21 @@ def allocate(
         spare -= ladder[pos + 1][1] - costs[n]
         ranks[n], costs[n] = ladder[pos + 1]
         # Interpolate the error between grid points: only the order of layers matters here.
-        grid = [o for o in curves[n].options if o.rank is not None]
+        grid = [o for o in curves[n].options if o.rank is not None and _same_form(o.rank, ranks[n])]
         below = [o.error for o in grid if o.__dict__[kind] <= costs[n]]
         errors[n] = below[-1] if below else errors[n]
         errors[n] *= 0.999  # move on to other layers when the grid cannot tell them apart
     return ranks
+
+
+def _same_form(a: object, b: object) -> bool:
+    """Whether rank ``a`` is of the same method as ``b`` (mixed plans hold Choices; a single
+    method's ladder is all one form)."""
+    from rankdown.rank import Choice
+
+    if isinstance(b, Choice):
+        return isinstance(a, Choice) and a.method == b.method
+    return True
 
 
 def rank_ladders(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -164,7 +165,10 @@ def compress(
         except RankdownError as exc:
             raise type(exc)(f"layer {fqn!r} ({ltype} {tuple(weight_of(module).shape)}): {exc}") from None
         if rank is None:
-            kept_dense(fqn, ltype, f"no rank meets {config.rank.describe()}: kept dense")
+            if isinstance(config.rank, LayerRanks):
+                kept_dense(fqn, ltype, f"kept dense by the plan ({config.rank.source})")
+            else:
+                kept_dense(fqn, ltype, f"no rank meets {config.rank.describe()}: kept dense")
             continue
         cost = candidate_cost(handler, module, rank, inputs[fqn])
         # A latency-aware choice was made on measured time, which is what counts; otherwise a form
@@ -224,14 +228,17 @@ def allocate_ranks(
     round_to: int = 1,
     cache_dir: str | Path | None = None,
     metrics: dict | None = None,
+    methods: list[str] | None = None,
 ) -> LayerRanks:
     """Spend one whole-model ``budget`` across the layers ``config`` selects (see rankdown.allocate).
     ``criterion`` "spectrum" takes each layer's error curve in closed form from its (``metrics``-
-    weighted) singular values instead of a sweep (truncated-SVD methods only).
+    weighted) singular values instead of a sweep (truncated-SVD methods only). With ``methods``,
+    each layer's options are every (method, rank) those methods offer it, under the same error
+    criterion, so the plan takes the best form for each layer (the ranks are then Choices).
 
     Returns a LayerRanks policy: ``compress(model, replace(config, rank=policy), ...)`` applies it.
     """
-    from rankdown.allocate import allocate, rank_ladders, sensitivity, spectrum_curves
+    from rankdown.allocate import LayerCurve, allocate, rank_ladders, sensitivity, spectrum_curves
     from rankdown.bench import model_cost
 
     model = model.eval()
@@ -239,21 +246,104 @@ def allocate_ranks(
     example = batch_slice(calibration, 0, 1)
     inputs = record_inputs(model, example, selection.targets)
     targets = {n: _handler(config, n, model.get_submodule(n)) for n in selection.targets if n in inputs}
-    if criterion == "spectrum":
-        curves = spectrum_curves(model, targets, inputs, metrics, round_to=round_to)
-    else:
-        curves = sensitivity(
+    kind = budget.kind
+
+    def curves_for(chosen: dict[str, Method]) -> dict[str, LayerCurve]:
+        if criterion == "spectrum":
+            return spectrum_curves(model, chosen, inputs, metrics, round_to=round_to)
+        return sensitivity(
             model,
-            targets,
+            chosen,
             calibration,
             criterion=criterion,
             points=points,
             round_to=round_to,
             cache_dir=Path(cache_dir) if cache_dir else None,
         )
-    kind = budget.kind
+
     total = getattr(model_cost(model, example), kind)
-    fixed = total - sum(c.options[-1].__dict__[kind] for c in curves.values())
-    ladders = rank_ladders(model, targets, inputs, kind, round_to)
-    ranks = allocate(curves, budget, total, fixed, ladders)
-    return LayerRanks(ranks, source=f"allocated: {kind} x{budget.fraction:.3g}, {criterion} sensitivity")
+    if not methods:
+        curves = curves_for(targets)
+        ladders: dict[str, list[tuple[Rank | Choice, int]]] = {
+            n: list(ladder) for n, ladder in rank_ladders(model, targets, inputs, kind, round_to).items()
+        }
+        fixed = total - sum(c.options[-1].__dict__[kind] for c in curves.values())
+        ranks = allocate(curves, budget, total, fixed, ladders)
+        return LayerRanks(ranks, source=f"allocated: {kind} x{budget.fraction:.3g}, {criterion} sensitivity")
+    # Mixed: every layer's options are its (method, rank) pairs; one curve and one ladder per
+    # method are kept too, for the single-method plans the mixed one is checked against.
+    per_method = _methods_per_layer(model, targets, methods)
+    by_method: dict[str, dict[str, LayerCurve]] = {}
+    steps: dict[str, dict[str, list[tuple[Rank | Choice, int]]]] = {}
+    for name in dict.fromkeys(m for forms in per_method.values() for m in forms):  # with fallbacks
+        chosen = {n: per_method[n][name] for n in targets if name in per_method[n]}
+        by_method[name] = {
+            n: LayerCurve(n, name, [dataclasses.replace(o, rank=_tag(name, o.rank)) for o in c.options])
+            for n, c in curves_for(chosen).items()
+        }
+        steps[name] = {
+            n: [(Choice(name, r), c) for r, c in ladder]
+            for n, ladder in rank_ladders(model, chosen, inputs, kind, round_to).items()
+        }
+    layers = [n for n in targets if any(n in c for c in by_method.values())]
+
+    def plan(names: list[str]) -> dict[str, Rank | Choice | None]:
+        curves, ladders = {}, {}
+        for n in layers:
+            forms = [m for m in names if n in by_method[m]] or [m for m in by_method if n in by_method[m]][:1]
+            options = sorted(
+                (o for m in forms for o in by_method[m][n].options if o.rank is not None),
+                key=lambda o: o.__dict__[kind],
+            )
+            curves[n] = LayerCurve(n, "+".join(forms), [*options, by_method[forms[0]][n].options[-1]])
+            ladders[n] = [step for m in forms for step in steps[m][n]]
+        fixed = total - sum(c.options[-1].__dict__[kind] for c in curves.values())
+        return allocate(curves, budget, total, fixed, ladders)
+
+    mixed = plan(methods)
+    source = f"allocated: {kind} x{budget.fraction:.3g}, {criterion} sensitivity over {', '.join(methods)}"
+    if criterion == "spectrum" or len(methods) < 2:
+        return LayerRanks(mixed, source=source)
+    # The allocation equalises per-layer errors, which do not add up exactly: the mixed plan is
+    # checked against each single-method plan on the calibration data, and the best one is taken,
+    # so that a mix is never worse there than the best single method.
+    from rankdown.allocate import _outputs, relative_error
+
+    reference = _outputs(model, calibration)
+    candidates = {"mixed": mixed, **{m: plan([m]) for m in methods if m in by_method}}
+    errors = {}
+    for label, ranks in candidates.items():
+        trial = compress(model, dataclasses.replace(config, rank=LayerRanks(ranks, "trial")), example)
+        errors[label] = relative_error(_outputs(trial.model, calibration), reference)
+    best = min(errors, key=lambda k: (errors[k], k != "mixed"))
+    detail = ", ".join(f"{k} {v:.4f}" for k, v in errors.items())
+    return LayerRanks(candidates[best], source=f"{source}; calibration error {detail}: took {best}")
+
+
+def _tag(name: str, rank: Rank | Choice | None) -> Rank | Choice | None:
+    return None if rank is None or isinstance(rank, Choice) else Choice(name, rank)
+
+
+def _methods_per_layer(model: nn.Module, targets: dict[str, Method], names: list[str]) -> dict[str, dict[str, Method]]:
+    """For each layer, the named methods that can factorize it; a layer none of them handles keeps
+    its default method (e.g. a Linear layer when only conv methods are named)."""
+    from rankdown.methods import METHODS
+
+    unknown = [n for n in names if not any(k[0] == n for k in METHODS)]
+    if unknown:
+        raise RankdownError(f"unknown method {unknown[0]!r} (see: rankdown methods)")
+    out: dict[str, dict[str, Method]] = {}
+    for fqn, default in targets.items():
+        module = model.get_submodule(fqn)
+        usable = {}
+        for name in names:
+            handler = resolve_method(name, module)
+            if handler is None or handler.name != name:  # not this method's layer type
+                continue
+            try:
+                handler.check(fqn, module)
+            except RankdownError:  # e.g. separable on a 1×1 conv
+                continue
+            usable[name] = handler
+        out[fqn] = usable or {default.name: default}
+    return out

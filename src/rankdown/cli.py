@@ -588,7 +588,8 @@ def main() -> None:
     default="tucker2,channel-svd,separable,cp,svd",
     show_default=True,
     callback=_method_list,
-    help="With --latency-aware: the methods to consider.",
+    help="With --latency-aware: the methods to consider. With a global budget (--speedup, --target-macs, "
+    "--target-params): allocate over method × rank per layer, so each layer takes its best form.",
 )
 @click.option(
     "--latency-batch",
@@ -716,9 +717,12 @@ def compress(
         "method_list": "--methods",
         "latency_batch": "--latency-batch",
     }
-    stray = [flag for param, flag in latency_only.items() if _given(param)]
+    budgeted = target_macs is not None or target_params is not None or speedup is not None
+    stray = [
+        flag for param, flag in latency_only.items() if _given(param) and not (param == "method_list" and budgeted)
+    ]
     if stray and not latency_aware:
-        raise click.UsageError(f"{', '.join(stray)}: only used with --latency-aware")
+        raise click.UsageError(f"{', '.join(stray)}: only used with --latency-aware (--methods: or a global budget)")
     if latency_aware and sensitivity == "spectrum":
         raise click.UsageError("--sensitivity spectrum is for global budgets; --latency-aware measures layer or model")
     if _given("budget_scope") and target_macs is None and target_params is None:
@@ -729,7 +733,14 @@ def compress(
         from rankdown.pipeline import AllocationOptions
 
         budget = Budget(macs=target_macs, params=target_params, speedup=speedup, scope=budget_scope)
-        allocation = AllocationOptions(budget, sensitivity, calibration or 256, round_to, cache_dir)
+        allocation = AllocationOptions(
+            budget,
+            sensitivity,
+            calibration or 256,
+            round_to,
+            cache_dir,
+            methods=list(method_list) if _given("method_list") else None,
+        )
     reconstruction = None
     if calibration is not None and reconstruct != "filter":
         from rankdown.calibrate import CalibrationConfig

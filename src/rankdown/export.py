@@ -197,7 +197,7 @@ def parity(model: nn.Module, run: Any, inputs: list[Inputs]) -> dict:
     return {"examples": n, "max_abs_error": max_abs, "rel_error": (sq_diff / max(sq_ref, 1e-300)) ** 0.5}
 
 
-def export(
+def export_model(
     model: nn.Module,
     example: Inputs,
     path: str | Path,

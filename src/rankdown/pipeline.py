@@ -56,6 +56,7 @@ class AllocationOptions:
     calibration: int = 256  # examples
     round_to: int = 1
     cache_dir: str | None = None
+    methods: list[str] | None = None  # allocate over method × rank per layer
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -323,6 +324,7 @@ def run_job(
             round_to=allocation.round_to,
             cache_dir=allocation.cache_dir,
             metrics=metrics,
+            methods=allocation.methods,
         )
         config = dataclasses.replace(config, rank=policy)
     if progressive is not None:
@@ -726,7 +728,7 @@ def _ort_models(models: dict[str, nn.Module], example: Inputs, o: BenchOptions) 
     """Each model exported to ONNX (folded, dynamic batch, parity-checked) and wrapped for timing."""
     import tempfile
 
-    from rankdown.export import OrtModule, export
+    from rankdown.export import OrtModule, export_model
 
     if o.device != "cpu":
         raise RankdownError("--onnxruntime times on the CPU only")
@@ -734,7 +736,7 @@ def _ort_models(models: dict[str, nn.Module], example: Inputs, o: BenchOptions) 
     with tempfile.TemporaryDirectory(prefix="rankdown-ort-") as tmp:
         for k, m in models.items():
             path = Path(tmp) / f"{k}.onnx"
-            export(m, example, path, "onnx", check=[example, batch_tile(example, 2)])
+            export_model(m, example, path, "onnx", check=[example, batch_tile(example, 2)])
             out[k] = OrtModule(path, threads=o.threads)  # the session holds the model: the file may go
     return out
 
@@ -760,7 +762,7 @@ def run_export(
 ) -> dict:
     """A saved compressed model exported to ``path`` (see rankdown.export), checked on the
     evaluation data when given, else on the example and seeded noise of its shape."""
-    from rankdown.export import export
+    from rankdown.export import export_model
 
     saved = open_saved(folder, MeasureOptions(), model_spec=model_spec, data=data)
     example = batch_tile(saved.workload.example, batch)
@@ -773,7 +775,7 @@ def run_export(
         if isinstance(example, torch.Tensor) and example.is_floating_point():
             check.append(example_input(saved.model, tuple(example.shape[1:]), 4, random=True))
         on = "the example input and seeded noise"
-    result = export(saved.model, example, path, fmt, check=check, dynamic_batch=dynamic_batch, fold=fold)
+    result = export_model(saved.model, example, path, fmt, check=check, dynamic_batch=dynamic_batch, fold=fold)
     result["checked_on"] = on
     return result
 

@@ -3,7 +3,8 @@ cut into fixed-length sequences (``input_ids`` + ``attention_mask``). The data's
 sequence length and count, so every report says what its perplexity was measured on.
 
 Protocol (the usual one for perplexity): non-overlapping windows of ``seq_len`` tokens from the
-start of the text, no special tokens added, every position but the first of a window scored.
+start of the text, no special tokens added, every position but the first of a window scored. For
+an encoder ("embedding"), each window is wrapped in the tokenizer's special tokens.
 """
 
 from __future__ import annotations
@@ -53,6 +54,19 @@ def tokenize(text: str, tokenizer: Any) -> list[int]:
     return ids
 
 
+def _special_tokens(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The special tokens a Hugging Face tokenizer puts before and after a text, found by encoding
+    one word with and without them (tokenizers have no common API for it)."""
+    if not hasattr(tokenizer, "encode"):
+        return [], []
+    bare = tokenizer.encode("a", add_special_tokens=False)
+    full = tokenizer.encode("a", add_special_tokens=True)
+    for i in range(len(full) - len(bare) + 1):
+        if full[i : i + len(bare)] == bare:
+            return list(full[:i]), list(full[i + len(bare) :])
+    return [], []
+
+
 def text_data(
     path: str | Path,
     tokenizer: Any | Callable[[str], list[int]],
@@ -70,12 +84,17 @@ def text_data(
     if max_sequences is not None and max_sequences < 1:
         raise DataError(f"--sequences must be at least 1, got {max_sequences}")
     ids = tokenize(read_text(path, what), tokenizer)
-    n = len(ids) // seq_len
+    # An encoder reads each window as it reads a sentence: between its own special tokens
+    # ([CLS] ... [SEP] for BERT), which take their place in the window.
+    prefix, suffix = _special_tokens(tokenizer) if task == "embedding" else ([], [])
+    body = seq_len - len(prefix) - len(suffix)
+    n = len(ids) // body if body > 0 else 0
     if n == 0:
         raise DataError(f"{what} {path}: {len(ids)} tokens, fewer than one sequence of {seq_len} (--seq-len)")
     if max_sequences is not None:
         n = min(n, max_sequences)
-    x = torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    rows = [prefix + ids[i * body : (i + 1) * body] + suffix for i in range(n)]
+    x = torch.tensor(rows, dtype=torch.long).view(n, seq_len)
     name = f"{path} ({n} sequences x {seq_len} tokens = {n * seq_len:,} tokens)"
     inputs = {"input_ids": x, "attention_mask": torch.ones_like(x)}
     return Data((inputs, None), name, batch_size=max(1, BATCH_TOKENS // seq_len), task=task)
