@@ -65,6 +65,13 @@ def load(results: dict) -> None:
     atomic_write_text(OUT, json.dumps(results, indent=1) + "\n")
 
 
+def allocated(model, base: CompressConfig, x, removed: float, metrics) -> CompressConfig:
+    """``base`` with ranks allocated in closed form (spectrum) to remove ``removed`` of the block weights."""
+    budget = Budget(params=1 - removed, scope="layers")
+    policy = allocate_ranks(model, base, x, budget, criterion="spectrum", round_to=8, metrics=metrics)
+    return dataclasses.replace(base, rank=policy)
+
+
 def quality(args: argparse.Namespace) -> None:
     from rankdown.hf import load_tokenizer
 
@@ -106,16 +113,7 @@ def quality(args: argparse.Namespace) -> None:
             if alloc == "uniform":
                 config = dataclasses.replace(base, rank=ParamFraction(1 - removed))
             else:
-                policy = allocate_ranks(
-                    model,
-                    base,
-                    x,
-                    Budget(params=1 - removed, scope="layers"),
-                    criterion="spectrum",
-                    round_to=8,
-                    metrics=metrics,
-                )
-                config = dataclasses.replace(base, rank=policy)
+                config = allocated(model, base, x, removed, metrics)
             result = compress(model, config, example, metrics=metrics)
             fit_s = time.perf_counter() - t
             blocks = [r for r in result.layers if r.target]  # the block matrices (the tied head is not one)
@@ -155,10 +153,9 @@ def speed(args: argparse.Namespace) -> None:
     out = results.setdefault("speed", {})
     for removed in args.removed:
         t = time.perf_counter()
-        budget = Budget(params=1 - removed, scope="layers")
-        policy = allocate_ranks(model, base, x, budget, criterion="spectrum", round_to=8, metrics=metrics)
+        config = allocated(model, base, x, removed, metrics)
         alloc_s = time.perf_counter() - t
-        result = compress(model, dataclasses.replace(base, rank=policy), calib.example(), metrics=metrics)
+        result = compress(model, config, calib.example(), metrics=metrics)
         fit_s = time.perf_counter() - t - alloc_s
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         s = token_speed({"dense": model, "compressed": result.model}, prompt, new_tokens=32, runs=args.runs, threads=2)
@@ -205,18 +202,7 @@ def minilm(args: argparse.Namespace) -> None:
             ("plain SVD uniform", dataclasses.replace(base, rank=ParamFraction(1 - removed)), None),
             (
                 "whitened allocated",
-                dataclasses.replace(
-                    base,
-                    rank=allocate_ranks(
-                        model,
-                        base,
-                        x,
-                        Budget(params=1 - removed, scope="layers"),
-                        criterion="spectrum",
-                        round_to=8,
-                        metrics=metrics,
-                    ),
-                ),
+                allocated(model, base, x, removed, metrics),
                 metrics,
             ),
         ):

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """``Type: first line of the message``: how a foreign exception is named in a one-line error."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:limit] if lines else ''}"
+
+
 class RankdownError(Exception):
     """Base class: the CLI prints these as one-line errors, without a traceback."""
 

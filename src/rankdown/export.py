@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from rankdown import __version__
-from rankdown.errors import RankdownError
+from rankdown.errors import RankdownError, first_line
 from rankdown.probe import Inputs, batch_len, batch_tile, forward
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "exported-program": "model.pt2"}
@@ -238,8 +238,7 @@ def export_model(
         except RankdownError:
             raise
         except Exception as exc:  # the exporters raise many types; one line, the first of the message
-            first = (str(exc).strip().splitlines() or [""])[0]
-            raise RankdownError(f"{fmt} export failed ({type(exc).__name__}: {first[:300]})") from exc
+            raise RankdownError(f"{fmt} export failed ({first_line(exc)})") from exc
         checked = parity(model, _runner(fmt, tmp), check or [example])
         if not checked["rel_error"] <= tolerance:
             raise RankdownError(

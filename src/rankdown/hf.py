@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rankdown.errors import RankdownError
+from rankdown.errors import RankdownError, first_line
 
 PREFIX = "hf:"
 
@@ -63,11 +63,6 @@ def locate(spec: str) -> tuple[Path, str | None]:
     return path.resolve(), None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
-
-
 def load_model(spec: str) -> nn.Module:
     """The model in float32 on the CPU, in eval mode. A causal LM gets its LM head (for
     perplexity and generation); any other architecture its base model (hidden states)."""
@@ -83,7 +78,7 @@ def load_model(spec: str) -> nn.Module:
         else:
             model = tf.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32, **common)
     except (OSError, ValueError, KeyError, ImportError) as exc:
-        raise RankdownError(f"model {spec!r} could not be loaded ({_first_line(exc)})") from exc
+        raise RankdownError(f"model {spec!r} could not be loaded ({first_line(exc)})") from exc
     model.config.use_cache = False  # whole-sequence forwards (calibration, perplexity) need no cache
     return model.eval()
 
@@ -94,7 +89,7 @@ def load_tokenizer(spec: str) -> Any:
     try:
         return tf.AutoTokenizer.from_pretrained(folder, gguf_file=gguf, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError, ImportError) as exc:
-        raise RankdownError(f"model {spec!r}: its tokenizer could not be loaded ({_first_line(exc)})") from exc
+        raise RankdownError(f"model {spec!r}: its tokenizer could not be loaded ({first_line(exc)})") from exc
 
 
 def example_tokens(model: nn.Module, length: int = 32) -> dict[str, torch.Tensor]:
@@ -114,7 +109,7 @@ def task_of_spec(spec: str) -> str:
     try:
         archs = json.loads((folder / "config.json").read_text()).get("architectures") or []
     except (OSError, ValueError, AttributeError) as exc:
-        raise RankdownError(f"model {spec!r}: config.json could not be read ({_first_line(exc)})") from None
+        raise RankdownError(f"model {spec!r}: config.json could not be read ({first_line(exc)})") from None
     return "causal-lm" if any(str(a).endswith("ForCausalLM") for a in archs) else "embedding"
 
 

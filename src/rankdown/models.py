@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rankdown.errors import RankdownError
+from rankdown.errors import RankdownError, first_line
 
 WEIGHTS_PACKAGE = "rankdown.weights"
 
@@ -168,11 +168,6 @@ def bundled_weights_path(name: str) -> Path:
     return Path(str(resources.files(WEIGHTS_PACKAGE).joinpath(spec.weights)))
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
-
-
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from safetensors, or from a torch file with ``weights_only=True``."""
     import pickle
@@ -192,7 +187,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
             "weights_only=True and never unpickles code: save model.state_dict() (or safetensors) instead"
         ) from exc
     except Exception as exc:  # safetensors and torch raise several types for a bad file
-        raise ModelError(f"weights file {path} could not be read ({_first_line(exc)})") from exc
+        raise ModelError(f"weights file {path} could not be read ({first_line(exc)})") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -275,7 +270,7 @@ def resolve_factory(spec: str) -> Callable[[], nn.Module]:
     except SystemExit as exc:
         raise ModelError(f"model {spec!r}: importing {module_name!r} called sys.exit({exc.code!r})") from None
     except Exception as exc:  # a syntax error or any error raised while the module runs
-        raise ModelError(f"model {spec!r}: importing {module_name!r} failed ({_first_line(exc)})") from exc
+        raise ModelError(f"model {spec!r}: importing {module_name!r} failed ({first_line(exc)})") from exc
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -310,7 +305,7 @@ def build_model(spec: str, weights: str | Path | None = None, *, pretrained: boo
         except SystemExit as exc:
             raise ModelError(f"model {spec!r}: the factory called sys.exit({exc.code!r})") from None
         except Exception as exc:  # the user's code: any error, one line
-            raise ModelError(f"model {spec!r}: the factory raised {_first_line(exc)}") from exc
+            raise ModelError(f"model {spec!r}: the factory raised {first_line(exc)}") from exc
         if not isinstance(model, nn.Module):
             raise ModelError(f"model {spec!r}: factory returned {type(model).__name__}, not an nn.Module")
         if weights is not None:

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from rankdown.errors import RankdownError
+from rankdown.errors import RankdownError, first_line
 
 
 def model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
@@ -141,10 +141,7 @@ def check_runs(model: nn.Module, example: Inputs, what: str) -> torch.Tensor:
     try:
         out = forward(model, example)
     except Exception as exc:  # the user's model: any error
-        first = (str(exc).strip().splitlines() or [""])[0]
-        raise RankdownError(
-            f"{what} does not run on an input of {describe(example)} ({type(exc).__name__}: {first})"
-        ) from exc
+        raise RankdownError(f"{what} does not run on an input of {describe(example)} ({first_line(exc)})") from exc
     y = primary_output(out)
     if y.is_floating_point() and not bool(torch.isfinite(y).all()):
         raise RankdownError(f"{what} gives NaN or Inf on an input of {describe(example)}")

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from rankdown.errors import RankdownError
+from rankdown.errors import RankdownError, first_line
 from rankdown.probe import Inputs, batch_cat, batch_index, batch_len, batch_slice
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -182,8 +182,7 @@ class TensorFile(_Pairs):
         except DataError:
             raise
         except Exception as exc:  # numpy and safetensors raise several types for a bad file
-            first = (str(exc).strip().splitlines() or [""])[0]
-            raise DataError(f"{what} {path} could not be read ({type(exc).__name__}: {first})") from None
+            raise DataError(f"{what} {path} could not be read ({first_line(exc)})") from None
         keyed = {k[len("inputs.") :]: v for k, v in tensors.items() if k.startswith("inputs.")}
         if "inputs" in tensors:
             self.inputs: Inputs = tensors["inputs"]
@@ -386,8 +385,7 @@ def load_factory_data(spec: str, what: str) -> Any:
     except SystemExit as exc:
         raise DataError(f"{what} {spec}: the function called sys.exit({exc.code!r})") from None
     except Exception as exc:  # the user's code
-        first = (str(exc).strip().splitlines() or [""])[0]
-        raise DataError(f"{what} {spec}: the function raised {type(exc).__name__}: {first}") from None
+        raise DataError(f"{what} {spec}: the function raised {first_line(exc)}") from None
 
 
 def open_data(

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rankdown.errors import RankdownError
+from rankdown.errors import RankdownError, first_line
 from rankdown.probe import Inputs, batch_len, forward, primary_output, to_model
 from rankdown.progress import progress
 
@@ -211,8 +211,7 @@ def _load_checkpoint(folder: Path, epochs: int) -> tuple[dict, dict, dict] | Non
         model = load_file(str(last / CKPT_MODEL))
         state = torch.load(last / CKPT_STATE, map_location="cpu", weights_only=True)
     except Exception as exc:  # several error types for a damaged file
-        first = (str(exc).strip().splitlines() or [""])[0]
-        raise RankdownError(f"checkpoint {last} could not be read ({type(exc).__name__}: {first})") from exc
+        raise RankdownError(f"checkpoint {last} could not be read ({first_line(exc)})") from exc
     bad = None
     epoch = meta.get("epoch") if isinstance(meta, dict) else None
     if not isinstance(meta, dict):
@@ -329,8 +328,7 @@ def finetune(
             gen.set_state(state["generator"])
             torch.set_rng_state(state["torch_rng"])
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:
-            first = (str(exc).strip().splitlines() or [""])[0]
-            raise RankdownError(f"checkpoint in {ckpt} cannot be resumed ({type(exc).__name__}: {first})") from exc
+            raise RankdownError(f"checkpoint in {ckpt} cannot be resumed ({first_line(exc)})") from exc
         start_epoch, history = int(meta["epoch"]), list(meta["history"])
     if teacher is not None:
         teacher.eval()
