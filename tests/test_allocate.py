@@ -183,3 +183,28 @@ def test_a_mixed_method_plan_is_at_least_as_good_as_each_single_method_plan(tmp_
         "separable",
         "svd",
     }
+
+
+def test_sum_objective_is_optimal_on_synthetic_curves():
+    """Minimising Σ error²: brute force over every combination agrees with the allocator."""
+    import itertools
+
+    curves = {
+        "a": LayerCurve("a", "svd", [Option(1, 10, 10, 0.9), Option(2, 20, 20, 0.3), Option(None, 40, 40, 0.0)]),
+        "b": LayerCurve("b", "svd", [Option(1, 10, 10, 0.5), Option(2, 20, 20, 0.4), Option(None, 40, 40, 0.0)]),
+        "c": LayerCurve("c", "svd", [Option(1, 5, 5, 0.2), Option(2, 15, 15, 0.1), Option(None, 40, 40, 0.0)]),
+    }
+    for fraction in (0.3, 0.5, 0.7):
+        budget = Budget(params=fraction)
+        got = allocate(curves, budget, 120, 0, objective="sum")
+        best = min(
+            (
+                combo
+                for combo in itertools.product(*(c.options for c in curves.values()))
+                if sum(o.params for o in combo) <= fraction * 120
+            ),
+            key=lambda combo: sum(o.error**2 for o in combo),
+        )
+        got_err = sum(next(o.error for o in curves[n].options if o.rank == r) ** 2 for n, r in got.items())
+        assert got_err == pytest.approx(sum(o.error**2 for o in best))
+        assert sum(next(o.params for o in curves[n].options if o.rank == r) for n, r in got.items()) <= fraction * 120

@@ -319,13 +319,18 @@ def allocate(
     total: int,
     fixed: int,
     step_options: dict[str, list[tuple[Rank | Choice, int]]] | None = None,
+    objective: str = "max",
 ) -> dict[str, Rank | Choice | None]:
     """Choose one option per layer so that fixed + Σ cost <= budget.fraction × total.
 
     ``total`` is the dense model's cost (MACs or params, per ``budget.kind``), ``fixed`` the part
     no target layer touches. ``step_options`` (every rank with its cost, ascending) enables the
-    final one-rank-step fill; without it the fill moves along the sweep's grid.
+    final one-rank-step fill; without it the fill moves along the sweep's grid. ``objective``
+    "max" equalises the layers' errors (the largest is made smallest); "sum" minimises the sum of
+    their squares.
     """
+    if objective not in ("max", "sum"):
+        raise RankdownError(f"allocation objective must be 'max' or 'sum', got {objective!r}")
     kind = budget.kind
     limit = budget.fraction * total if budget.scope == "model" else fixed + budget.fraction * (total - fixed)
     cheapest = fixed + sum(min(o.__dict__[kind] for o in c.options) for c in curves.values())
@@ -334,6 +339,9 @@ def allocate(
             f"target unreachable: keeping {budget.fraction:.3g} of the {kind} needs <= {limit:,.0f}, but the "
             f"smallest ranks still cost {cheapest:,.0f} ({cheapest / total:.3f} of the dense model)"
         )
+
+    if objective == "sum":
+        return _allocate_sum(curves, kind, limit, fixed, total)
 
     def pick(tau: float) -> dict[str, int]:
         out = {}
@@ -383,6 +391,55 @@ def allocate(
         errors[n] = below[-1] if below else errors[n]
         errors[n] *= 0.999  # move on to other layers when the grid cannot tell them apart
     return ranks
+
+
+def _allocate_sum(
+    curves: dict[str, LayerCurve], kind: str, limit: float, fixed: int, total: int
+) -> dict[str, Rank | Choice | None]:
+    """Minimise Σ error² under the budget: each layer takes the option minimising error² + λ·cost
+    (a point of its convex hull), λ bisected until the budget is met; then the spare budget goes,
+    step by step, to the option with the largest drop of error² per unit of extra cost."""
+
+    def cost(o: Option) -> float:
+        return o.__dict__[kind] / max(total, 1)
+
+    def choose(lam: float) -> dict[str, int]:
+        out = {}
+        for n, c in curves.items():
+            scores = [o.error**2 + lam * cost(o) for o in c.options]
+            out[n] = scores.index(min(scores))
+        return out
+
+    def spent(choice: dict[str, int]) -> float:
+        return fixed + sum(curves[n].options[i].__dict__[kind] for n, i in choice.items())
+
+    lo, hi = 1e-12, 1.0
+    while spent(choose(hi)) > limit and hi < 1e30:
+        hi *= 10.0
+    for _ in range(60):  # bisection on log λ
+        mid = math.sqrt(lo * hi)
+        if spent(choose(mid)) <= limit:
+            hi = mid
+        else:
+            lo = mid
+    choice = choose(hi)
+    spare = limit - spent(choice)
+    while True:
+        best, best_gain = None, 0.0
+        for n, c in curves.items():
+            now = c.options[choice[n]]
+            for i, o in enumerate(c.options):
+                extra = o.__dict__[kind] - now.__dict__[kind]
+                if 0 < extra <= spare and o.error < now.error:
+                    gain = (now.error**2 - o.error**2) / extra
+                    if gain > best_gain:
+                        best, best_gain = (n, i), gain
+        if best is None:
+            break
+        n, i = best
+        spare -= curves[n].options[i].__dict__[kind] - curves[n].options[choice[n]].__dict__[kind]
+        choice[n] = i
+    return {n: curves[n].options[i].rank for n, i in choice.items()}
 
 
 def _same_form(a: object, b: object) -> bool:

@@ -229,6 +229,7 @@ def allocate_ranks(
     cache_dir: str | Path | None = None,
     metrics: dict | None = None,
     methods: list[str] | None = None,
+    objective: str = "max",
 ) -> LayerRanks:
     """Spend one whole-model ``budget`` across the layers ``config`` selects (see rankdown.allocate).
     ``criterion`` "spectrum" takes each layer's error curve in closed form from its (``metrics``-
@@ -268,8 +269,10 @@ def allocate_ranks(
             n: list(ladder) for n, ladder in rank_ladders(model, targets, inputs, kind, round_to).items()
         }
         fixed = total - sum(c.options[-1].__dict__[kind] for c in curves.values())
-        ranks = allocate(curves, budget, total, fixed, ladders)
-        return LayerRanks(ranks, source=f"allocated: {kind} x{budget.fraction:.3g}, {criterion} sensitivity")
+        ranks = allocate(curves, budget, total, fixed, ladders, objective)
+        return LayerRanks(
+            ranks, source=f"allocated: {kind} x{budget.fraction:.3g}, {criterion} sensitivity, {objective} error"
+        )
     # Mixed: every layer's options are its (method, rank) pairs; one curve and one ladder per
     # method are kept too, for the single-method plans the mixed one is checked against.
     per_method = _methods_per_layer(model, targets, methods)
@@ -298,7 +301,7 @@ def allocate_ranks(
             curves[n] = LayerCurve(n, "+".join(forms), [*options, by_method[forms[0]][n].options[-1]])
             ladders[n] = [step for m in forms for step in steps[m][n]]
         fixed = total - sum(c.options[-1].__dict__[kind] for c in curves.values())
-        return allocate(curves, budget, total, fixed, ladders)
+        return allocate(curves, budget, total, fixed, ladders, objective)
 
     mixed = plan(methods)
     source = f"allocated: {kind} x{budget.fraction:.3g}, {criterion} sensitivity over {', '.join(methods)}"

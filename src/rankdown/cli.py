@@ -580,7 +580,8 @@ def main() -> None:
     default="each",
     show_default=True,
     help="With --latency-aware: --max-error bounds each layer's error, or the sum over all layers "
-    "(layers that cost the model little then take more, the least measured time overall).",
+    "(layers that cost the model little then take more, the least measured time overall). With a global "
+    "budget: equalise the layers' errors (each), or minimise the sum of their squares (sum).",
 )
 @click.option(
     "--methods",
@@ -718,11 +719,12 @@ def compress(
         "latency_batch": "--latency-batch",
     }
     budgeted = target_macs is not None or target_params is not None or speedup is not None
-    stray = [
-        flag for param, flag in latency_only.items() if _given(param) and not (param == "method_list" and budgeted)
-    ]
+    also_budgets = ("method_list", "error_scope")  # meaningful for global budgets too
+    stray = [flag for param, flag in latency_only.items() if _given(param) and not (param in also_budgets and budgeted)]
     if stray and not latency_aware:
-        raise click.UsageError(f"{', '.join(stray)}: only used with --latency-aware (--methods: or a global budget)")
+        raise click.UsageError(
+            f"{', '.join(stray)}: only used with --latency-aware (--methods, --error-scope: or a global budget)"
+        )
     if latency_aware and sensitivity == "spectrum":
         raise click.UsageError("--sensitivity spectrum is for global budgets; --latency-aware measures layer or model")
     if _given("budget_scope") and target_macs is None and target_params is None:
@@ -740,6 +742,7 @@ def compress(
             round_to,
             cache_dir,
             methods=list(method_list) if _given("method_list") else None,
+            objective="sum" if error_scope == "sum" else "max",
         )
     reconstruction = None
     if calibration is not None and reconstruct != "filter":

@@ -57,6 +57,7 @@ class AllocationOptions:
     round_to: int = 1
     cache_dir: str | None = None
     methods: list[str] | None = None  # allocate over method × rank per layer
+    objective: str = "max"  # equalise the layers' errors (max) or minimise the sum of their squares
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -325,6 +326,7 @@ def run_job(
             cache_dir=allocation.cache_dir,
             metrics=metrics,
             methods=allocation.methods,
+            objective=allocation.objective,
         )
         config = dataclasses.replace(config, rank=policy)
     if progressive is not None:
