@@ -69,8 +69,15 @@ def table(r: dict) -> None:
         f"`python benchmarks/mixed_methods.py` ({env['cpu']}, torch {env['torch']}, 2 threads). Global MAC "
         "budget, layer-level sensitivity on 256 training images, no fine-tuning; top-1 on 2,000 test images "
         f"(dense {100 * r['dense']:.2f}%), delivered MAC reduction, seconds for the whole compression "
-        "(sweep, allocation, factorization; the mixed run sweeps every method, then checks its plan against "
-        "each single-method plan on the calibration images).",
+        "(sweep, allocation, factorization: the ×2 runs include the sensitivity sweeps, the ×3 and ×4 runs "
+        "reuse them from the cache). The mixed run allocates over every method, then checks its plan against "
+        "each single-method plan on the calibration images and keeps the best: "
+        + "; ".join(
+            f"×{k.split('|')[1].rstrip('0').rstrip('.')} {v['source'].split('; ')[1]}"
+            for k, v in r["runs"].items()
+            if "+" in k
+        )
+        + ".",
         "",
         "| target | " + " | ".join(labels) + " |",
         "|---|" + "---:|" * len(labels),
