@@ -178,6 +178,8 @@ def test_a_mixed_method_plan_is_at_least_as_good_as_each_single_method_plan(tmp_
     assert mixed <= min(errors.values()) + 1e-9, (mixed, errors)
     # The plan says which method each layer took, and the source says how the mix was judged.
     assert "calibration error" in plans["channel-svd+separable"].plan.meta["policy"]["layer_ranks"]
+    meta = plans["channel-svd+separable"].plan.meta
+    assert meta["methods"] == sorted({lp.method for lp in plans["channel-svd+separable"].plan.layers.values()})
     assert {lp.method for lp in plans["channel-svd+separable"].plan.layers.values()} <= {
         "channel-svd",
         "separable",

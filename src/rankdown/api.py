@@ -212,7 +212,12 @@ def compress(
         plan_layers,
         model_spec,
         tuple(example.shape[1:]) if isinstance(example, torch.Tensor) else None,
-        {"method": config.method, "policy": policy_to_dict(config.rank)},
+        {
+            "method": config.method,
+            # what the layers really use: a mixed or latency-aware plan picks per layer
+            "methods": sorted({lp.method for lp in plan_layers.values()}),
+            "policy": policy_to_dict(config.rank),
+        },
     )
     return CompressResult(model, plan, rows)
 
