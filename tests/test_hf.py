@@ -212,3 +212,27 @@ def test_text_shorter_than_one_sequence_is_refused(llama, tmp_path, capsys):
     (tmp_path / "short.txt").write_text("too short")
     args = ["compress", "--model", f"hf:{llama}", "--calib-data", f"text:{tmp_path / 'short.txt'}"]
     assert_refused([*args, "--params", "0.5", "--out", "out"], "--seq-len", capsys, tmp_path)
+
+
+def test_corrupt_or_nan_weights_in_a_model_folder_are_one_line(llama, texts, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    corrupt, nan = tmp_path / "corrupt", tmp_path / "nan"
+    for d in (corrupt, nan):
+        shutil.copytree(llama, d)
+    (corrupt / "model.safetensors").write_bytes((llama / "model.safetensors").read_bytes()[:500])
+    state = load_file(str(nan / "model.safetensors"))
+    key = next(k for k in state if "q_proj" in k)
+    state[key][0, 0] = float("nan")
+    save_file(state, str(nan / "model.safetensors"), metadata={"format": "pt"})
+    for folder, culprit in ((corrupt, "could not be loaded"), (nan, key)):
+        args = ["compress", "--model", f"hf:{folder}", "--calib-data", f"text:{texts[0]}", "--params", "0.5"]
+        assert_refused([*args, "--out", "out"], culprit, capsys, tmp_path)
+
+
+def test_spectrum_allocation_with_another_method_is_refused_up_front(tmp_path, capsys):
+    args = ["compress", "--model", "nets:tiny_vgg", "--input-shape", "3,16,16", "--calib-data", "noise"]
+    args += ["--method", "tucker2", "--sensitivity", "spectrum", "--speedup", "2", "--out", "out"]
+    assert_refused(args, "--sensitivity spectrum", capsys, tmp_path)

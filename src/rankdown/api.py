@@ -335,9 +335,7 @@ def _tag(name: str, rank: Rank | Choice | None) -> Rank | Choice | None:
 def _methods_per_layer(model: nn.Module, targets: dict[str, Method], names: list[str]) -> dict[str, dict[str, Method]]:
     """For each layer, the named methods that can factorize it; a layer none of them handles keeps
     its default method (e.g. a Linear layer when only conv methods are named)."""
-    from rankdown.methods import METHODS
-
-    unknown = [n for n in names if not any(k[0] == n for k in METHODS)]
+    unknown = [n for n in names if n not in method_names()]
     if unknown:
         raise RankdownError(f"unknown method {unknown[0]!r} (see: rankdown methods)")
     out: dict[str, dict[str, Method]] = {}

@@ -254,7 +254,9 @@ def _data_options(roles: tuple[str, ...]):
 def _text_options(kw: dict, model_spec: str | None, specs: list[str]) -> dict | None:
     """Tokenizer and sequence options for text data: the tokenizer is the hf: model's own."""
     seq_len, sequences = kw.pop("seq_len", 256), kw.pop("sequences", None)
-    if not any(s.startswith("text:") or s.endswith(".txt") for s in specs):
+    from rankdown.text import is_text_spec
+
+    if not any(is_text_spec(s) for s in specs):
         return None
     from rankdown.hf import is_hf, load_tokenizer, task_of_spec
 
@@ -724,6 +726,10 @@ def compress(
     if stray and not latency_aware:
         raise click.UsageError(
             f"{', '.join(stray)}: only used with --latency-aware (--methods, --error-scope: or a global budget)"
+        )
+    if sensitivity == "spectrum" and not _given("method_list") and method not in ("svd", "channel-svd"):
+        raise click.UsageError(
+            f"--sensitivity spectrum: closed-form errors need --method svd or channel-svd, not {method}"
         )
     if latency_aware and sensitivity == "spectrum":
         raise click.UsageError("--sensitivity spectrum is for global budgets; --latency-aware measures layer or model")

@@ -41,6 +41,7 @@ def _transformers() -> Any:
             "accelerate for .gguf files)"
         ) from None
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # errors stay one line; rankdown shows its own progress
     return transformers
 
 
@@ -77,7 +78,7 @@ def load_model(spec: str) -> nn.Module:
             model = cls.from_pretrained(folder, use_safetensors=True, dtype=torch.float32, **common)
         else:
             model = tf.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32, **common)
-    except (OSError, ValueError, KeyError, ImportError) as exc:
+    except Exception as exc:  # transformers, safetensors and gguf raise many types for a bad folder
         raise RankdownError(f"model {spec!r} could not be loaded ({first_line(exc)})") from exc
     model.config.use_cache = False  # whole-sequence forwards (calibration, perplexity) need no cache
     return model.eval()
@@ -88,7 +89,7 @@ def load_tokenizer(spec: str) -> Any:
     folder, gguf = locate(spec)
     try:
         return tf.AutoTokenizer.from_pretrained(folder, gguf_file=gguf, local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, ImportError) as exc:
+    except Exception as exc:  # transformers raises many types for a bad tokenizer file
         raise RankdownError(f"model {spec!r}: its tokenizer could not be loaded ({first_line(exc)})") from exc
 
 

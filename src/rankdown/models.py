@@ -284,7 +284,9 @@ def resolve_factory(spec: str) -> Callable[[], nn.Module]:
 def build_model(spec: str, weights: str | Path | None = None, *, pretrained: bool = True) -> nn.Module:
     """Build a bundled model (with its shipped weights), a Hugging Face model (``hf:PATH``) or a
     user factory (with ``weights``)."""
-    if spec.startswith("hf:"):
+    from rankdown.hf import is_hf
+
+    if is_hf(spec):
         from rankdown.hf import load_model
 
         if weights is not None:

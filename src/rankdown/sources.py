@@ -399,13 +399,13 @@ def open_data(
 ) -> Data:
     """A CLI data source (see the module docstring); ``what`` names the flag in errors. ``text``:
     the tokenizer and options that make ``text:FILE`` (or a .txt file) token sequences."""
-    if spec.startswith("text:") or (spec.endswith(".txt") and Path(spec).is_file()):
+    from rankdown.text import TEXT_PREFIX, is_text_spec, text_data
+
+    if is_text_spec(spec):
         if not text or text.get("tokenizer") is None:
             raise DataError(f"{what} {spec}: text data needs a tokenizer: use it with --model hf:PATH")
-        from rankdown.text import text_data
-
         return text_data(
-            spec[len("text:") :] if spec.startswith("text:") else spec,
+            spec.removeprefix(TEXT_PREFIX),
             text["tokenizer"],
             seq_len=text.get("seq_len", 256),
             max_sequences=text.get("sequences"),

@@ -24,6 +24,11 @@ TEXT_PREFIX = "text:"
 BATCH_TOKENS = 2048
 
 
+def is_text_spec(spec: str) -> bool:
+    """Whether a data spec names text: ``text:FILE``, or a ``.txt`` file."""
+    return spec.startswith(TEXT_PREFIX) or spec.endswith(".txt")
+
+
 def read_text(path: str | Path, what: str) -> str:
     p = Path(path)
     if not p.is_file():
