@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ from torch import nn
 from rankdown import decompose
 from rankdown.errors import RankdownError
 from rankdown.layers import ChannelSVDConv2d, LowRankLinear, balance_factors
-from rankdown.probe import Inputs, batch_len, batch_slice, forward
+from rankdown.probe import Inputs, batch_len, batch_size_for, batch_slice, forward
 from rankdown.progress import progress
 from rankdown.surgery import record_inputs
 
@@ -65,7 +65,8 @@ class _Stop(Exception):
     """Raised from a hook to end a forward pass once the layer of interest has its input."""
 
 
-def _layer_input(model: nn.Module, fqn: str, x: torch.Tensor) -> torch.Tensor:
+def _capture_input(model: nn.Module, fqn: str, run: Callable[[], object]) -> torch.Tensor:
+    """The input of ``model``'s submodule ``fqn`` during ``run()``, which is cut short there."""
     box: dict[str, torch.Tensor] = {}
 
     def hook(_m, args):
@@ -75,7 +76,7 @@ def _layer_input(model: nn.Module, fqn: str, x: torch.Tensor) -> torch.Tensor:
     handle = model.get_submodule(fqn).register_forward_pre_hook(hook)
     try:
         with torch.no_grad():
-            forward(model, x)
+            run()
     except _Stop:
         pass
     finally:
@@ -83,6 +84,10 @@ def _layer_input(model: nn.Module, fqn: str, x: torch.Tensor) -> torch.Tensor:
     if "x" not in box:
         raise RankdownError(f"layer {fqn!r} was not called in a forward pass on the calibration inputs")
     return box["x"]
+
+
+def _layer_input(model: nn.Module, fqn: str, x: Inputs) -> torch.Tensor:
+    return _capture_input(model, fqn, lambda: forward(model, x))
 
 
 def execution_order(model: nn.Module, fqns: list[str], example: Inputs) -> list[str]:
@@ -140,29 +145,45 @@ def following_activation(model: nn.Module, fqn: str) -> Activation | None:
     return Activation(nn.Sequential(*chain).eval(), sign, threshold, scale, 1 if isinstance(layer, nn.Conv2d) else -1)
 
 
+# (dense input, compressed input) of one layer, batch by batch; re-iterable
+Source = Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+
+
+def _truncated_source(dense: nn.Module, compressed: nn.Module, fqn: str, inputs: Inputs, config) -> Source:
+    """Inputs of ``fqn`` from forward passes of the whole networks, cut at the layer."""
+
+    def gen() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for i in range(0, batch_len(inputs), config.batch_size):
+            xb = batch_slice(inputs, i, i + config.batch_size)
+            z = _layer_input(dense, fqn, xb)
+            yield z, (z if config.mode == "data" else _layer_input(compressed, fqn, xb))
+
+    return gen
+
+
 class _Pairs:
     """(input to the factorized layer, dense target) batches for one layer: cached when small,
-    else recomputed by truncated forward passes each time they are iterated."""
+    else recomputed from ``source`` each time they are iterated."""
 
-    def __init__(self, dense, compressed, fqn, inputs, config, act: Activation | None = None):
-        self.dense, self.compressed, self.fqn, self.inputs, self.config = dense, compressed, fqn, inputs, config
-        self.layer = dense.get_submodule(fqn)
+    def __init__(self, layer: nn.Module, source: Source, n_batches: int, config, act: Activation | None = None) -> None:
+        self.layer, self.source, self.n_batches, self.config = layer, source, n_batches, config
         self.act = act  # errors are measured after it (the response that the next layer sees)
         self.cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         first = next(self._compute())
-        per_example = sum(t[:1].numel() * t.element_size() for t in first)
-        if per_example * batch_len(inputs) <= config.cache_mb * 2**20:
+        per_batch = sum(t.numel() * t.element_size() for t in first)
+        if per_batch * n_batches <= config.cache_mb * 2**20:
             self.cache = list(self._compute())
 
+    def zh(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(dense input, compressed input) batches (the same tensor twice in ``data`` mode)."""
+        for z, h in self.source():
+            yield z, (z if self.config.mode == "data" else h)
+
     def _compute(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        bs = self.config.batch_size
-        for i in range(0, batch_len(self.inputs), bs):
-            xb = batch_slice(self.inputs, i, i + bs)
-            z = _layer_input(self.dense, self.fqn, xb)
+        for z, h in self.zh():
             with torch.no_grad():
                 target = self.layer(z)
-            zin = z if self.config.mode == "data" else _layer_input(self.compressed, self.fqn, xb)
-            yield zin, target
+            yield h, target
 
     def __iter__(self):
         return iter(self.cache) if self.cache is not None else self._compute()
@@ -214,10 +235,9 @@ def _holdout(i: int, n_batches: int) -> bool:
 
 @torch.no_grad()
 def _heldout_error(module: nn.Module, pairs: _Pairs) -> float:
-    n = math.ceil(batch_len(pairs.inputs) / pairs.config.batch_size)
     num = den = 0.0
     for i, (zin, target) in enumerate(pairs):
-        if _holdout(i, n):
+        if _holdout(i, pairs.n_batches):
             e, t = pairs.sq_error(module(zin), target)
             num, den = num + float(e), den + float(t)
     return math.sqrt(num / den) if den else float("nan")
@@ -231,14 +251,9 @@ def _closed_form(dense_layer: nn.Module, module: nn.Module, pairs: _Pairs, mode:
     mean_z = torch.zeros(d, dtype=torch.float64)
     mean_h = torch.zeros(d, dtype=torch.float64)
     count = 0
-    bs = pairs.config.batch_size
-    n_batches = math.ceil(batch_len(pairs.inputs) / bs)
-    for i, xb in enumerate(range(0, batch_len(pairs.inputs), bs)):
-        if _holdout(i, n_batches):
+    for i, (z, h) in enumerate(pairs.zh()):
+        if _holdout(i, pairs.n_batches):
             continue
-        batch = batch_slice(pairs.inputs, xb, xb + bs)
-        z = _layer_input(pairs.dense, pairs.fqn, batch)
-        h = z if mode == "data" else _layer_input(pairs.compressed, pairs.fqn, batch)
         pz, ph = patch_rows(dense_layer, z).double(), patch_rows(dense_layer, h).double()
         s_hh += ph.T @ ph
         if s_zh is not None:
@@ -282,7 +297,7 @@ def _last_factor_least_squares(module: nn.Module, pairs: _Pairs) -> bool:
         k: [torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, n_out, dtype=torch.float64), 0.0]
         for k in ("fit", "val")
     }
-    n_batches = math.ceil(batch_len(pairs.inputs) / pairs.config.batch_size)
+    n_batches = pairs.n_batches
     with torch.no_grad():
         for i, (zin, target) in enumerate(pairs):
             feats = patch_rows(last, head(zin)).double()
@@ -353,7 +368,7 @@ def _response_fit(dense_layer: nn.Module, module: nn.Module, pairs: _Pairs, conf
     head = None if closed else module[:-1]
     rank = module[0].weight.shape[0] if closed else None
 
-    n_batches = math.ceil(batch_len(pairs.inputs) / pairs.config.batch_size)
+    n_batches = pairs.n_batches
     n_fit = sum(not _holdout(i, n_batches) for i in range(n_batches))
     d = module[0].weight[0].numel() if closed else last.weight[0].numel()
     budget = min(config.relu_rows, (256 * 2**20) // (4 * d))  # the sampled features stay under 256 MB
@@ -448,7 +463,7 @@ def _gradient(module: nn.Module, pairs: _Pairs, config: CalibrationConfig, desc:
         return
     groups = [{"params": [p], "lr": config.lr * max(float(p.detach().pow(2).mean().sqrt()), 1e-8)} for p in params]
     opt = torch.optim.Adam(groups)
-    n_batches = math.ceil(batch_len(pairs.inputs) / config.batch_size)
+    n_batches = pairs.n_batches
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, config.epochs * n_batches))
     gen = torch.Generator().manual_seed(config.seed)
     held = _heldout_error(module, pairs)
@@ -471,11 +486,208 @@ def _gradient(module: nn.Module, pairs: _Pairs, config: CalibrationConfig, desc:
         module.load_state_dict(best[1])
 
 
+def _refit(dense: nn.Module, fqn: str, module: nn.Module, pairs: _Pairs, config: CalibrationConfig) -> dict:
+    """Refit one factorized module to its dense layer on ``pairs``; returns what was done."""
+    dense_layer = dense.get_submodule(fqn)
+    act = pairs.act
+    before = _rel_output_error(module, pairs)
+    closed = config.closed_form and closed_form_applies(dense_layer, module)
+    if closed:
+        how = "closed form"
+        _closed_form(dense_layer, module, pairs, config.mode)
+    else:
+        saved = {k: v.clone() for k, v in module.state_dict().items()}
+        how = "last factor by least squares" if _last_factor_least_squares(module, pairs) else ""
+        if _rel_output_error(module, pairs) > before:  # ill-conditioned data: keep the weight fit
+            module.load_state_dict(saved)
+            how = ""
+    if act is not None and config.relu_iters != (0, 0) and _response_fit(dense_layer, module, pairs, config):
+        how = (how + " + " if how else "") + "relu response"
+    if not closed:
+        if config.epochs:
+            how = (how + " + " if how else "") + "adam"
+            with torch.enable_grad():
+                _gradient(module, pairs, config, desc=f"refit {fqn}")
+        how = how or "unchanged"
+    balance_factors(module)  # the whitened closed form leaves Σ's scale in one factor
+    return {
+        "how": how,
+        "response": "after " + " → ".join(type(m).__name__ for m in act.modules) if act else "linear",
+        "output_error_before": before,
+        "output_error_after": _rel_output_error(module, pairs),
+    }
+
+
+# Block by block. A network whose targets sit in a stack of repeated blocks (a transformer's
+# layers, a ResNet stage) is refitted one block at a time from the blocks' inputs, held for all the
+# calibration batches: each block runs a few times instead of the whole network once per layer
+# (210 layers of a 30-block LM: 30x fewer forward passes). The chain is checked on the first batch
+# (block i's output is block i+1's input, given the arguments the real forward gave it), else the
+# layer-by-layer path runs.
+
+
+HOLD_MB = 2048  # above this, the blocks' inputs are not held: layer by layer, streaming
+
+
+def _stack(model: nn.Module, fqns: list[str]) -> list[str] | None:
+    """The children of the ModuleList/Sequential that holds targets in the most of its children."""
+    best: tuple[int, list[str]] | None = None
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) >= 2:
+            kids = [f"{name}.{k}" if name else k for k in m._modules]
+            holding = sum(any(f == kid or f.startswith(kid + ".") for f in fqns) for kid in kids)
+            if holding >= 2 and (best is None or holding > best[0]):
+                best = (holding, kids)
+    return best[1] if best else None
+
+
+Call = tuple[tuple, dict]  # a block's positional and keyword arguments
+
+
+def _hidden(out: object) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out[0]  # type: ignore[index]
+
+
+def _with_hidden(call: Call, h: torch.Tensor) -> Call:
+    args, kwargs = call
+    if args:
+        return (h, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": h}
+
+
+def _block_calls(model: nn.Module, blocks: list[str], x: Inputs, stop_at_first: bool) -> list[Call]:
+    """The arguments each block is called with in a forward pass on ``x`` (the first only, cut there,
+    with ``stop_at_first``). State objects (a KV cache) are dropped: a rerun must not append to one."""
+    calls: list[Call] = []
+
+    def keep(v: object) -> object:
+        if isinstance(v, torch.Tensor):
+            return v.detach().clone()  # the block may work in place (ReLU(inplace=True))
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        if isinstance(v, tuple) and all(isinstance(t, torch.Tensor) for t in v):
+            return v
+        return None
+
+    def hook(_m, args, kwargs):
+        calls.append((tuple(keep(a) for a in args), {k: keep(v) for k, v in kwargs.items()}))
+        if stop_at_first:
+            raise _Stop
+
+    handles = [model.get_submodule(b).register_forward_pre_hook(hook, with_kwargs=True) for b in blocks]
+    try:
+        with torch.no_grad():
+            forward(model, x)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def _hidden_of(call: Call) -> torch.Tensor | None:
+    args, kwargs = call
+    h = args[0] if args else kwargs.get("hidden_states")
+    return h if isinstance(h, torch.Tensor) else None
+
+
+@torch.no_grad()
+def _chain_bytes(model: nn.Module, blocks: list[str], x: Inputs) -> int | None:
+    """Bytes per example of the largest hidden state between the blocks when the chain holds on
+    ``x`` (block i's output is block i+1's input), else None."""
+    calls = _block_calls(model, blocks, x, stop_at_first=False)
+    hidden = [_hidden_of(c) for c in calls]
+    if len(calls) != len(blocks) or any(h is None for h in hidden):
+        return None  # a block called twice or not at all, or no hidden-state argument to feed
+    for i in range(len(blocks) - 1):
+        args, kwargs = calls[i]
+        out = _hidden(model.get_submodule(blocks[i])(*args, **kwargs))
+        nxt = hidden[i + 1]
+        if not isinstance(out, torch.Tensor) or nxt is None or out.shape != nxt.shape:
+            return None
+        if not torch.allclose(out, nxt, rtol=1e-4, atol=1e-5 * float(nxt.abs().max())):
+            return None
+    return max(h.numel() * h.element_size() for h in hidden if h is not None) // max(batch_len(x), 1)
+
+
+def _caller(block: nn.Module, call: Call) -> Callable[[], object]:
+    return lambda: block(*call[0], **call[1])
+
+
+def _listed(zs: list[torch.Tensor], hs: list[torch.Tensor]) -> Source:
+    return lambda: zip(zs, hs, strict=True)
+
+
+@torch.no_grad()
+def _dense_block_pass(
+    dblock: nn.Module, block: str, layers: list[str], calls: list[Call]
+) -> tuple[dict[str, list[torch.Tensor]], list[Call]]:
+    """The dense inputs of every layer of the block (the first call in each batch), and the next
+    block's calls, from one pass over the batches."""
+    z: dict[str, list[torch.Tensor]] = {f: [] for f in layers}
+    batch = [0]
+
+    def recorder(f: str):
+        def hook(_m, args):
+            if len(z[f]) == batch[0]:
+                z[f].append(args[0].detach())
+
+        return hook
+
+    hooks = [dblock.get_submodule(f[len(block) + 1 :]).register_forward_pre_hook(recorder(f)) for f in layers]
+    nxt: list[Call] = []
+    try:
+        for i, c in enumerate(calls):
+            batch[0] = i
+            nxt.append(_with_hidden(c, _hidden(dblock(*c[0], **c[1]))))
+    finally:
+        for h in hooks:
+            h.remove()
+    missing = [f for f in layers if len(z[f]) != len(calls)]
+    if missing:
+        raise RankdownError(f"layer {missing[0]!r} was not called in a forward pass of its block")
+    return z, nxt
+
+
+def _blockwise(
+    dense: nn.Module, compressed: nn.Module, blocks: list[str], order: list[str], inputs: Inputs, config
+) -> dict[str, dict]:
+    bs = config.batch_size
+    starts = list(range(0, batch_len(inputs), bs))
+    n = len(starts)
+    dense_calls = [_block_calls(dense, blocks, batch_slice(inputs, i, i + bs), True)[0] for i in starts]
+    comp_h = [_hidden_of(_block_calls(compressed, blocks, batch_slice(inputs, i, i + bs), True)[0]) for i in starts]
+    results: dict[str, dict] = {}
+    bar = progress(blocks, total=len(blocks), desc=f"calibrate ({config.mode}, block by block)")
+    for block in bar:
+        dblock, cblock = dense.get_submodule(block), compressed.get_submodule(block)
+        layers = [f for f in order if f == block or f.startswith(block + ".")]
+        comp_calls = [_with_hidden(c, h) for c, h in zip(dense_calls, comp_h, strict=True)]  # type: ignore[arg-type]
+        z, next_dense = _dense_block_pass(dblock, block, layers, dense_calls)
+        for f in layers:
+            module = compressed.get_submodule(f)
+            if type(module) is type(dense.get_submodule(f)):
+                continue  # kept dense
+            rel = f[len(block) + 1 :]  # "": the block is the layer (a plain Sequential of layers)
+            hs = z[f]
+            if config.mode == "joint":
+                hs = [_capture_input(cblock, rel, _caller(cblock, c)) for c in comp_calls]
+            act = following_activation(dense, f) if config.nonlinear else None
+            pairs = _Pairs(dense.get_submodule(f), _listed(z[f], hs), n, config, act)
+            results[f] = _refit(dense, f, module, pairs, config)
+            z[f] = []
+        with torch.no_grad():
+            comp_h = [_hidden(cblock(*c[0], **c[1])) for c in comp_calls]
+        dense_calls = next_dense
+    return results
+
+
 def reconstruct(
     dense: nn.Module,
     compressed: nn.Module,
     fqns: list[str],
-    inputs: torch.Tensor,
+    inputs: Inputs,
     config: CalibrationConfig | None = None,
 ) -> dict[str, dict]:
     """Refit the factorized modules at ``fqns`` of ``compressed`` (in place) to ``dense``'s layer
@@ -483,39 +695,39 @@ def reconstruct(
     config = config or CalibrationConfig()
     if batch_len(inputs) < 1:
         raise RankdownError("data reconstruction needs at least one calibration example")
+    # token sequences: batches by tokens, so that there are batches to hold out (see _holdout)
+    config = replace(config, batch_size=min(config.batch_size, batch_size_for(inputs, config.batch_size)))
     dense.eval()
     compressed.eval()
     order = execution_order(dense, list(fqns), batch_slice(inputs, 0, 1))
+    blocks = _stack(dense, order)
+    if blocks is not None:
+        per_example = _chain_bytes(dense, blocks, batch_slice(inputs, 0, 1))
+        # held: the dense and compressed hidden states and a layer's inputs, for every example
+        if per_example is None or 4 * per_example * batch_len(inputs) > HOLD_MB * 2**20:
+            blocks = None
+    inside = [f for f in order if blocks and any(f == b or f.startswith(b + ".") for b in blocks)]
+    if inside and order.index(inside[-1]) - order.index(inside[0]) + 1 != len(inside):
+        inside = []  # a target outside the stack runs between its blocks: layer by layer
+    before = order[: order.index(inside[0])] if inside else order
+    after = order[order.index(inside[-1]) + 1 :] if inside else []
     results: dict[str, dict] = {}
-    for fqn in progress(order, total=len(order), desc=f"calibrate ({config.mode})"):
-        dense_layer, module = dense.get_submodule(fqn), compressed.get_submodule(fqn)
-        if type(module) is type(dense_layer):
-            continue  # kept dense
-        act = following_activation(dense, fqn) if config.nonlinear else None
-        pairs = _Pairs(dense, compressed, fqn, inputs, config, act)
-        before = _rel_output_error(module, pairs)
-        if config.closed_form and closed_form_applies(dense_layer, module):
-            how = "closed form"
-            _closed_form(dense_layer, module, pairs, config.mode)
-        else:
-            saved = {k: v.clone() for k, v in module.state_dict().items()}
-            how = "last factor by least squares" if _last_factor_least_squares(module, pairs) else ""
-            if _rel_output_error(module, pairs) > before:  # ill-conditioned data: keep the weight fit
-                module.load_state_dict(saved)
-                how = ""
-        if act is not None and config.relu_iters != (0, 0) and _response_fit(dense_layer, module, pairs, config):
-            how = (how + " + " if how else "") + "relu response"
-        if not (config.closed_form and closed_form_applies(dense_layer, module)):
-            if config.epochs:
-                how = (how + " + " if how else "") + "adam"
-                with torch.enable_grad():
-                    _gradient(module, pairs, config, desc=f"refit {fqn}")
-            how = how or "unchanged"
-        balance_factors(module)  # the whitened closed form leaves Σ's scale in one factor
-        results[fqn] = {
-            "how": how,
-            "response": "after " + " → ".join(type(m).__name__ for m in act.modules) if act else "linear",
-            "output_error_before": before,
-            "output_error_after": _rel_output_error(module, pairs),
-        }
+
+    def one_by_one(names: list[str]) -> None:
+        if not names:
+            return
+        for fqn in progress(names, total=len(names), desc=f"calibrate ({config.mode})"):
+            dense_layer, module = dense.get_submodule(fqn), compressed.get_submodule(fqn)
+            if type(module) is type(dense_layer):
+                continue  # kept dense
+            act = following_activation(dense, fqn) if config.nonlinear else None
+            n = math.ceil(batch_len(inputs) / config.batch_size)
+            source = _truncated_source(dense, compressed, fqn, inputs, config)
+            results[fqn] = _refit(dense, fqn, module, _Pairs(dense_layer, source, n, config, act), config)
+
+    one_by_one([f for f in before if f not in inside])
+    if inside:
+        assert blocks is not None
+        results.update(_blockwise(dense, compressed, blocks, inside, inputs, config))
+    one_by_one([f for f in after if f not in inside])
     return results

@@ -1,0 +1,147 @@
+"""Data reconstruction block by block: a stack of repeated blocks is refitted from the blocks'
+held inputs, and gives what the layer-by-layer path (the network re-run up to each layer) gives."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import rankdown.calibrate as cal
+from rankdown import CompressConfig, FixedRank, compress
+
+
+class Block(nn.Module):
+    """A residual MLP block called with a keyword argument besides the hidden state."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, h: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+        out = h + self.down(torch.tanh(self.up(h)))
+        return (out * scale if scale is not None else out), None
+
+
+class Stacked(nn.Module):
+    def __init__(self, d: int = 12, n: int = 3, chained: bool = True) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, d)
+        self.blocks = nn.ModuleList(Block(d) for _ in range(n))
+        self.head = nn.Linear(d, 8)
+        self.chained = chained
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        scale = torch.full((1,), 0.9, dtype=h.dtype)
+        if self.chained:
+            for b in self.blocks:
+                h = b(h, scale=scale)[0]
+        else:  # parallel branches: block i's output is not block i+1's input
+            h = sum(b(h, scale=scale)[0] for b in self.blocks)
+        return self.head(h)
+
+
+def _both_paths(model: nn.Module, x: torch.Tensor, mode: str, monkeypatch) -> tuple[nn.Module, nn.Module, dict]:
+    res = compress(model, CompressConfig("svd", FixedRank(3)), x[:1])
+    names = list(res.plan.layers)
+    config = cal.CalibrationConfig(mode=mode, batch_size=16)
+    blockwise = copy.deepcopy(res.model)
+    seen: list[list[str] | None] = []
+    real = cal._stack
+
+    def spy(*a):
+        seen.append(real(*a))
+        return seen[-1]
+
+    monkeypatch.setattr(cal, "_stack", spy)
+    fitted = cal.reconstruct(model, blockwise, names, x, config)
+    monkeypatch.setattr(cal, "_stack", lambda *a: None)
+    layerwise = copy.deepcopy(res.model)
+    cal.reconstruct(model, layerwise, names, x, config)
+    assert seen and seen[0] is not None
+    return blockwise, layerwise, fitted
+
+
+@pytest.mark.parametrize("mode", ["data", "joint"])
+def test_blockwise_refit_equals_the_layer_by_layer_refit(mode, monkeypatch):
+    torch.manual_seed(0)
+    model = Stacked().double().eval()
+    x = torch.randn(64, 6, dtype=torch.float64)
+    blockwise, layerwise, fitted = _both_paths(model, x, mode, monkeypatch)
+    assert set(fitted) == {"embed", "head"} | {f"blocks.{i}.{n}" for i in range(3) for n in ("up", "down")}
+    a, b = blockwise.state_dict(), layerwise.state_dict()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-9, atol=1e-12), k
+    assert all(f["output_error_after"] <= f["output_error_before"] + 1e-12 for f in fitted.values())
+
+
+def test_blocks_that_do_not_chain_are_refitted_layer_by_layer(monkeypatch):
+    torch.manual_seed(0)
+    model = Stacked(chained=False).double().eval()
+    x = torch.randn(64, 6, dtype=torch.float64)
+    assert cal._chain_bytes(model, [f"blocks.{i}" for i in range(3)], x[:1]) is None
+    res = compress(model, CompressConfig("svd", FixedRank(3)), x[:1])
+    fitted = cal.reconstruct(model, res.model, list(res.plan.layers), x, cal.CalibrationConfig(mode="joint"))
+    assert len(fitted) == 8
+
+
+def test_hf_llama_blockwise_equals_layer_by_layer(tmp_path, monkeypatch):
+    """Keyword arguments (rotary embeddings, masks) and a KV cache in the real forward: the blocks
+    are re-run without the cache and give the same refit as whole-network passes."""
+    pytest.importorskip("transformers")
+    import hfnets
+    from rankdown.hf import load_model, load_tokenizer
+    from rankdown.text import text_data
+    from rankdown.workload import tied_layers
+
+    folder = hfnets.llama_folder(tmp_path / "llama")
+    (tmp_path / "c.txt").write_text(hfnets.TEXT)
+    spec = f"hf:{folder}"
+    model = load_model(spec).double()
+    x = text_data(tmp_path / "c.txt", load_tokenizer(spec), seq_len=32).inputs(10**6)
+    res = compress(
+        model, CompressConfig("svd", FixedRank(4), skip=tied_layers(model)), {k: v[:1] for k, v in x.items()}
+    )
+    names = list(res.plan.layers)
+    config = cal.CalibrationConfig(mode="joint", batch_size=16)
+    blockwise = copy.deepcopy(res.model)
+    cal.reconstruct(model, blockwise, names, x, config)
+    monkeypatch.setattr(cal, "_stack", lambda *a: None)
+    layerwise = copy.deepcopy(res.model)
+    cal.reconstruct(model, layerwise, names, x, config)
+    a, b = blockwise.state_dict(), layerwise.state_dict()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-9
+
+
+def test_a_plain_sequential_cnn_with_inplace_relus_is_refitted_block_by_block(monkeypatch):
+    """The layers are the blocks (VGG's ``features``); in-place ReLUs must not corrupt the held
+    inputs, and Zhang's response fit through the ReLU gives the same result on both paths."""
+    torch.manual_seed(0)
+    model = (
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Flatten(),
+            nn.Linear(16 * 4 * 4, 10),
+        )
+        .double()
+        .eval()
+    )
+    with torch.no_grad():
+        model[3].running_mean.uniform_(-0.2, 0.2)
+    x = torch.randn(48, 3, 8, 8, dtype=torch.float64)
+    blockwise, layerwise, fitted = _both_paths(model, x, "joint", monkeypatch)
+    assert {"0", "2", "6", "9"} <= set(fitted)
+    assert any("relu response" in f["how"] for f in fitted.values())
+    a, b = blockwise.state_dict(), layerwise.state_dict()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-7, atol=1e-9), k
