@@ -87,20 +87,34 @@ def collect(
         patch: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
         mask: list[torch.Tensor | None] = [None]  # the batch's attention mask, if it has one
+        # Linear layers fed the same tensor (a transformer's q/k/v, gate/up) share one statistic per
+        # batch: held with the tensor, so its id is not reused within the batch
+        shared: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
+
+        def linear_stat(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+            if id(x) not in shared:
+                rows = x
+                if mask[0] is not None and x.shape[:-1] == mask[0].shape:
+                    rows = x[mask[0].bool()]  # padding positions are not data: they must not shape the fit
+                rows = rows.reshape(-1, x.shape[-1]).double()
+                stat = rows.abs().sum(0) if metric == "activation" else rows.T @ rows
+                shared[id(x)] = (x, stat, rows.shape[0])
+            return shared[id(x)][1:]
 
         def hook(m, args, fqn):
-            x = args[0].detach()
-            if isinstance(m, nn.Linear) and mask[0] is not None and x.shape[:-1] == mask[0].shape:
-                x = x[mask[0].bool()]  # padding positions are not data: they must not shape the fit
+            x = args[0].detach() if isinstance(m, nn.Conv2d) else args[0]
+            if isinstance(m, nn.Linear):
+                stat, n = linear_stat(x)
+                grams[fqn] = grams.get(fqn, 0) + stat
+                counts[fqn] = counts.get(fqn, 0) + n
+                return
             rows = _input_rows(m, x).double()
             if metric == "activation":  # sums of |x| per channel; no Gram needed
                 grams[fqn] = grams.get(fqn, 0) + rows.abs().sum(0)
                 counts[fqn] = counts.get(fqn, 0) + rows.shape[0]
                 return
             grams[fqn] = grams.get(fqn, 0) + rows.T @ rows
-            if isinstance(m, nn.Linear) or (
-                isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and not isinstance(m.padding, str)
-            ):
+            if m.padding_mode == "zeros" and not isinstance(m.padding, str):
                 p = patch_rows(m, x).double()
                 patch[fqn] = patch.get(fqn, 0) + p.T @ p
 
@@ -110,7 +124,9 @@ def collect(
                 for i in range(0, batch_len(inputs), batch_size):
                     batch = batch_slice(inputs, i, i + batch_size)
                     mask[0] = batch.get("attention_mask") if isinstance(batch, dict) else None
+                    shared.clear()
                     forward(model, batch)
+                shared.clear()
         finally:
             for h in handles:
                 h.remove()
@@ -120,7 +136,8 @@ def collect(
                 floor = 1e-3 * float(scale.max()) if float(scale.max()) > 0 else 1.0  # dead channels: not 0
                 out[fqn] = LayerMetric(t_in=torch.diag(scale.clamp_min(floor)))
             elif fqn in grams:
-                out[fqn] = LayerMetric(t_in=decompose.shifted_cholesky(grams[fqn]), patch_gram=patch.get(fqn))
+                pg = grams[fqn] if isinstance(mods[fqn], nn.Linear) else patch.get(fqn)  # a Linear's patches: its rows
+                out[fqn] = LayerMetric(t_in=decompose.shifted_cholesky(grams[fqn]), patch_gram=pg)
         return out
     # mahalanobis: squared gradients of the loss against the model's own predictions
     sq = {fqn: torch.zeros_like(m.weight, dtype=torch.float64) for fqn, m in mods.items()}
