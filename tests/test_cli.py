@@ -334,6 +334,8 @@ def test_finetune_train_and_resume_on_data_slice(tmp_path, fake_fashion, has_bun
     assert p.returncode == 0, p.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["finetune"]["history"][0]["epoch"] == 1 and report["finetune"]["config"]["distill"] == 0.5
+    # each stage's seconds, in the order they ran
+    assert list(report["seconds"]) == ["checks and data", "factorization", "fine-tuning", "measurement"]
     p = cli(
         [
             "finetune",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -261,6 +262,7 @@ def run_job(
     With ``allocation`` or ``latency_aware``, ranks come from that planner and ``config.rank`` is
     ignored. ``warn`` receives a warning when the plan is predicted to wreck the model."""
     opts = opts or MeasureOptions()
+    clock = _Stages()
     if out is not None:
         check_output_dir(out, force)  # first, so that minutes of work are not thrown away at the end
     dense = workload.model.eval()
@@ -286,6 +288,7 @@ def run_job(
     if train_steps:
         _trainable(workload.need("train", "--train-data", train_steps[0]), "--train-data")
     example = workload.example
+    clock.lap("checks and data")
     if latency_aware is not None:
         from rankdown.latency import DeviceKey, latency_ranks
 
@@ -306,6 +309,7 @@ def run_job(
             scope=latency_aware.scope,
         )
         config = dataclasses.replace(config, rank=policy)
+        clock.lap("latency plan")
     metrics = None
     if metric != "frobenius":
         from rankdown.metrics import collect
@@ -314,6 +318,7 @@ def run_job(
         metrics = collect(
             dense, select_targets(dense, config).targets, calib_inputs(calib, metric_examples, dense), metric
         )
+        clock.lap("statistics")
     if allocation is not None:
         assert calib is not None
         policy = allocate_ranks(
@@ -329,6 +334,7 @@ def run_job(
             objective=allocation.objective,
         )
         config = dataclasses.replace(config, rank=policy)
+        clock.lap("allocation")
     if progressive is not None:
         from rankdown.progressive import progressive_compress
 
@@ -340,6 +346,7 @@ def run_job(
         result.plan.meta["progressive"] = {"steps_per_layer": progressive.max_steps_per_epoch, "lr": progressive.lr}
     else:
         result = compress(dense, config, example, model_spec=spec, metrics=metrics)
+    clock.lap("progressive fine-tuning" if progressive is not None else "factorization")
     result.plan.meta["metric"] = metric
     if calib is not None:
         result.plan.meta["calibration_data"] = calib.describe()
@@ -348,6 +355,7 @@ def run_job(
     if reconstruction is not None:
         assert calib is not None
         reconstruct_layers(result, dense, calib, reconstruction)
+        clock.lap("reconstruction")
     warning = collapse_warning(dense, result.model, workload)
     if warning and warn is not None:
         warn(warning)
@@ -356,10 +364,12 @@ def run_job(
         q0 = _quality_now(result.model, workload, opts)
         history = finetune_on(result.model, dense, list(result.plan.layers), workload, finetune_config, train_limit)
         ft = _finetune_record(finetune_config, history, q0)
+        clock.lap("fine-tuning")
     # None: the factory's (or the bundled model's) own weights are the original.
     result.plan.meta["source_weights"] = None if weights is None else str(Path(weights).resolve())
     measured = measure(workload, dense, result.model, opts)
     tokens = token_speed_of(workload, dense, result.model, opts)
+    clock.lap("measurement")
     report = build_report(
         result,
         model_spec=spec,
@@ -378,9 +388,23 @@ def run_job(
         report["tokens_per_s"] = tokens
     if ft is not None:
         report["finetune"] = ft
+    report["seconds"] = clock.seconds
     if out is not None:
         save_compressed(out, result.model, result.plan, report, force=force)
     return result, report
+
+
+class _Stages:
+    """Wall-clock seconds of each stage of the job, for the report: what a user would cut first."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + now - self._t, 3)
+        self._t = now
 
 
 def budget_check(budget: Budget, totals: dict, result: CompressResult) -> dict:

@@ -181,6 +181,9 @@ def render(report: dict, console: Console | None = None) -> None:
             d, c = tps["dense"][key], tps["compressed"][key]
             s.add_row(f"tokens/s {label}, {tps['threads']} threads", f"{d:.1f}", f"{c:.1f}", f"×{c / d:.2f}")
     console.print(s)
+    if report.get("seconds"):
+        stages = ", ".join(f"{k} {v:.1f} s" for k, v in report["seconds"].items())
+        console.print(f"time: {stages} (total {sum(report['seconds'].values()):.1f} s)")
     if quality.get("note"):
         console.print(f"note: {quality['note']}")
     if report.get("warning"):
