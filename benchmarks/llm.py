@@ -174,6 +174,71 @@ def speed(args: argparse.Namespace) -> None:
     load(results)
 
 
+# Licence texts besides the evaluation ones (GPL and GFDL are links to GPL-3 and GFDL-1.3)
+CALIB_TEXTS = (
+    *("GPL-1", "GPL-2", "GPL-3", "LGPL-2", "LGPL-2.1", "LGPL-3"),
+    *("GFDL-1.2", "GFDL-1.3", "MPL-1.1", "BSD", "CC0-1.0"),
+)
+
+
+def calibration(args: argparse.Namespace) -> None:
+    """How much calibration text and a joint refit buy at 20 % removed (whitened SVD): GPL-3 alone
+    (the protocol above) against every other licence text, uniform and allocated ranks, then joint
+    data reconstruction (the block-by-block closed form: each matrix refitted to the dense outputs
+    from the inputs the compressed model really gives it, as SVD-LLM's update of the remaining
+    factor does), with the seconds of each stage."""
+    from rankdown.calibrate import CalibrationConfig, reconstruct
+    from rankdown.hf import load_tokenizer
+
+    results = json.loads(OUT.read_text())
+    spec = smollm2_spec()
+    model = build_model(spec)
+    tok = load_tokenizer(spec)
+    study = results.setdefault("calibration_study", {})
+    removed = 0.2
+    with tempfile.TemporaryDirectory() as tmp:
+        ev = text_data(eval_file(Path(tmp)), tok, seq_len=SEQ, max_sequences=args.eval, what="evaluation")
+        every = Path(tmp) / "licences.txt"
+        every.write_text("\n\n".join((LICENSES / n).read_text() for n in CALIB_TEXTS))
+        sets = {"GPL-3": (LICENSES / "GPL-3", 64), "11 licence texts": (every, 1024)}
+        base = CompressConfig("svd", ParamFraction(0.5), skip=tied_layers(model))
+        targets = select_targets(model, base).targets
+        for name, (path, n) in sets.items():
+            if name in study and all(k in study[name] for k in ("uniform", "allocated", "uniform + joint")):
+                continue
+            calib = text_data(path, tok, seq_len=SEQ, max_sequences=n, what="calibration")
+            x = calib.inputs(n)
+            row = study.setdefault(name, {})
+            row["data"] = calib.describe().split("(", 1)[1].rstrip(")")
+            t = time.perf_counter()
+            metrics = collect(model, targets, x, "covariance")
+            row["statistics_s"] = time.perf_counter() - t
+            for alloc in ("uniform", "allocated"):
+                t = time.perf_counter()
+                if alloc == "uniform":
+                    config = dataclasses.replace(base, rank=ParamFraction(1 - removed))
+                else:
+                    config = allocated(model, base, x, removed, metrics)
+                result = compress(model, config, calib.example(), metrics=metrics)
+                fit_s = time.perf_counter() - t
+                ppl = evaluate({"c": result.model}, ev, reference=None, desc=f"{name} {alloc}")["metrics"]
+                row[alloc] = {"perplexity": ppl["perplexity"]["c"], "seconds": fit_s}
+                print(name, alloc, row[alloc], flush=True)
+                load(results)
+                if alloc == "uniform":
+                    t = time.perf_counter()
+                    reconstruct(model, result.model, list(result.plan.layers), x, CalibrationConfig("joint"))
+                    rec_s = time.perf_counter() - t
+                    ppl = evaluate({"c": result.model}, ev, reference=None, desc=f"{name} joint")["metrics"]
+                    row["uniform + joint"] = {"perplexity": ppl["perplexity"]["c"], "seconds": rec_s}
+                    row["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+                    print(name, "joint", row["uniform + joint"], flush=True)
+                    load(results)
+                del result
+    results["calibration_environment"] = environment()
+    load(results)
+
+
 MINILM_REMOVED = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4)
 
 
@@ -302,7 +367,7 @@ def table(_: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["quality", "speed", "minilm", "table"])
+    p.add_argument("stage", choices=["quality", "speed", "minilm", "calibration", "table"])
     p.add_argument("--calib", type=int, default=64, help="calibration sequences of 256 tokens")
     p.add_argument("--eval", type=int, default=16, help="evaluation sequences of 256 tokens")
     p.add_argument("--runs", type=int, default=5)
@@ -310,7 +375,8 @@ def main() -> None:
     p.add_argument("--fresh", action="store_true", help="ignore results already in results/llm.json")
     args = p.parse_args()
     torch.set_num_threads(2)
-    {"quality": quality, "speed": speed, "minilm": minilm, "table": table}[args.stage](args)
+    stages = {"quality": quality, "speed": speed, "minilm": minilm, "calibration": calibration, "table": table}
+    stages[args.stage](args)
 
 
 if __name__ == "__main__":
