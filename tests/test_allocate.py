@@ -210,3 +210,23 @@ def test_sum_objective_is_optimal_on_synthetic_curves():
         got_err = sum(next(o.error for o in curves[n].options if o.rank == r) ** 2 for n, r in got.items())
         assert got_err == pytest.approx(sum(o.error**2 for o in best))
         assert sum(next(o.params for o in curves[n].options if o.rank == r) for n, r in got.items()) <= fraction * 120
+
+
+@pytest.mark.parametrize(
+    "layer, method, example",
+    [
+        (torch.nn.Linear(40, 24), "svd", torch.zeros(1, 7, 40)),
+        (torch.nn.Conv2d(6, 10, 3, padding=1), "channel-svd", torch.zeros(1, 6, 9, 9)),
+        (torch.nn.Conv2d(6, 10, 3, stride=2, bias=False), "channel-svd", torch.zeros(1, 6, 9, 9)),
+    ],
+)
+def test_spectrum_costs_from_two_points_equal_counting_every_rank(layer, method, example):
+    from rankdown.allocate import _costs_linear_in_rank, _grid, candidate_cost
+    from rankdown.methods import get_method
+
+    handler = get_method(method, type(layer))
+    ranks = _grid(handler, layer, 64, 1)
+    assert len(ranks) >= 4
+    assert _costs_linear_in_rank(handler, layer, ranks, example) == [
+        candidate_cost(handler, layer, r, example) for r in ranks
+    ]
