@@ -322,6 +322,28 @@ def table(_: argparse.Namespace) -> None:
             "is not equalising its effect on the loss.",
         ]
         del alo
+    if "calibration_study" in r:
+        st = r["calibration_study"]
+        lines += [
+            "",
+            "More calibration text, and a joint refit (`python benchmarks/llm.py calibration`): whitened SVD at 20 % "
+            "of the block weights removed, calibrated on GPL-3 alone (as above) or on the 11 other licence texts "
+            f"({', '.join(CALIB_TEXTS)}; never the evaluation texts); then joint data reconstruction of the uniform "
+            "plan on the same text (`--reconstruct joint`: each matrix refitted, block by block, to the dense "
+            "outputs from the inputs the compressed model gives it: SVD-LLM's update of the remaining factor, "
+            "generalised). Perplexity on the evaluation texts above; seconds on 2 cores.",
+            "",
+            "| calibration | statistics s | uniform | allocated | uniform + joint refit (s) |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for name, row in st.items():
+            joint = row.get("uniform + joint")
+            cells = [f"{row[k]['perplexity']:.1f}" if k in row else "-" for k in ("uniform", "allocated")]
+            lines.append(
+                f"| {name} ({row['data']}) | {row['statistics_s']:.0f} | {cells[0]} | {cells[1]} | "
+                + (f"{joint['perplexity']:.1f} ({joint['seconds']:.0f} s)" if joint else "-")
+                + " |"
+            )
     if "speed" in r:
         lines += [
             "",

@@ -190,6 +190,27 @@ def reading(rows: list[dict], dense: float) -> str:
         f"did not make this small 28×28 network faster at batch 1 on this CPU: the measured speedups "
         f"range from ×{min(speeds):.2f} to ×{max(speeds):.2f}, about the timing noise here. For speed, "
         f"plan by measured time (`--latency-aware`), which leaves a layer dense where nothing is faster."
+        + mixed_reading(by)
+    )
+
+
+def mixed_reading(by: dict) -> str:
+    targets = sorted(t for t, kind in by if kind == "mixed")
+    if not targets:
+        return ""
+    m = [by[(t, "mixed")] for t in targets]
+    g = [by[(t, "global")] for t in targets]
+    stages = lambda r: ", ".join(f"{k} {v:.0f} s" for k, v in (r.get("stage_seconds") or {}).items())  # noqa: E731
+    return (
+        " Allocating over method × rank (Tucker-2, channel SVD, separable) and refitting each layer to the "
+        "dense outputs on 256 of the user's images (joint reconstruction) keeps "
+        + ", ".join(f"{100 * r['top1']:.1f}%" for r in m)
+        + f" before fine-tuning at {', '.join(f'{t:g}×' for t in targets)}, against "
+        + ", ".join(f"{100 * r['top1']:.1f}%" for r in g)
+        + " for the Tucker-2 budget; the whole compress took "
+        + ", ".join(f"{r['compress_seconds']:.0f}" for r in m)
+        + " s "
+        f"(at {targets[-1]:g}×: {stages(m[-1])})."
     )
 
 
@@ -227,10 +248,12 @@ else is the CLI as a user runs it:
 --grayscale --mean 0.2860 --std 0.3530 ...`, then `rankdown finetune OUT --train-data train/
 --epochs 1 --lr 5e-4`. Uniform: Tucker-2 at the target's MAC fraction in every layer, no data.
 Global budget: `--speedup T` spent by model-level sensitivity measured on 256 of the user's
-training images. The conv on raw pixels stays dense by default. Speedup: batch 1, against the
-dense model in its fastest layout, guarded timings, measured twice for the same plan (after
-compress, and after fine-tuning, which does not change the structure): the two differ by the
-noise of this shared machine, so read them as a range.
+training images. Mixed + joint refit: `--speedup T --methods tucker2,channel-svd,separable
+--calibration 256 --reconstruct joint`, the budget spent over method × rank per layer, then each
+layer refitted to the dense outputs on those images. The conv on raw pixels stays dense by
+default. Speedup: batch 1, against the dense model in its fastest layout, guarded timings,
+measured twice for the same plan (after compress, and after fine-tuning, which does not change
+the structure): the two differ by the noise of this shared machine, so read them as a range.
 
 {chr(10).join(lines)}
 
