@@ -148,9 +148,13 @@ def test_cli_compress_eval_and_generate_after_loading(llama, texts, tmp_path, ca
     args = ["compress", "--model", f"hf:{llama}", "--calib-data", f"text:{texts[0]}", "--eval-data"]
     args += [f"text:{texts[1]}", "--seq-len", "32", "--method", "svd", "--metric", "covariance"]
     args += ["--target-params", "0.7", "--budget-scope", "layers", "--sensitivity", "spectrum"]
+    args += ["--calibration", "24", "--reconstruct", "joint"]
     code, out, err = in_process([*args, "--out", "out", *FAST], capsys, tmp_path)
     assert code == 0, err
     report = json.loads((tmp_path / "out" / "report.json").read_text())
+    fitted = [r["info"]["calibration"] for r in report["layers"] if r["method"]]
+    assert len(fitted) >= 10 and all(f["how"] == "closed form" for f in fitted)  # block by block
+    assert {"statistics", "allocation", "factorization", "reconstruction"} <= set(report["seconds"])
     q = report["quality"]["metrics"]
     assert {"perplexity", "top1_agreement", "kl_to_dense", "tokens_scored"} <= set(q)
     assert report["budget"]["scope"] == "layers" and report["budget"]["delivered_fraction"] <= 0.72
