@@ -88,6 +88,7 @@ def test_blocks_that_do_not_chain_are_refitted_layer_by_layer(monkeypatch):
     assert len(fitted) == 8
 
 
+@pytest.mark.slow
 def test_hf_llama_blockwise_equals_layer_by_layer(tmp_path, monkeypatch):
     """Keyword arguments (rotary embeddings, masks) and a KV cache in the real forward: the blocks
     are re-run without the cache and give the same refit as whole-network passes."""
