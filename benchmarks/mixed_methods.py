@@ -4,7 +4,7 @@ same budget; layer-level sensitivity on 256 training images, no fine-tuning; tes
 2,000 test images, delivered MAC reduction, and the seconds the whole compression took; then the
 mixed plan after joint data reconstruction on the same 256 images, and the seconds in all.
 
-    python benchmarks/mixed_methods.py [--from-json]
+    python benchmarks/mixed_methods.py [--model fashion-vgg|charnet] [--from-json]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from common import load_or_run, test_accuracy, write_section
 from rankdown import CompressConfig, ParamFraction, build_model, compress
 from rankdown.allocate import Budget
 from rankdown.api import allocate_ranks
-from rankdown.bench import environment
+from rankdown.bench import environment, model_cost
 from rankdown.calibrate import CalibrationConfig, reconstruct
 from rankdown.data import load_fashion_mnist
 
@@ -32,18 +32,33 @@ METHODS = ["tucker2", "channel-svd", "separable"]
 SKIP = ("features.0", "classifier.5")
 
 
-def run() -> dict:
+# the bundled models: where the budget is spent, and the data
+MODELS = {
+    "fashion-vgg": {"skip": SKIP, "layers": None, "title": "bundled Fashion-MNIST VGG"},
+    "charnet": {"skip": (), "layers": ("conv2", "conv3"), "title": "bundled CharNet, conv2 + conv3"},
+}
+
+
+def data(name: str):
+    if name == "charnet":
+        from rankdown.chars import load_chars
+
+        return load_chars("train", limit=4096), load_chars("test", limit=2000)
+    return load_fashion_mnist("train", limit=4096), load_fashion_mnist("test", limit=2000)
+
+
+def run(name: str = "fashion-vgg") -> dict:
     torch.set_num_threads(2)
-    train = load_fashion_mnist("train", limit=4096)
-    test = load_fashion_mnist("test", limit=2000)
+    train, test = data(name)
     calib = train.images[torch.randperm(len(train.images), generator=torch.Generator().manual_seed(0))[:256]]
-    dense = build_model("fashion-vgg").eval()
-    out: dict = {"environment": environment(), "dense": test_accuracy(dense, test), "runs": {}}
+    dense = build_model(name).eval()
+    where = MODELS[name]
+    out: dict = {"environment": environment(), "dense": test_accuracy(dense, test), "runs": {}, "model": name}
     with tempfile.TemporaryDirectory() as cache:
         for speedup in (2.0, 3.0, 4.0):
             for methods in [[m] for m in METHODS] + [METHODS]:
                 label = "+".join(methods) if len(methods) > 1 else methods[0]
-                base = CompressConfig(methods[0], ParamFraction(0.5), skip=SKIP)
+                base = CompressConfig(methods[0], ParamFraction(0.5), skip=where["skip"], layers=where["layers"])
                 t = time.perf_counter()
                 policy = allocate_ranks(
                     dense, base, calib, Budget(speedup=speedup), criterion="layer", cache_dir=cache,
@@ -53,7 +68,7 @@ def run() -> dict:
                 seconds = time.perf_counter() - t
                 out["runs"][f"{label}|{speedup}"] = {
                     "top1": test_accuracy(result.model, test),
-                    "macs_reduction": result.before.macs / result.after.macs,
+                    "macs_reduction": model_cost(dense, calib[:1]).macs / model_cost(result.model, calib[:1]).macs,
                     "seconds": seconds,
                     "methods": sorted({r.method for r in result.layers if r.method}),
                     "source": policy.source,
@@ -71,11 +86,13 @@ def run() -> dict:
 
 def table(r: dict) -> None:
     env = r["environment"]
+    name = r.get("model", "fashion-vgg")
     labels = [*METHODS, "+".join(METHODS)]
+    flag = "" if name == "fashion-vgg" else f" --model {name}"
     lines = [
-        "## Mixed methods under one budget (bundled Fashion-MNIST VGG)",
+        f"## Mixed methods under one budget ({MODELS[name]['title']})",
         "",
-        f"`python benchmarks/mixed_methods.py` ({env['cpu']}, torch {env['torch']}, 2 threads). Global MAC "
+        f"`python benchmarks/mixed_methods.py{flag}` ({env['cpu']}, torch {env['torch']}, 2 threads). Global MAC "
         "budget, layer-level sensitivity on 256 training images, no fine-tuning; top-1 on 2,000 test images "
         f"(dense {100 * r['dense']:.2f}%), delivered MAC reduction, seconds for the whole compression "
         "(sweep, allocation, factorization: the ×2 runs include the sensitivity sweeps, the ×3 and ×4 runs "
@@ -103,11 +120,13 @@ def table(r: dict) -> None:
         rec_s = rec["seconds"] + rec["reconstructed"]["seconds"]
         cells.append(f"{100 * rec['reconstructed']['top1']:.2f}% ({rec_s:.0f} s in all)")
         lines.append(f"| ×{speedup:g} | " + " | ".join(cells) + " |")
-    write_section(DOCS, "mixed", "\n".join(lines))
+    write_section(DOCS, "mixed" if name == "fashion-vgg" else f"mixed_{name}", "\n".join(lines))
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--from-json", action="store_true")
+    ap.add_argument("--model", choices=list(MODELS), default="fashion-vgg")
     a = ap.parse_args()
-    table(load_or_run(OUT, a.from_json, run))
+    out = OUT if a.model == "fashion-vgg" else OUT.with_name(f"mixed_methods_{a.model}.json")
+    table(load_or_run(out, a.from_json, lambda: run(a.model)))
