@@ -256,9 +256,8 @@ def _costs_linear_in_rank(method: Method, module: nn.Module, ranks: list, exampl
     line; where it does not hold, every rank is counted."""
     if len(ranks) < 4:
         return [candidate_cost(method, module, r, example) for r in ranks]
-    (r0, r1, r2), c = (int(ranks[0]), int(ranks[-1]), int(ranks[len(ranks) // 2])), {}
-    for r in (r0, r1, r2):
-        c[r] = candidate_cost(method, module, ranks[[int(x) for x in ranks].index(r)], example)
+    r0, r1, r2 = int(ranks[0]), int(ranks[-1]), int(ranks[len(ranks) // 2])
+    c = {r: candidate_cost(method, module, r, example) for r in (r0, r1, r2)}
 
     def line(field: str, r: int) -> int:
         a, b = getattr(c[r0], field), getattr(c[r1], field)

@@ -175,9 +175,9 @@ class _Pairs:
             self.cache = list(self._compute())
 
     def zh(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(dense input, compressed input) batches (the same tensor twice in ``data`` mode)."""
-        for z, h in self.source():
-            yield z, (z if self.config.mode == "data" else h)
+        """(dense input, compressed input) batches (the same tensor twice in ``data`` mode: the
+        sources give that)."""
+        return self.source()
 
     def _compute(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for z, h in self.zh():
@@ -486,6 +486,11 @@ def _gradient(module: nn.Module, pairs: _Pairs, config: CalibrationConfig, desc:
         module.load_state_dict(best[1])
 
 
+def _kept_dense(dense: nn.Module, module: nn.Module, fqn: str) -> bool:
+    """The plan left this layer dense: nothing to refit."""
+    return type(module) is type(dense.get_submodule(fqn))
+
+
 def _refit(dense: nn.Module, fqn: str, module: nn.Module, pairs: _Pairs, config: CalibrationConfig) -> dict:
     """Refit one factorized module to its dense layer on ``pairs``; returns what was done."""
     dense_layer = dense.get_submodule(fqn)
@@ -667,8 +672,8 @@ def _blockwise(
         z, next_dense = _dense_block_pass(dblock, block, layers, dense_calls)
         for f in layers:
             module = compressed.get_submodule(f)
-            if type(module) is type(dense.get_submodule(f)):
-                continue  # kept dense
+            if _kept_dense(dense, module, f):
+                continue
             rel = f[len(block) + 1 :]  # "": the block is the layer (a plain Sequential of layers)
             hs = z[f]
             if config.mode == "joint":
@@ -718,8 +723,8 @@ def reconstruct(
             return
         for fqn in progress(names, total=len(names), desc=f"calibrate ({config.mode})"):
             dense_layer, module = dense.get_submodule(fqn), compressed.get_submodule(fqn)
-            if type(module) is type(dense_layer):
-                continue  # kept dense
+            if _kept_dense(dense, module, fqn):
+                continue
             act = following_activation(dense, fqn) if config.nonlinear else None
             n = math.ceil(batch_len(inputs) / config.batch_size)
             source = _truncated_source(dense, compressed, fqn, inputs, config)

@@ -102,7 +102,7 @@ def collect(
             return shared[id(x)][1:]
 
         def hook(m, args, fqn):
-            x = args[0].detach() if isinstance(m, nn.Conv2d) else args[0]
+            x = args[0]  # not detached (a new object): q/k/v share their statistic by the input's id
             if isinstance(m, nn.Linear):
                 stat, n = linear_stat(x)
                 grams[fqn] = grams.get(fqn, 0) + stat
