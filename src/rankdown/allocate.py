@@ -31,8 +31,9 @@ from rankdown.methods import Method, Rank
 from rankdown.probe import batch_len, batch_size_for, batch_slice, forward, primary_output
 from rankdown.progress import progress
 from rankdown.rank import Choice, candidate_cost
+from rankdown.replay import Suffix
 from rankdown.storage import atomic_write_text, default_cache_dir
-from rankdown.surgery import get_module, swapped, weight_of
+from rankdown.surgery import get_module, weight_of
 
 
 @dataclass(frozen=True)
@@ -157,10 +158,11 @@ def sensitivity(
 
         handles.append(get_module(model, fqn).register_forward_pre_hook(hook))
     try:
-        reference = _outputs(model, calib)
+        _outputs(model, calib)  # for the hooks: every layer's inputs
     finally:
         for h in handles:
             h.remove()
+    suffix = Suffix(model, calib, list(targets)) if criterion == "model" else None
     inputs = {fqn: torch.cat(p) for fqn, p in parts.items() if p}
     per_example = {k: v[:1].to("meta") for k, v in inputs.items()}
     macs = count_macs(model, example)
@@ -183,8 +185,8 @@ def sensitivity(
                     assert dense_out is not None
                     err = relative_error(fact.module(inputs[fqn]), dense_out)
                 else:
-                    with swapped(model, fqn, fact.module):
-                        err = relative_error(_outputs(model, calib), reference)
+                    assert suffix is not None
+                    err = relative_error(suffix.outputs(fqn, fact.module), suffix.reference)
             curve.options.append(Option(rank, cost.params, cost.macs, err))
         curve.options.append(Option(None, dense_cost.params, dense_cost.macs, 0.0))
         curves[fqn] = curve

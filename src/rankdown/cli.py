@@ -507,8 +507,9 @@ def main() -> None:
     type=click.IntRange(min=1),
     default=None,
     help="Calibration examples (bundled models: training images). Given, the factorized layers are "
-    "refitted to the dense layers' outputs on them (see --reconstruct); also the examples for "
-    "sensitivity sweeps (default 256) and latency-aware error budgets (default 64).",
+    "refitted to the dense layers' outputs on them (see --reconstruct). Sensitivity sweeps and "
+    "latency-aware error budgets use at most 64 of them (default 64): each candidate costs a pass over "
+    "them, and the plans they give were as accurate as with 256 (docs/benchmarks.md).",
 )
 @click.option(
     "--reconstruct",
@@ -710,7 +711,7 @@ def compress(
     else:
         policy = ParamFraction(params_fraction if params_fraction is not None else 0.5)
     config = CompressConfig(method, policy, tuple(layers) or None, tuple(skip))
-    from rankdown.pipeline import LatencyOptions
+    from rankdown.pipeline import SWEEP_EXAMPLES, LatencyOptions
 
     if latency_aware and (given or target_macs or target_params or speedup):
         raise click.UsageError("--latency-aware chooses ranks itself: give no other rank policy or budget")
@@ -744,7 +745,7 @@ def compress(
         allocation = AllocationOptions(
             budget,
             sensitivity,
-            calibration or 256,
+            min(calibration or SWEEP_EXAMPLES, SWEEP_EXAMPLES),
             round_to,
             cache_dir,
             methods=list(method_list) if _given("method_list") else None,
@@ -800,7 +801,7 @@ def compress(
             latency_batch,
             criterion=sensitivity if _given("sensitivity") else "layer",
             scope=error_scope,
-            calibration=min(calibration or 64, 64),
+            calibration=min(calibration or SWEEP_EXAMPLES, SWEEP_EXAMPLES),
             cache_dir=cache_dir,
         )
         if latency_aware

@@ -18,15 +18,16 @@ import torch
 from torch import nn
 
 from rankdown import __version__
-from rankdown.allocate import _outputs, relative_error
+from rankdown.allocate import relative_error
 from rankdown.bench import measure_latency
 from rankdown.errors import RankdownError
 from rankdown.methods import METHODS, Method, Rank
 from rankdown.probe import batch_slice, forward
 from rankdown.progress import progress
 from rankdown.rank import Choice
+from rankdown.replay import Suffix
 from rankdown.storage import default_cache_dir
-from rankdown.surgery import get_module, swapped
+from rankdown.surgery import get_module
 
 
 @dataclass(frozen=True)
@@ -235,7 +236,7 @@ def layer_options(
         if calibration is None:
             raise RankdownError("criterion='model' needs the calibration batch")
         model = model.eval()
-        reference = _outputs(model, calibration)
+        suffix = Suffix(model, calibration, targets)
     out: dict[str, LayerOptions] = {}
     for fqn in progress(targets, total=len(targets), desc="latency candidates"):
         module = get_module(model, fqn)
@@ -260,8 +261,7 @@ def layer_options(
                     if criterion == "layer":
                         err = relative_error(fact.module(x), ref)
                     else:
-                        with swapped(model, fqn, fact.module):
-                            err = relative_error(_outputs(model, calibration), reference)
+                        err = relative_error(suffix.outputs(fqn, fact.module), suffix.reference)
                 macs = sum(count_macs(fact.module, x[:1]).values())
                 ms = table.time(_clone(fact.module), in_shape)
                 opts.candidates.append(Candidate(name, rank, ms, err, macs))

@@ -50,11 +50,16 @@ class MeasureOptions:
     measure_latency: bool = True
 
 
+# Examples a sensitivity sweep or a latency-aware error budget runs on: each candidate costs a pass
+# over them, and on the user-model benchmark plans swept on 64 were as accurate as on 256.
+SWEEP_EXAMPLES = 64
+
+
 @dataclass
 class AllocationOptions:
     budget: Budget
     criterion: str = "model"
-    calibration: int = 256  # examples
+    calibration: int = SWEEP_EXAMPLES
     round_to: int = 1
     cache_dir: str | None = None
     methods: list[str] | None = None  # allocate over method × rank per layer
@@ -76,7 +81,7 @@ class LatencyOptions:
     methods: list[str] = dataclasses.field(default_factory=lambda: ["tucker2", "channel-svd", "separable", "cp", "svd"])
     batch: int = 1
     channels_last: bool = False
-    calibration: int = 64
+    calibration: int = SWEEP_EXAMPLES
     cache_dir: str | None = None
     criterion: str = "layer"  # whose output max_error is measured on: the layer's own, or the model's
     scope: str = "each"  # max_error bounds each layer's error, or their sum
