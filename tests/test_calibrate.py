@@ -49,19 +49,20 @@ def _both_paths(model: nn.Module, x: torch.Tensor, mode: str, monkeypatch) -> tu
     names = list(res.plan.layers)
     config = cal.CalibrationConfig(mode=mode, batch_size=16)
     blockwise = copy.deepcopy(res.model)
-    seen: list[list[str] | None] = []
-    real = cal._stack
+    used: list[list[str]] = []
+    real = cal._blockwise
 
-    def spy(*a):
-        seen.append(real(*a))
-        return seen[-1]
+    def spy(dense, compressed, blocks, *a):
+        used.append(blocks)
+        return real(dense, compressed, blocks, *a)
 
-    monkeypatch.setattr(cal, "_stack", spy)
+    monkeypatch.setattr(cal, "_blockwise", spy)
     fitted = cal.reconstruct(model, blockwise, names, x, config)
-    monkeypatch.setattr(cal, "_stack", lambda *a: None)
+    monkeypatch.setattr(cal, "_stacks", lambda *a: [])
     layerwise = copy.deepcopy(res.model)
     cal.reconstruct(model, layerwise, names, x, config)
-    assert seen and seen[0] is not None
+    assert used, "the block path did not run"
+    fitted["_blocks"] = used[0]  # type: ignore[assignment]
     return blockwise, layerwise, fitted
 
 
@@ -71,6 +72,7 @@ def test_blockwise_refit_equals_the_layer_by_layer_refit(mode, monkeypatch):
     model = Stacked().double().eval()
     x = torch.randn(64, 6, dtype=torch.float64)
     blockwise, layerwise, fitted = _both_paths(model, x, mode, monkeypatch)
+    assert fitted.pop("_blocks") == [f"blocks.{i}" for i in range(3)]
     assert set(fitted) == {"embed", "head"} | {f"blocks.{i}.{n}" for i in range(3) for n in ("up", "down")}
     a, b = blockwise.state_dict(), layerwise.state_dict()
     for k in a:
@@ -110,7 +112,7 @@ def test_hf_llama_blockwise_equals_layer_by_layer(tmp_path, monkeypatch):
     config = cal.CalibrationConfig(mode="joint", batch_size=16)
     blockwise = copy.deepcopy(res.model)
     cal.reconstruct(model, blockwise, names, x, config)
-    monkeypatch.setattr(cal, "_stack", lambda *a: None)
+    monkeypatch.setattr(cal, "_stacks", lambda *a: [])
     layerwise = copy.deepcopy(res.model)
     cal.reconstruct(model, layerwise, names, x, config)
     a, b = blockwise.state_dict(), layerwise.state_dict()
@@ -141,8 +143,52 @@ def test_a_plain_sequential_cnn_with_inplace_relus_is_refitted_block_by_block(mo
         model[3].running_mean.uniform_(-0.2, 0.2)
     x = torch.randn(48, 3, 8, 8, dtype=torch.float64)
     blockwise, layerwise, fitted = _both_paths(model, x, "joint", monkeypatch)
+    fitted.pop("_blocks")
     assert {"0", "2", "6", "9"} <= set(fitted)
     assert any("relu response" in f["how"] for f in fitted.values())
+    a, b = blockwise.state_dict(), layerwise.state_dict()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-7, atol=1e-9), k
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.bn = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv2(torch.relu(self.bn(self.conv1(x)))) + x)
+
+
+class StemStagesHead(nn.Module):
+    """A network whose own forward chains its children (no container says so); with ``skip`` its
+    head also reads the stem's output, so its children do not chain, but its stage still does."""
+
+    def __init__(self, skip: bool) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU())
+        self.stage = nn.Sequential(ResBlock(6), ResBlock(6))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5))
+        self.skip = skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.stem(x)
+        y = self.stage(s)
+        return self.head(y + s if self.skip else y)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_network_that_chains_its_own_children_is_refitted_stage_by_stage(skip, monkeypatch):
+    torch.manual_seed(0)
+    model = StemStagesHead(skip).double().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+    x = torch.randn(48, 3, 8, 8, dtype=torch.float64)
+    blockwise, layerwise, fitted = _both_paths(model, x, "joint", monkeypatch)
+    assert fitted.pop("_blocks") == (["stage.0", "stage.1"] if skip else ["stem", "stage", "head"])
     a, b = blockwise.state_dict(), layerwise.state_dict()
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-7, atol=1e-9), k

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -235,12 +236,17 @@ def allocate_ranks(
     metrics: dict | None = None,
     methods: list[str] | None = None,
     objective: str = "max",
+    refit: Callable[[nn.Module, list[str]], object] | None = None,
 ) -> LayerRanks:
     """Spend one whole-model ``budget`` across the layers ``config`` selects (see rankdown.allocate).
     ``criterion`` "spectrum" takes each layer's error curve in closed form from its (``metrics``-
     weighted) singular values instead of a sweep (truncated-SVD methods only). With ``methods``,
     each layer's options are every (method, rank) those methods offer it, under the same error
-    criterion, so the plan takes the best form for each layer (the ranks are then Choices).
+    criterion, so the plan takes the best form for each layer (the ranks are then Choices). The
+    mixed plan is then checked against each single-method plan on ``calibration``, each first
+    passed through ``refit`` (model, factorized layers) when given: the data reconstruction that
+    will follow, so that the check compares what the user will get (channel SVD loses most before a
+    refit and gains most from it).
 
     Returns a LayerRanks policy: ``compress(model, replace(config, rank=policy), ...)`` applies it.
     """
@@ -322,10 +328,13 @@ def allocate_ranks(
     errors = {}
     for label, ranks in candidates.items():
         trial = compress(model, dataclasses.replace(config, rank=LayerRanks(ranks, "trial")), example)
+        if refit is not None:
+            refit(trial.model, list(trial.plan.layers))
         errors[label] = relative_error(_outputs(trial.model, calibration), reference)
     best = min(errors, key=lambda k: (errors[k], k != "mixed"))
     detail = ", ".join(f"{k} {v:.4f}" for k, v in errors.items())
-    return LayerRanks(candidates[best], source=f"{source}; calibration error {detail}: took {best}")
+    after = " after a refit" if refit is not None else ""
+    return LayerRanks(candidates[best], source=f"{source}; calibration error{after} {detail}: took {best}")
 
 
 def _tag(name: str, rank: Rank | Choice | None) -> Rank | Choice | None:

@@ -534,16 +534,20 @@ def _refit(dense: nn.Module, fqn: str, module: nn.Module, pairs: _Pairs, config:
 HOLD_MB = 2048  # above this, the blocks' inputs are not held: layer by layer, streaming
 
 
-def _stack(model: nn.Module, fqns: list[str]) -> list[str] | None:
-    """The children of the ModuleList/Sequential that holds targets in the most of its children."""
-    best: tuple[int, list[str]] | None = None
+def _stacks(model: nn.Module, fqns: list[str]) -> list[list[str]]:
+    """Candidate stacks, those covering the most targets first (then those with the most blocks
+    holding one): the children of any module (a ModuleList or Sequential, or a network whose own
+    forward chains its stem, stages and head) when at least two of them hold targets. Whether the
+    children really chain is checked by the caller."""
+    found: list[tuple[int, int, list[str]]] = []
     for name, m in model.named_modules():
-        if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) >= 2:
-            kids = [f"{name}.{k}" if name else k for k in m._modules]
-            holding = sum(any(f == kid or f.startswith(kid + ".") for f in fqns) for kid in kids)
-            if holding >= 2 and (best is None or holding > best[0]):
-                best = (holding, kids)
-    return best[1] if best else None
+        kids = [f"{name}.{k}" if name else k for k in m._modules]
+        if len(kids) >= 2:
+            inside = [sum(f == kid or f.startswith(kid + ".") for f in fqns) for kid in kids]
+            holding = sum(n > 0 for n in inside)
+            if holding >= 2:
+                found.append((sum(inside), holding, kids))
+    return [kids for *_, kids in sorted(found, key=lambda t: (-t[0], -t[1]))]
 
 
 Call = tuple[tuple, dict]  # a block's positional and keyword arguments
@@ -607,7 +611,10 @@ def _chain_bytes(model: nn.Module, blocks: list[str], x: Inputs) -> int | None:
         return None  # a block called twice or not at all, or no hidden-state argument to feed
     for i in range(len(blocks) - 1):
         args, kwargs = calls[i]
-        out = _hidden(model.get_submodule(blocks[i])(*args, **kwargs))
+        try:
+            out = _hidden(model.get_submodule(blocks[i])(*args, **kwargs))
+        except Exception:  # calls in another order than the blocks are listed: no chain
+            return None
         nxt = hidden[i + 1]
         if not isinstance(out, torch.Tensor) or nxt is None or out.shape != nxt.shape:
             return None
@@ -705,12 +712,13 @@ def reconstruct(
     dense.eval()
     compressed.eval()
     order = execution_order(dense, list(fqns), batch_slice(inputs, 0, 1))
-    blocks = _stack(dense, order)
-    if blocks is not None:
-        per_example = _chain_bytes(dense, blocks, batch_slice(inputs, 0, 1))
+    blocks = None
+    for candidate in _stacks(dense, order):
+        per_example = _chain_bytes(dense, candidate, batch_slice(inputs, 0, 1))
         # held: the dense and compressed hidden states and a layer's inputs, for every example
-        if per_example is None or 4 * per_example * batch_len(inputs) > HOLD_MB * 2**20:
-            blocks = None
+        if per_example is not None and 4 * per_example * batch_len(inputs) <= HOLD_MB * 2**20:
+            blocks = candidate
+            break
     inside = [f for f in order if blocks and any(f == b or f.startswith(b + ".") for b in blocks)]
     if inside and order.index(inside[-1]) - order.index(inside[0]) + 1 != len(inside):
         inside = []  # a target outside the stack runs between its blocks: layer by layer

@@ -112,6 +112,22 @@ def reconstruct_layers(result: CompressResult, dense: nn.Module, calib: Data, op
     return fitted
 
 
+def _quick_refit(
+    dense: nn.Module, calib: Data, opts: ReconstructionOptions | None
+) -> Callable[[nn.Module, list[str]], object] | None:
+    """The reconstruction a mixed plan's candidates get before they are compared: the one asked
+    for, without its Adam epochs and ReLU-response iterations (seconds, not tens of), on up to
+    2 × SWEEP_EXAMPLES of a second draw of the calibration data (seed 1), so that the comparison
+    on the sweep's examples (seed 0) is mostly out of sample."""
+    if opts is None:
+        return None
+    from rankdown.calibrate import reconstruct
+
+    pool = to_model(calib.inputs(min(opts.examples, 2 * SWEEP_EXAMPLES), seed=1), dense)
+    quick = dataclasses.replace(opts.config, epochs=0, relu_iters=(0, 0))
+    return lambda model, fqns: reconstruct(dense, model, fqns, pool, quick)
+
+
 def calib_inputs(data: Data, n: int, model: nn.Module) -> Inputs:
     """``n`` calibration examples (a seeded draw, see ``Data.inputs``) as one batch, in the model's
     dtype and device."""
@@ -337,6 +353,7 @@ def run_job(
             metrics=metrics,
             methods=allocation.methods,
             objective=allocation.objective,
+            refit=_quick_refit(dense, calib, reconstruction) if allocation.methods else None,
         )
         config = dataclasses.replace(config, rank=policy)
         clock.lap("allocation")
