@@ -1,10 +1,11 @@
-"""Mixed-method allocation (issue 17) on the bundled Fashion-MNIST VGG: at 2×, 3× and 4× fewer
+"""Mixed-method allocation (issue 17) on the bundled Fashion-MNIST VGG (or CharNet, or the user's CNN
+of benchmarks/user_model.py, which must have run first): at 2×, 3× and 4× fewer
 MACs, a global budget spent over method × rank per layer against each single-method plan at the
 same budget; layer-level sensitivity on 256 training images, no fine-tuning; test accuracy on
 2,000 test images, delivered MAC reduction, and the seconds the whole compression took; then the
 mixed plan after joint data reconstruction on the same 256 images, and the seconds in all.
 
-    python benchmarks/mixed_methods.py [--model fashion-vgg|charnet] [--from-json]
+    python benchmarks/mixed_methods.py [--model fashion-vgg|charnet|usernet] [--from-json]
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from rankdown.api import allocate_ranks
 from rankdown.bench import environment, model_cost
 from rankdown.calibrate import CalibrationConfig, reconstruct
 from rankdown.data import load_fashion_mnist
+from rankdown.pipeline import SWEEP_EXAMPLES
+from rankdown.storage import default_cache_dir
 
 HERE = Path(__file__).parent
 OUT = HERE / "results" / "mixed_methods.json"
@@ -32,10 +35,23 @@ METHODS = ["tucker2", "channel-svd", "separable"]
 SKIP = ("features.0", "classifier.5")
 
 
-# the bundled models: where the budget is spent, and the data
+# where the budget is spent, how layers are scored, and whether every plan (not only the mixed one)
+# is also refitted; the bundled models, then the user's CNN of benchmarks/user_model.py
 MODELS = {
-    "fashion-vgg": {"skip": SKIP, "layers": None, "title": "bundled Fashion-MNIST VGG"},
-    "charnet": {"skip": (), "layers": ("conv2", "conv3"), "title": "bundled CharNet, conv2 + conv3"},
+    "fashion-vgg": {"skip": SKIP, "layers": None, "title": "bundled Fashion-MNIST VGG", "criterion": "layer"},
+    "charnet": {
+        "skip": (),
+        "layers": ("conv2", "conv3"),
+        "title": "bundled CharNet, conv2 + conv3",
+        "criterion": "layer",
+    },
+    "usernet": {
+        "skip": (),
+        "layers": None,
+        "title": "the user's CNN of benchmarks/user_model.py, never seen by rankdown",
+        "criterion": "model",
+        "refit_all": True,
+    },
 }
 
 
@@ -47,12 +63,33 @@ def data(name: str):
     return load_fashion_mnist("train", limit=4096), load_fashion_mnist("test", limit=2000)
 
 
+def dense_model(name: str) -> torch.nn.Module:
+    if name != "usernet":
+        return build_model(name).eval()
+    import usernet
+    from safetensors.torch import load_file
+
+    weights = default_cache_dir() / "bench-user-model" / "usernet-12000-3.safetensors"
+    if not weights.is_file():
+        raise SystemExit(f"{weights} is missing: run benchmarks/user_model.py first (it trains the user's model)")
+    model = usernet.make()
+    model.load_state_dict(load_file(str(weights)))
+    return model.eval()
+
+
 def run(name: str = "fashion-vgg") -> dict:
     torch.set_num_threads(2)
     train, test = data(name)
     calib = train.images[torch.randperm(len(train.images), generator=torch.Generator().manual_seed(0))[:256]]
-    dense = build_model(name).eval()
+    dense = dense_model(name)
     where = MODELS[name]
+    # a model-level sweep costs a forward per candidate: SWEEP_EXAMPLES of the images, as the CLI does
+    sweep = calib[:SWEEP_EXAMPLES] if where["criterion"] == "model" else calib
+    refit = None
+    if where.get("refit_all"):  # as the CLI does when --calibration follows: plans compared after a quick refit
+        pool = train.images[torch.randperm(len(train.images), generator=torch.Generator().manual_seed(1))[:128]]
+        quick = CalibrationConfig("joint", epochs=0, relu_iters=(0, 0))
+        refit = lambda model, fqns: reconstruct(dense, model, fqns, pool, quick)  # noqa: E731
     out: dict = {"environment": environment(), "dense": test_accuracy(dense, test), "runs": {}, "model": name}
     with tempfile.TemporaryDirectory() as cache:
         for speedup in (2.0, 3.0, 4.0):
@@ -61,8 +98,8 @@ def run(name: str = "fashion-vgg") -> dict:
                 base = CompressConfig(methods[0], ParamFraction(0.5), skip=where["skip"], layers=where["layers"])
                 t = time.perf_counter()
                 policy = allocate_ranks(
-                    dense, base, calib, Budget(speedup=speedup), criterion="layer", cache_dir=cache,
-                    methods=methods if len(methods) > 1 else None,
+                    dense, base, sweep, Budget(speedup=speedup), criterion=where["criterion"], cache_dir=cache,
+                    methods=methods if len(methods) > 1 else None, refit=refit,
                 )  # fmt: skip
                 result = compress(dense, dataclasses.replace(base, rank=policy), calib[:1])
                 seconds = time.perf_counter() - t
@@ -73,7 +110,7 @@ def run(name: str = "fashion-vgg") -> dict:
                     "methods": sorted({r.method for r in result.layers if r.method}),
                     "source": policy.source,
                 }
-                if len(methods) > 1:  # the mixed plan, then joint data reconstruction on the same images
+                if len(methods) > 1 or where.get("refit_all"):  # then joint data reconstruction, same images
                     t = time.perf_counter()
                     reconstruct(dense, result.model, list(result.plan.layers), calib, CalibrationConfig("joint"))
                     out["runs"][f"{label}|{speedup}"]["reconstructed"] = {
@@ -82,6 +119,12 @@ def run(name: str = "fashion-vgg") -> dict:
                     }
                 print(label, speedup, out["runs"][f"{label}|{speedup}"], flush=True)
     return out
+
+
+def sweep_words(name: str) -> str:
+    if MODELS[name]["criterion"] == "model":
+        return f"model-level sensitivity on {SWEEP_EXAMPLES} of 256 training images (the CLI's default)"
+    return "layer-level sensitivity on 256 training images"
 
 
 def table(r: dict) -> None:
@@ -93,7 +136,7 @@ def table(r: dict) -> None:
         f"## Mixed methods under one budget ({MODELS[name]['title']})",
         "",
         f"`python benchmarks/mixed_methods.py{flag}` ({env['cpu']}, torch {env['torch']}, 2 threads). Global MAC "
-        "budget, layer-level sensitivity on 256 training images, no fine-tuning; top-1 on 2,000 test images "
+        f"budget, {sweep_words(name)}, no fine-tuning; top-1 on 2,000 test images "
         f"(dense {100 * r['dense']:.2f}%), delivered MAC reduction, seconds for the whole compression "
         "(sweep, allocation, factorization: the ×2 runs include the sensitivity sweeps, the ×3 and ×4 runs "
         "reuse them from the cache). The mixed run allocates over every method, then checks its plan against "
@@ -106,7 +149,14 @@ def table(r: dict) -> None:
         + ". The last column refits the mixed plan's layers to the dense layers' outputs (joint data "
         "reconstruction, `--calibration 256 --reconstruct joint`: closed form for SVD layers, least squares of "
         "the last factor, the response through the following ReLU and 2 Adam epochs for the others) on the same "
-        "256 images; its seconds include the compression before it.",
+        "256 images; its seconds include the compression before it."
+        + (
+            " Here, as the CLI does when reconstruction follows, the check compares each candidate after a quick "
+            "refit (no Adam epochs, no ReLU response, on 128 other training images), and every single-method plan "
+            "is refitted like the mixed one too: its cell gives top-1 before → after."
+            if MODELS[name].get("refit_all")
+            else ""
+        ),
         "",
         "| target | " + " | ".join(labels) + " | mixed + joint reconstruction |",
         "|---|" + "---:|" * (len(labels) + 1),
@@ -115,7 +165,8 @@ def table(r: dict) -> None:
         cells = []
         for label in labels:
             x = r["runs"][f"{label}|{speedup}"]
-            cells.append(f"{100 * x['top1']:.2f}% (×{x['macs_reduction']:.2f}, {x['seconds']:.0f} s)")
+            refit = f" → {100 * x['reconstructed']['top1']:.2f}%" if "reconstructed" in x and "+" not in label else ""
+            cells.append(f"{100 * x['top1']:.2f}%{refit} (×{x['macs_reduction']:.2f}, {x['seconds']:.0f} s)")
         rec = r["runs"][f"{labels[-1]}|{speedup}"]
         rec_s = rec["seconds"] + rec["reconstructed"]["seconds"]
         cells.append(f"{100 * rec['reconstructed']['top1']:.2f}% ({rec_s:.0f} s in all)")

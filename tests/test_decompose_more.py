@@ -141,13 +141,16 @@ def test_randomized_svd_bound_and_accuracy():
     assert torch.allclose(sr, s[:k], rtol=1e-2)
 
 
-def test_truncated_svd_auto_uses_randomized_for_large_low_rank(monkeypatch):
+def test_truncated_svd_auto_is_exact_unless_the_switch_is_set(monkeypatch):
     import rankdown.decompose.svd as svd
 
     calls = []
     real = svd.randomized_svd
     monkeypatch.setattr(svd, "randomized_svd", lambda *a, **k: calls.append(1) or real(*a, **k))
     w = torch.randn(600, 700, generator=torch.Generator().manual_seed(0))
+    truncated_svd(w, 32)
+    assert not calls  # off by default: slower than the exact SVD wherever it was measured
+    monkeypatch.setattr(svd, "RANDOMIZED_MIN_DIM", 512)
     truncated_svd(w, 32)
     assert calls
     calls.clear()

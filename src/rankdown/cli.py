@@ -593,7 +593,9 @@ def main() -> None:
     show_default=True,
     callback=_method_list,
     help="With --latency-aware: the methods to consider. With a global budget (--speedup, --target-macs, "
-    "--target-params): allocate over method × rank per layer, so each layer takes its best form.",
+    "--target-params): allocate over method × rank per layer, so each layer takes its best form; the mixed "
+    "plan is kept only if no single-method plan does better on the calibration examples (compared after a "
+    "quick refit when --calibration asks for reconstruction).",
 )
 @click.option(
     "--latency-batch",
