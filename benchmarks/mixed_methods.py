@@ -23,7 +23,7 @@ from rankdown import CompressConfig, ParamFraction, build_model, compress
 from rankdown.allocate import Budget
 from rankdown.api import allocate_ranks
 from rankdown.bench import environment, model_cost
-from rankdown.calibrate import CalibrationConfig, reconstruct
+from rankdown.calibrate import CalibrationConfig, quick, reconstruct
 from rankdown.data import load_fashion_mnist
 from rankdown.pipeline import SWEEP_EXAMPLES
 from rankdown.storage import default_cache_dir
@@ -88,8 +88,7 @@ def run(name: str = "fashion-vgg") -> dict:
     refit = None
     if where.get("refit_all"):  # as the CLI does when --calibration follows: plans compared after a quick refit
         pool = train.images[torch.randperm(len(train.images), generator=torch.Generator().manual_seed(1))[:128]]
-        quick = CalibrationConfig("joint", epochs=0, relu_iters=(0, 0))
-        refit = lambda model, fqns: reconstruct(dense, model, fqns, pool, quick)  # noqa: E731
+        refit = lambda model, fqns: reconstruct(dense, model, fqns, pool, quick(CalibrationConfig("joint")))  # noqa: E731
     out: dict = {"environment": environment(), "dense": test_accuracy(dense, test), "runs": {}, "model": name}
     with tempfile.TemporaryDirectory() as cache:
         for speedup in (2.0, 3.0, 4.0):

@@ -141,8 +141,7 @@ def table(r: dict) -> None:
         f"their truncation errors within {100 * tim['max_error_difference']:.4f}% (relative). The converged path "
         "kept the plans close to the exact ones (the largest gaps above are on plans that had already collapsed) "
         "but not identical, the plain one changed them by up to 13 points, and neither saved time. So the automatic "
-        "SVD is now the exact one (`rankdown.decompose.svd.RANDOMIZED_MIN_DIM = None`); a one-off check at 2048² "
-        "and 4096² (10.7 s against 3.3 s, 61 s against 28 s, rank 1/8) found no size where the switch pays.",
+        "SVD is now the exact one (`rankdown.decompose.svd.RANDOMIZED_MIN_DIM = None`).",
     ]
     write_section(DOCS, "randomized_svd", "\n".join(lines))
 

@@ -124,3 +124,16 @@ def test_a_parent_that_reads_a_replayed_module_runs_whole():
 def test_channels_last_only_where_the_forward_takes_it():
     assert Suffix(_eval(Net()), torch.randn(4, 3, 8, 8), ["head"]).channels_last
     assert not Suffix(_eval(Viewing()), torch.randn(4, 3, 8, 8), ["head"]).channels_last
+
+
+def test_recordings_replaced_by_a_later_group_are_recorded_again(monkeypatch):
+    import rankdown.replay as replay
+
+    model = _eval(Net())
+    x = torch.randn(16, 3, 8, 8)
+    suffix = Suffix(model, x, TARGETS)
+    monkeypatch.setattr(replay, "HOLD_MB", suffix._cost(set(suffix.prefix["stage.1.conv2"])) / 2**20)
+    for fqn in ["stage.0.conv2", "stage.1.conv2", "stage.0.conv2"]:  # back to a layer of an earlier group
+        layer = _perturbed(model.get_submodule(fqn))
+        assert torch.allclose(suffix.outputs(fqn, layer), _whole(model, x, fqn, layer), rtol=1e-5, atol=1e-6)
+    assert suffix.verified["stage.0.conv2"] and suffix.verified["stage.1.conv2"]

@@ -61,6 +61,12 @@ class CalibrationConfig:
             raise RankdownError("calibration batch size must be >= 1, epochs >= 0, lr > 0 and cache >= 0")
 
 
+def quick(config: CalibrationConfig) -> CalibrationConfig:
+    """``config`` without its Adam epochs and ReLU-response iterations: the seconds-long refit that
+    candidate plans get before they are compared."""
+    return replace(config, epochs=0, relu_iters=(0, 0))
+
+
 class _Stop(Exception):
     """Raised from a hook to end a forward pass once the layer of interest has its input."""
 

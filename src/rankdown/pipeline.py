@@ -121,11 +121,10 @@ def _quick_refit(
     on the sweep's examples (seed 0) is mostly out of sample."""
     if opts is None:
         return None
-    from rankdown.calibrate import reconstruct
+    from rankdown.calibrate import quick, reconstruct
 
     pool = to_model(calib.inputs(min(opts.examples, 2 * SWEEP_EXAMPLES), seed=1), dense)
-    quick = dataclasses.replace(opts.config, epochs=0, relu_iters=(0, 0))
-    return lambda model, fqns: reconstruct(dense, model, fqns, pool, quick)
+    return lambda model, fqns: reconstruct(dense, model, fqns, pool, quick(opts.config))
 
 
 def calib_inputs(data: Data, n: int, model: nn.Module) -> Inputs:

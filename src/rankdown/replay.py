@@ -207,28 +207,26 @@ class Suffix:
                 replace_module(self.model, n, m)
 
     def _ready(self, fqn: str) -> bool:
-        """Whether ``fqn``'s candidates can run on the suffix: recordings held and the replayed
-        dense model reproducing the reference on the first batch."""
-        if fqn in self.verified:
-            return self.verified[fqn]
-        if not self.prefix[fqn]:
-            self.verified[fqn] = False
+        """Whether ``fqn``'s candidates can run on the suffix: recordings held (recorded again if a
+        later group replaced them) and the replayed dense model reproducing the reference on the
+        first batch (checked once)."""
+        if not self.prefix[fqn] or self.verified.get(fqn) is False:
             return False
         if any(n not in self.held for n in self.prefix[fqn]):
             self._hold_for(fqn)
-        ok = all(n in self.held for n in self.prefix[fqn])
-        if ok:
+        if not all(n in self.held for n in self.prefix[fqn]):
+            return False
+        if fqn not in self.verified:
             first = self.reference[: batch_len(self.batches[0])]
             try:
                 with torch.no_grad(), self._replaying(fqn):
                     out = primary_output(forward(self.model, self.batches[0]))
-                ok = out.shape == first.shape and bool(
+                self.verified[fqn] = out.shape == first.shape and bool(
                     torch.allclose(out, first, rtol=1e-5, atol=1e-6 * float(first.abs().max()))
                 )
             except Exception:  # a parent that reads more than the replayed output: whole forwards
-                ok = False
-        self.verified[fqn] = ok
-        return ok
+                self.verified[fqn] = False
+        return self.verified[fqn]
 
     @torch.no_grad()
     def outputs(self, fqn: str, layer: nn.Module) -> torch.Tensor:
