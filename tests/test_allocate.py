@@ -107,6 +107,31 @@ def test_sweep_cache_reused_and_invalidated(tmp_path, monkeypatch):
     assert len(computed) == 4  # a damaged cache is recomputed
 
 
+def test_a_sweep_under_a_metric_scores_the_fit_compress_will_build(tmp_path):
+    """With covariance statistics a channel-SVD candidate is the whitened truncation, the best
+    rank-r fit of the layer's outputs on those data: never worse there than the plain one. Its
+    curve is cached apart from the plain one."""
+    from rankdown.allocate import sensitivity
+    from rankdown.methods import get_method
+    from rankdown.metrics import collect
+
+    model = tiny_vgg().eval()
+    gen = torch.Generator().manual_seed(0)
+    # correlated channels: the plain weight SVD and the data-weighted one differ
+    calib = torch.randn(16, 1, 16, 16, generator=gen) * torch.tensor([1.0, 0.9, 0.1]).view(1, 3, 1, 1)
+    fqn = "features.3"
+    targets = {fqn: get_method("channel-svd", torch.nn.Conv2d)}
+    metrics = collect(model, [fqn], calib, "covariance")
+    plain = sensitivity(model, targets, calib, points=5, cache_dir=tmp_path)[fqn].options
+    fitted = sensitivity(model, targets, calib, points=5, cache_dir=tmp_path, metrics=metrics)[fqn].options
+    assert [o.rank for o in plain] == [o.rank for o in fitted]
+    assert all(f.error <= p.error + 1e-5 for p, f in zip(plain, fitted, strict=True))
+    assert any(f.error < 0.9 * p.error for p, f in zip(plain, fitted, strict=True))
+    assert len(list(tmp_path.glob("sensitivity-*.json"))) == 2
+    again = sensitivity(model, targets, calib, points=5, cache_dir=tmp_path, metrics=metrics)[fqn].options
+    assert [o.error for o in again] == [o.error for o in fitted]
+
+
 def test_round_to_multiple(tmp_path):
     model = tiny_vgg().eval()
     calib = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))

@@ -28,6 +28,7 @@ from rankdown import __version__
 from rankdown.bench import Cost, count_macs, n_params
 from rankdown.errors import RankdownError
 from rankdown.methods import Method, Rank
+from rankdown.metrics import LayerMetric, factorize_weighted, metrics_digest, transformed
 from rankdown.probe import batch_len, batch_size_for, batch_slice, forward, primary_output
 from rankdown.progress import progress
 from rankdown.rank import Choice, candidate_cost
@@ -128,16 +129,22 @@ def sensitivity(
     round_to: int = 1,
     cache_dir: Path | None = None,
     on_compute: Callable[[str], None] | None = None,
+    metrics: dict[str, LayerMetric] | None = None,
 ) -> dict[str, LayerCurve]:
-    """Error at a grid of ranks for each target layer (see the module docstring)."""
+    """Error at a grid of ranks for each target layer (see the module docstring). With ``metrics``
+    (rankdown.metrics.collect) each candidate is fitted under its layer's metric, as ``compress``
+    will fit it, so that the curve scores the layer the plan will build."""
     if criterion not in ("layer", "model"):
         raise RankdownError(f"sensitivity criterion must be 'layer' or 'model', got {criterion!r}")
+    weighted = {k: m for k, m in (metrics or {}).items() if k in targets and m.weighted}
     settings = {
         "criterion": criterion,
         "points": points,
         "round_to": round_to,
         "targets": {k: v.name for k, v in targets.items()},
     }
+    if weighted:
+        settings["metrics"] = metrics_digest(weighted)
     key = fingerprint(model, calib, settings)
     path = (cache_dir or default_cache_dir()) / f"sensitivity-{key}.json"
     if path.is_file():
@@ -177,7 +184,7 @@ def sensitivity(
             cost = candidate_cost(method, module, rank, per_example[fqn])
             if cost.params >= dense_cost.params and cost.macs >= dense_cost.macs:
                 continue  # never pays: staying dense is cheaper
-            fact = method.factorize(module, rank)
+            fact = factorize_weighted(method, fqn, module, rank, weighted.get(fqn))
             if fact.module is None:
                 continue
             with torch.no_grad():
@@ -217,7 +224,6 @@ def spectrum_curves(
     truncation loss); under the other metrics, the weighted weight error. One SVD per layer, so it
     scales to the hundreds of matrices of a transformer where a sweep does not."""
     from rankdown.decompose import shifted_cholesky
-    from rankdown.metrics import transformed
 
     curves: dict[str, LayerCurve] = {}
     for fqn, method in progress(targets.items(), total=len(targets), desc="spectrum"):
@@ -231,7 +237,7 @@ def spectrum_curves(
         w = weight_of(module).detach().double()
         if m is not None and m.patch_gram is not None:
             mat = w.reshape(w.shape[0], -1) @ shifted_cholesky(m.patch_gram)
-        elif m is not None and (m.t_in is not None or m.d_out is not None):
+        elif m is not None and m.weighted:
             mat = weight_of(transformed(module, m)).detach().double().reshape(w.shape[0], -1)
         else:
             mat = w.reshape(w.shape[0], -1)

@@ -271,6 +271,7 @@ def allocate_ranks(
             points=points,
             round_to=round_to,
             cache_dir=Path(cache_dir) if cache_dir else None,
+            metrics=metrics,
         )
 
     total = getattr(model_cost(model, example), kind)

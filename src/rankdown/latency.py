@@ -402,6 +402,31 @@ def predicted_ms(options: dict[str, LayerOptions], plan: dict[str, Choice | None
     return total
 
 
+def layer_speed(options: dict[str, LayerOptions], plan: dict[str, Choice | None]) -> dict[str, dict]:
+    """Per planned layer, from the latency table: dense and chosen ms, the measured speedup, the
+    ideal one (the layer's MAC reduction) and their ratio, so a user sees which layers fall short
+    of their MAC count (per-call overhead of small factors, memory-bound 1×1 and depthwise passes)."""
+    out = {}
+    for name, opts in options.items():
+        choice = plan.get(name)
+        dense = next(c for c in opts.candidates if c.method is None)
+        chosen = (
+            dense
+            if choice is None
+            else next(c for c in opts.candidates if c.method == choice.method and c.rank == choice.rank)
+        )
+        speedup, ideal = opts.dense_ms / chosen.ms, dense.macs / max(chosen.macs, 1)
+        out[name] = {
+            "method": chosen.method,
+            "dense_ms": opts.dense_ms,
+            "ms": chosen.ms,
+            "speedup": speedup,
+            "ideal": ideal,
+            "achieved_over_ideal": speedup / ideal,
+        }
+    return out
+
+
 def latency_ranks(
     model: nn.Module,
     config,

@@ -26,6 +26,7 @@ scaling the one that produces outputs; :func:`undo` knows each layer class.
 from __future__ import annotations
 
 import copy
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,21 @@ class LayerMetric:
     t_in: torch.Tensor | None = None
     d_out: torch.Tensor | None = None
     patch_gram: torch.Tensor | None = None  # (C·kh·kw)², for the closed-form SVD methods
+
+    @property
+    def weighted(self) -> bool:
+        """Whether a fit under it differs from the plain one (frobenius collects empty metrics)."""
+        return self.t_in is not None or self.d_out is not None
+
+
+def metrics_digest(metrics: dict[str, LayerMetric]) -> str:
+    """Hash of the statistics, for caches of results computed under them."""
+    h = hashlib.sha256()
+    for fqn in sorted(metrics):
+        h.update(fqn.encode())
+        for t in (metrics[fqn].t_in, metrics[fqn].d_out, metrics[fqn].patch_gram):
+            h.update(b"-" if t is None else t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:24]
 
 
 def _input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -227,7 +243,7 @@ def factorize_weighted(handler, fqn: str, module: nn.Module, rank, metric: Layer
     """``handler.factorize`` under ``metric``; the reported error stays the plain weight error."""
     from rankdown.methods import Factorized, _rel_error
 
-    if metric is None or (metric.t_in is None and metric.d_out is None):
+    if metric is None or not metric.weighted:
         return handler.factorize(module, rank)
     if (
         metric.patch_gram is not None
