@@ -192,3 +192,22 @@ def test_a_network_that_chains_its_own_children_is_refitted_stage_by_stage(skip,
     a, b = blockwise.state_dict(), layerwise.state_dict()
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-7, atol=1e-9), k
+
+
+@pytest.mark.parametrize("examples", [128, 40, 4])
+def test_a_small_calibration_set_still_holds_a_batch_out(examples, monkeypatch):
+    """128 examples in batches of 64 left nothing held out, so the ridge was never chosen and an
+    exact fit could interpolate the examples: batches shrink until there are 4."""
+    seen: list[int] = []
+    real = cal._Pairs.__init__
+
+    def spy(self, layer, source, n_batches, *a, **k):
+        seen.append(n_batches)
+        real(self, layer, source, n_batches, *a, **k)
+
+    monkeypatch.setattr(cal._Pairs, "__init__", spy)
+    model = Stacked().eval()
+    x = torch.randn(examples, 6, generator=torch.Generator().manual_seed(0))
+    res = compress(model, CompressConfig("svd", FixedRank(3)), x[:1])
+    cal.reconstruct(model, res.model, list(res.plan.layers), x, cal.CalibrationConfig(batch_size=64))
+    assert seen and all(n == 4 for n in seen)

@@ -723,8 +723,13 @@ def reconstruct(
     config = config or CalibrationConfig()
     if batch_len(inputs) < 1:
         raise RankdownError("data reconstruction needs at least one calibration example")
-    # token sequences: batches by tokens, so that there are batches to hold out (see _holdout)
-    config = replace(config, batch_size=min(config.batch_size, batch_size_for(inputs, config.batch_size)))
+    # At least 4 batches whenever there are 4 examples, so that one is held out to choose the ridge
+    # and keep a refit (see _holdout): 128 examples in batches of 64 had none, and an exact fit then
+    # interpolated them (CharNet under a quick refit: output error 20× the signal). Token
+    # sequences: batches by tokens too.
+    n_examples = batch_len(inputs)
+    size = min(config.batch_size, batch_size_for(inputs, config.batch_size), max(1, math.ceil(n_examples / 4)))
+    config = replace(config, batch_size=size)
     dense.eval()
     compressed.eval()
     order = execution_order(dense, list(fqns), batch_slice(inputs, 0, 1))
