@@ -326,8 +326,12 @@ def allocate_ranks(
 
     reference = _outputs(model, calibration)
     candidates = {"mixed": mixed, **{m: plan([m]) for m in methods if m in by_method}}
-    errors = {}
+    errors: dict[str, float] = {}
     for label, ranks in candidates.items():
+        same = next((k for k in errors if candidates[k] == ranks), None)
+        if same is not None:  # the mix took one method everywhere: that plan is scored already
+            errors[label] = errors[same]
+            continue
         trial = compress(model, dataclasses.replace(config, rank=LayerRanks(ranks, "trial")), example)
         if refit is not None:
             refit(trial.model, list(trial.plan.layers))

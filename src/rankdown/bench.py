@@ -21,7 +21,7 @@ from rankdown.probe import Inputs, batch_len, forward
 from rankdown.progress import progress
 
 
-@dataclass
+@dataclass(frozen=True)
 class Cost:
     params: int
     macs: int  # multiply-accumulates for one example

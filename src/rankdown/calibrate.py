@@ -284,8 +284,9 @@ def _closed_form(dense_layer: nn.Module, module: nn.Module, pairs: _Pairs, mode:
     best = (_heldout_error(module, pairs), original)
     for shift in _SHIFTS:
         # joint: M = W Σ_zh Σ_hh⁻¹, the unconstrained least-squares map from Ẑ to W∗Z
-        m = w if s_zh is None else torch.cholesky_solve((w @ s_zh).T, decompose.shifted_cholesky(s_hh, shift)).T
-        a, b = decompose.whitened_truncated_svd(m, s_hh, rank, shift=shift)
+        chol = decompose.shifted_cholesky(s_hh, shift)  # one factor for both solves (d² doubles, d = C·kh·kw)
+        m = w if s_zh is None else torch.cholesky_solve((w @ s_zh).T, chol).T
+        a, b = decompose.whitened_truncated_svd(m, s_hh, rank, shift=shift, chol=chol)
         first.weight.copy_(b.reshape(first.weight.shape).to(first.weight.dtype))
         last.weight.copy_(a.reshape(last.weight.shape).to(last.weight.dtype))
         if biased:

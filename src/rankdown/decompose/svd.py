@@ -161,10 +161,11 @@ def shifted_cholesky(gram: torch.Tensor, shift: float = 1e-6) -> torch.Tensor:
     g = gram.detach().double()
     g = (g + g.T) / 2
     scale = float(g.diagonal().mean()) or 1.0
-    eye = torch.eye(g.shape[0], dtype=g.dtype)
     eps = shift
     while True:
-        chol, info = torch.linalg.cholesky_ex(g + eps * scale * eye)
+        shifted = g.clone()
+        shifted.diagonal().add_(eps * scale)  # in place: no d×d identity (d = 4,608 on a 512-channel conv)
+        chol, info = torch.linalg.cholesky_ex(shifted)
         if int(info) == 0:
             return chol
         if eps > 1.0:
@@ -173,13 +174,14 @@ def shifted_cholesky(gram: torch.Tensor, shift: float = 1e-6) -> torch.Tensor:
 
 
 def whitened_truncated_svd(
-    matrix: torch.Tensor, gram: torch.Tensor, rank: int, *, shift: float = 1e-6
+    matrix: torch.Tensor, gram: torch.Tensor, rank: int, *, shift: float = 1e-6, chol: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Best rank-``rank`` factors ``A @ B`` of ``matrix`` under the metric of an input Gram /
     covariance Σ: argmin ‖(M − A B) Σ^{1/2}‖_F, i.e. the output error E‖(M − AB) x‖² for inputs x
     with second moment Σ. With Σ = L Lᵀ, the answer is the truncated SVD of M L, mapped back
     through L⁻¹ (SVD-LLM's whitening; Denton 2014's data-covariance metric; the linear case of
-    Zhang 2015). One home for all three."""
+    Zhang 2015). One home for all three. ``chol``: ``shifted_cholesky(gram, shift)`` when the
+    caller already has it."""
     if matrix.ndim != 2 or gram.shape != (matrix.shape[1], matrix.shape[1]):
         raise ValueError(
             f"gram must be {matrix.shape[1]}×{matrix.shape[1]} for a matrix of shape {tuple(matrix.shape)}"
@@ -187,7 +189,8 @@ def whitened_truncated_svd(
     full = min(matrix.shape)
     if not 1 <= rank <= full:
         raise ValueError(f"rank must be in [1, {full}] for a {tuple(matrix.shape)} matrix, got {rank}")
-    chol = shifted_cholesky(gram, shift)
+    if chol is None:
+        chol = shifted_cholesky(gram, shift)
     u, s, vh = torch.linalg.svd(matrix.detach().double() @ chol, full_matrices=False)
     root = s[:rank].sqrt()
     a = u[:, :rank] * root
