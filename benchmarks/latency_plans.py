@@ -13,7 +13,8 @@ End-to-end latency: median of guarded runs, each model in its faster layout (NCH
 channels_last), batch 1, 2 threads, as built and after rankdown.deploy.deploy (batch norms folded
 into the convs before them, gathers folded, pointwise factors merged). The dense baseline is the
 faster of its two forms. The dense model and the latency-aware plans are also exported to ONNX and
-timed in onnxruntime (when it is installed). Weights are random (latency does not depend on them).
+timed in onnxruntime (when it is installed) at each graph optimization level, and compiled with
+torch.compile (inductor) in their fastest form. Weights are random (latency does not depend on them).
 
     python benchmarks/latency_plans.py            # CPU; add --device cuda on a GPU machine
 """
@@ -25,7 +26,6 @@ import copy
 import dataclasses
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from rankdown import CompressConfig, MacFraction, compress
-from rankdown.bench import best_latency, environment, model_cost
+from rankdown.bench import best_latency, compiled_latency, environment, measure_latency, model_cost
 from rankdown.deploy import deploy
 from rankdown.latency import (
     Candidate,
@@ -109,21 +109,26 @@ def e2e(model: nn.Module, x: torch.Tensor, device: str, runs: int) -> dict:
     return best_latency(model, x, runs=runs, threads=2, guard=True).to_dict()
 
 
-def ort_ms(model: nn.Module, x: torch.Tensor, runs: int) -> float | None:
+def ort_ms(model: nn.Module, x: torch.Tensor, runs: int) -> dict[str, float] | None:
     """Median ms of the model exported to ONNX (deployment folds, parity-checked) in onnxruntime,
-    2 threads, guarded like eager; None without onnxruntime (``pip install 'rankdown[onnx]'``)."""
+    2 threads, guarded like eager, at each graph optimization level; None without onnxruntime
+    (``pip install 'rankdown[onnx]'``)."""
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
         return None
-    from rankdown.bench import measure_latency
-    from rankdown.export import OrtModule, export_model
+    from rankdown.export import ORT_LEVELS, onnxruntime_modules
 
-    with tempfile.TemporaryDirectory(prefix="latency-plans-") as tmp:
-        path = Path(tmp) / "model.onnx"
-        export_model(model, x, path, "onnx", check=[x], dynamic_batch=False)
-        session = OrtModule(path, threads=2)  # the session holds the model: the file may go
-    return measure_latency(session, x, runs=runs, guard=True, desc="onnxruntime").median_ms
+    sessions = onnxruntime_modules(model, x, threads=2, optimizations=ORT_LEVELS, check=[x], dynamic_batch=False)
+    return {
+        level: measure_latency(s, x, runs=runs, guard=True, desc=f"onnxruntime {level}").median_ms
+        for level, s in sessions.items()
+    }
+
+
+def compiled_ms(model: nn.Module, x: torch.Tensor, runs: int) -> dict:
+    """torch.compile (inductor) of the deployed model in its fastest form (layout, freezing)."""
+    return compiled_latency(deployed(model), x, runs=runs, threads=2, guard=True, desc="compiled").to_dict()
 
 
 def main() -> None:
@@ -156,6 +161,7 @@ def run(args) -> dict:
         dense_lats["deployed"] = e2e(deployed(model), x, args.device, args.runs)
         dense_lat = min(dense_lats.values(), key=lambda d: d["median_ms"])
         dense_ort = ort_ms(model, x, args.runs) if args.device == "cpu" else None
+        dense_compiled = compiled_ms(model, x, args.runs) if args.device == "cpu" else None
         dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
         key = DeviceKey.current(args.device, dtype, 1, 2, channels_last=True)
         table = LatencyTable(key, args.cache_dir, runs=10)
@@ -187,9 +193,16 @@ def run(args) -> dict:
                     "dense_layers": sum(1 for r in res.layers if not r.method),
                 }
                 if dense_ort is not None and how == "latency-aware":
-                    row["dense_ort_ms"] = dense_ort
-                    row["ort_ms"] = ort_ms(res.model, x, args.runs)
-                    row["ort_ratio"] = dense_ort / row["ort_ms"] / theo
+                    # against the dense model at the same optimization level, and at its fastest
+                    row["dense_ort_levels"] = dense_ort
+                    row["ort_levels"] = ort_ms(res.model, x, args.runs)
+                    row["dense_ort_ms"] = min(dense_ort.values())
+                    row["ort_ms"] = min(row["ort_levels"].values())
+                    row["ort_ratio"] = row["dense_ort_ms"] / row["ort_ms"] / theo
+                if dense_compiled is not None and how == "latency-aware":
+                    row["dense_compiled"] = dense_compiled
+                    row["compiled"] = compiled_ms(res.model, x, args.runs)
+                    row["compiled_ratio"] = dense_compiled["median_ms"] / row["compiled"]["median_ms"] / theo
                 row["ratio"] = row["speedup"] / theo
                 row["deployed_ratio"] = row["deployed_speedup"] / theo
                 if how == "latency-aware":
@@ -245,12 +258,16 @@ def write_markdown(result: dict, path: Path) -> None:
         "issue's target: ≥ 0.8). "
         "*Deployed*: after `rankdown.deploy.deploy` (what `rankdown bench --fold-bn` measures). "
         "*onnxruntime*: the latency-aware plan and the dense model exported to ONNX (deployment folds, "
-        "parity-checked) and timed in onnxruntime on 2 threads, the same guarded way; its meas/theo is "
-        "against the dense model in onnxruntime.",
+        "parity-checked) and timed in onnxruntime on 2 threads, the same guarded way, at each graph optimization "
+        "level; its meas/theo is the plan's fastest level against the dense model's fastest level. *compiled*: "
+        "`torch.compile` (inductor) of the deployed model, in its fastest form (layout, with or without inductor's "
+        "freezing; `rankdown.bench.compiled_latency`), compile time not timed; against the dense model compiled "
+        "the same way.",
         "",
         "| net | target | plan | MAC reduction | dense ms | plan ms | meas/theo | deployed ms | deployed speedup "
-        "| deployed meas/theo | onnxruntime ms (dense) | onnxruntime meas/theo | forms used |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| deployed meas/theo | onnxruntime ms (dense) | onnxruntime meas/theo | compiled ms (dense) "
+        "| compiled meas/theo | forms used |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in result["rows"]:
         forms = ", ".join(r["methods"]) + (f"; {r['dense_layers']} dense" if r["dense_layers"] else "")
@@ -260,15 +277,46 @@ def write_markdown(result: dict, path: Path) -> None:
             else "| |"
         )
         ort = f"{r['ort_ms']:.1f} ({r['dense_ort_ms']:.1f}) | **{r['ort_ratio']:.2f}**" if "ort_ms" in r else "- | -"
+        comp = (
+            f"{r['compiled']['median_ms']:.1f} ({r['dense_compiled']['median_ms']:.1f}) | **{r['compiled_ratio']:.2f}**"
+            if "compiled" in r
+            else "- | -"
+        )
         lines.append(
             f"| {r['net']} | {r['target']:.0f}× | {r['plan']} | {r['theoretical']:.2f}× | "
-            f"{r['dense_ms']:.1f} | {r['ms']:.1f} | {r['ratio']:.2f} | {dep} | {ort} | {forms} |"
+            f"{r['dense_ms']:.1f} | {r['ms']:.1f} | {r['ratio']:.2f} | {dep} | {ort} | {comp} | {forms} |"
         )
+    lines += ort_levels(result["rows"])
     for r in result["rows"]:
         if "layer_speed" in r and r["target"] == max(x["target"] for x in result["rows"]):
             lines += ["", *per_layer(r)]
     lines.append("")
     write_section(path, "latency_plans", "\n".join(lines))
+
+
+def ort_levels(rows: list[dict]) -> list[str]:
+    """The latency-aware plans in onnxruntime at each graph optimization level, each against the
+    dense model at the same level: which of onnxruntime's rewrites the factorized graphs need."""
+    rows = [r for r in rows if "ort_levels" in r]
+    if not rows:
+        return []
+    levels = list(rows[0]["ort_levels"])
+    lines = [
+        "",
+        "onnxruntime by graph optimization level (latency-aware plans; ms of the plan / the dense model at the "
+        "same level, and meas/theo at that level):",
+        "",
+        "| net | target | " + " | ".join(levels) + " |",
+        "|---|---|" + "---:|" * len(levels),
+    ]
+    for r in rows:
+        cells = [
+            f"{r['ort_levels'][v]:.1f} / {r['dense_ort_levels'][v]:.1f} "
+            f"({r['dense_ort_levels'][v] / r['ort_levels'][v] / r['theoretical']:.2f})"
+            for v in levels
+        ]
+        lines.append(f"| {r['net']} | {r['target']:.0f}× | " + " | ".join(cells) + " |")
+    return lines
 
 
 def per_layer(r: dict, top: int = 8) -> list[str]:

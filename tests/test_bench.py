@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from nets import TinyResNet
-from rankdown.bench import LoadGuard, best_latency, count_macs, measure_latency, model_cost
+from rankdown.bench import LoadGuard, best_latency, compiled_latency, count_macs, measure_latency, model_cost
 
 
 def test_mac_formulas():
@@ -39,3 +39,12 @@ def test_latency_result_shape():
     assert best.median_ms > 0
     # The model is handed back in its original layout.
     assert m[0].weight.is_contiguous()
+
+
+def test_compiled_latency_times_a_compiled_copy_and_leaves_the_model_alone():
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.randn(1, 3, 8, 8)
+    lat = compiled_latency(m, x, runs=2, warmup=1, guard=False, freezing=(True,))
+    assert lat.runs == 2 and lat.median_ms > 0
+    assert m[0].weight.is_contiguous() and all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())

@@ -16,7 +16,7 @@ pytest.importorskip("onnxscript")
 import nets
 from rankdown import CompressConfig, ParamFraction, compress
 from rankdown.errors import RankdownError
-from rankdown.export import OrtModule, export_model, is_rankdown_export
+from rankdown.export import ORT_LEVELS, OrtModule, export_model, is_rankdown_export, onnxruntime_modules
 from rankdown.methods import METHODS
 from test_contract import layer_for
 from test_reliability import assert_refused, in_process
@@ -51,6 +51,20 @@ def test_resnet_blocks_export_after_batchnorm_folding(tmp_path):
     with torch.no_grad():
         want = result.model(x)
     assert torch.allclose(OrtModule(tmp_path / "r.onnx")(x), want, atol=1e-4, rtol=1e-3)
+
+
+def test_every_onnxruntime_optimization_level_computes_the_same_model():
+    model = nets.randomize_bn(nets.tiny_resnet()).eval()
+    x = torch.randn(3, 3, 16, 16)
+    compressed = compress(model, CompressConfig("tucker2", ParamFraction(0.5)), x[:1]).model
+    sessions = onnxruntime_modules(compressed, x[:1], threads=1, optimizations=ORT_LEVELS, check=[x])
+    assert list(sessions) == list(ORT_LEVELS)
+    with torch.no_grad():
+        want = compressed(x)
+    for level, session in sessions.items():
+        assert torch.allclose(session(x), want, atol=1e-4, rtol=1e-3), level
+    with pytest.raises(RankdownError, match="optimization must be one of"):
+        onnxruntime_modules(compressed, x[:1], optimizations=("fast",))
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "exported-program"])

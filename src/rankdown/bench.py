@@ -8,11 +8,12 @@ This is the only home of the MAC formulas.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -238,6 +239,34 @@ def best_latency(model: nn.Module, example: torch.Tensor, **kw) -> Latency:
         return first
     second = measure_latency(model, example, channels_last=True, **kw)
     return min(first, second, key=lambda lat: lat.median_ms)
+
+
+def compiled_latency(
+    model: nn.Module, example: torch.Tensor, *, freezing: tuple[bool, ...] = (False, True), **kw
+) -> Latency:
+    """The fastest torch.compile (inductor) form: each layout (4-D inputs), each with and without
+    inductor's freezing (weights become constants, which lets it prepack them for oneDNN: on 2
+    threads it took ResNet-50 at batch 1 from 89 ms eager to 57 ms, and left VGG-16 as it was).
+    Each form is compiled afresh from a copy and run once before it is timed, so the compile time
+    is not timed; the result's ``channels_last`` says which layout won."""
+    import torch._inductor.config as inductor
+
+    best: Latency | None = None
+    layouts = (False, True) if isinstance(example, torch.Tensor) and example.ndim == 4 else (False,)
+    for cl in layouts:
+        for freeze in freezing:
+            torch._dynamo.reset()
+            m, x = copy.deepcopy(model).eval(), example
+            if cl:
+                m, x = m.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+            with inductor.patch(freezing=freeze), torch.inference_mode():
+                lat = measure_latency(torch.compile(m), x, **kw)
+            lat = replace(lat, channels_last=cl)
+            if best is None or lat.median_ms < best.median_ms:
+                best = lat
+    torch._dynamo.reset()
+    assert best is not None
+    return best
 
 
 def environment() -> dict[str, str]:

@@ -109,16 +109,26 @@ def _onnx(model: nn.Module, example: Inputs, path: Path, dynamic_batch: bool) ->
     program.save(str(path))
 
 
-def _onnx_runner(path: Path, threads: int | None = None) -> Any:
+# onnxruntime's graph optimization levels, by the names its documentation uses
+ORT_LEVELS = ("disable", "basic", "extended", "all")
+
+
+def _onnx_runner(path: Path, threads: int | None = None, optimization: str = "all") -> Any:
     try:
         import onnxruntime as ort
     except ImportError:
         raise RankdownError("checking an ONNX export needs onnxruntime: pip install 'rankdown[onnx]'") from None
+    if optimization not in ORT_LEVELS:
+        raise RankdownError(f"onnxruntime optimization must be one of {', '.join(ORT_LEVELS)}, got {optimization!r}")
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    opts.graph_optimization_level = getattr(
+        ort.GraphOptimizationLevel,
+        "ORT_DISABLE_ALL" if optimization == "disable" else f"ORT_ENABLE_{optimization.upper()}",
+    )
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
 
@@ -132,15 +142,34 @@ def _onnx_runner(path: Path, threads: int | None = None) -> Any:
 
 class OrtModule(nn.Module):
     """An onnxruntime session behind an nn.Module's call, so that rankdown's latency measurement
-    (guard, windows, medians) times it exactly as it times PyTorch."""
+    (guard, windows, medians) times it exactly as it times PyTorch. ``optimization``: the session's
+    graph optimization level (one of ORT_LEVELS; onnxruntime's default is "all")."""
 
-    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, threads: int | None = None, optimization: str = "all") -> None:
         super().__init__()
-        self._run = _onnx_runner(Path(path), threads)
+        self._run = _onnx_runner(Path(path), threads, optimization)
 
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
         x: Inputs = kwargs if kwargs else args[0]
         return self._run(x)[0]
+
+
+def onnxruntime_modules(
+    model: nn.Module,
+    example: Inputs,
+    *,
+    threads: int | None = None,
+    optimizations: tuple[str, ...] = ("all",),
+    check: list[Inputs] | None = None,
+    dynamic_batch: bool = True,
+) -> dict[str, OrtModule]:
+    """``model`` exported to ONNX (deployment folds, parity-checked on ``check``) and opened in
+    onnxruntime once per graph optimization level, ready to time like any module. The file lives
+    only while the sessions are built: each session holds its own copy of the graph."""
+    with tempfile.TemporaryDirectory(prefix="rankdown-ort-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        export_model(model, example, path, "onnx", check=check, dynamic_batch=dynamic_batch)
+        return {level: OrtModule(path, threads, level) for level in optimizations}
 
 
 def _torchscript(model: nn.Module, example: Inputs, path: Path) -> None:

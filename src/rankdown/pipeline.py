@@ -750,14 +750,17 @@ class BenchOptions:
 
 
 def _e2e(model: nn.Module, example: Inputs, b: int, o: BenchOptions) -> dict:
-    from rankdown.bench import best_latency
+    from rankdown.bench import best_latency, compiled_latency
     from rankdown.latency import cuda_latency
 
     dtype = getattr(torch, o.dtype)
     m = model.to(device=o.device, dtype=dtype).eval()
+    x = to_model(batch_tile(example, b), m)
+    if o.compile and o.device == "cpu":
+        runs = o.runs if b <= 8 else max(5, o.runs // 3)
+        return compiled_latency(m, x, runs=runs, threads=o.threads, guard=o.guard, desc=f"compiled b{b}").to_dict()
     if o.compile:
         m = torch.compile(m)
-    x = to_model(batch_tile(example, b), m)
     if o.device == "cuda":
         runs = {
             cl: cuda_latency(m, x, runs=o.runs, channels_last=cl, cuda_graph=o.cuda_graphs)
@@ -773,19 +776,12 @@ def _e2e(model: nn.Module, example: Inputs, b: int, o: BenchOptions) -> dict:
 
 def _ort_models(models: dict[str, nn.Module], example: Inputs, o: BenchOptions) -> dict[str, nn.Module]:
     """Each model exported to ONNX (folded, dynamic batch, parity-checked) and wrapped for timing."""
-    import tempfile
-
-    from rankdown.export import OrtModule, export_model
+    from rankdown.export import onnxruntime_modules
 
     if o.device != "cpu":
         raise RankdownError("--onnxruntime times on the CPU only")
-    out = {}
-    with tempfile.TemporaryDirectory(prefix="rankdown-ort-") as tmp:
-        for k, m in models.items():
-            path = Path(tmp) / f"{k}.onnx"
-            export_model(m, example, path, "onnx", check=[example, batch_tile(example, 2)])
-            out[k] = OrtModule(path, threads=o.threads)  # the session holds the model: the file may go
-    return out
+    check = [example, batch_tile(example, 2)]
+    return {k: onnxruntime_modules(m, example, threads=o.threads, check=check)["all"] for k, m in models.items()}
 
 
 def _ort_latency(m: nn.Module, example: Inputs, b: int, o: BenchOptions) -> dict:
