@@ -20,6 +20,13 @@ def test_accuracy(model: nn.Module, split) -> float:
     return evaluate(model, split.batches(500), total=math.ceil(len(split) / 500))
 
 
+def test_correct(model: nn.Module, split) -> torch.Tensor:
+    """Which test images the model gets right, one bool each: for paired tests between two models."""
+    model.eval()
+    with torch.inference_mode():
+        return torch.cat([model(x).argmax(1) == y for x, y in split.batches(500)])
+
+
 def batch_latencies(model: nn.Module, xs: dict[int, torch.Tensor], runs: int, threads: int = 2) -> dict:
     """Guarded best-layout latency at each batch size: ``runs`` windows at batch 1, a quarter of
     them (at least 5) at larger batches, whose single runs are long enough to need fewer."""

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import load_or_run, test_accuracy, write_section
+from common import load_or_run, test_accuracy, test_correct, write_section
 
 from rankdown import CompressConfig, ParamFraction, build_model, compress
 from rankdown.allocate import Budget
@@ -86,12 +86,6 @@ def dense_model(name: str) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def correct(model: torch.nn.Module, split) -> torch.Tensor:
-    """Which test images the model gets right (the paired test below compares two plans image by image)."""
-    model.eval()
-    return torch.cat([model(x).argmax(1) == y for x, y in split.batches(500)])
-
-
 def mcnemar(a: str, b: str) -> tuple[int, int, float]:
     """Images only ``a`` gets right, only ``b`` gets right, and the exact two-sided McNemar p-value
     (binomial on the disagreements): how likely a gap this large is from two equally good plans."""
@@ -138,7 +132,7 @@ def run(name: str = "fashion-vgg") -> dict:
                     t = time.perf_counter()
                     reconstruct(dense, result.model, list(result.plan.layers), calib, CalibrationConfig("joint"))
                     seconds = time.perf_counter() - t
-                    right = correct(result.model, test)
+                    right = test_correct(result.model, test)
                     out["runs"][f"{label}|{speedup}"]["reconstructed"] = {
                         "top1": right.float().mean().item(),
                         "seconds": seconds,

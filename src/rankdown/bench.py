@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
-from rankdown.probe import Inputs, batch_len, forward
+from rankdown.probe import Inputs, batch_len, forward, to_layout
 from rankdown.progress import progress
 
 
@@ -176,7 +176,7 @@ def measure_latency(
     x = example
     channels_last = channels_last and isinstance(example, torch.Tensor) and example.ndim == 4
     if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = to_layout(model, True)
         x = example.contiguous(memory_format=torch.channels_last)
     lg = LoadGuard() if guard else None
     guarded = bool(lg and lg.available)
@@ -215,7 +215,7 @@ def measure_latency(
         if threads is not None:
             torch.set_num_threads(old_threads)
         if channels_last:
-            model.to(memory_format=torch.contiguous_format)
+            to_layout(model, False)
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
     return Latency(
         median_ms=statistics.median(times) * 1e3,
@@ -258,7 +258,7 @@ def compiled_latency(
             torch._dynamo.reset()
             m, x = copy.deepcopy(model).eval(), example
             if cl:
-                m, x = m.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+                m, x = to_layout(m, True), x.contiguous(memory_format=torch.channels_last)
             with inductor.patch(freezing=freeze), torch.inference_mode():
                 lat = measure_latency(torch.compile(m), x, **kw)
             lat = replace(lat, channels_last=cl)

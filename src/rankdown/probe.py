@@ -126,6 +126,13 @@ def to_model(x: Inputs, model: nn.Module) -> Inputs:
     return {k: move(v) for k, v in x.items()} if isinstance(x, Mapping) else move(x)
 
 
+def to_layout(module: nn.Module, channels_last: bool) -> nn.Module:
+    """``module`` in place in channels_last (or back to the contiguous layout); the one home of
+    the call whose stubs lack the ``memory_format`` overload."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return module.to(memory_format=fmt)  # type: ignore[call-overload]
+
+
 def describe(x: Inputs) -> str:
     if isinstance(x, Mapping):
         return "{" + ", ".join(f"{k}: {tuple(v.shape)}" for k, v in x.items()) + "}"
