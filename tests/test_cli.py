@@ -537,3 +537,20 @@ def test_compress_progressive_on_bundled_model(tmp_path, fake_fashion, has_bundl
     assert plan["meta"]["progressive"]["steps_per_layer"] == 2 and set(plan["layers"]) == {"features.3", "features.7"}
     p = cli([*args, "--force", "--calibration", "8", "--data-dir", str(fake_fashion), *FAST], tmp_path)
     assert p.returncode == 2 and "--progressive-steps" in p.stderr
+
+
+def test_a_saved_folder_is_measured_after_its_dense_weights_file_has_gone(tmp_path, capsys):
+    from rankdown.models import build_model
+    from test_reliability import in_process
+
+    m = build_model("nets:tiny_vgg")
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    args = ["compress", "--model", "nets:tiny_vgg", "--weights", "w.safetensors", "--input-shape", "3,16,16"]
+    code, _, err = in_process([*args, "--energy", "0.9", "--out", "out", "--no-latency", "-q"], capsys, tmp_path)
+    assert code == 0, err
+    (tmp_path / "w.safetensors").unlink()
+    code, _, err = in_process(["eval", "out", "--model", "nets:tiny_vgg", "--no-latency", "-q"], capsys, tmp_path)
+    assert code == 0, err
+    totals = json.loads((tmp_path / "out" / "report.json").read_text())["totals"]
+    assert totals["params_before"] == sum(p.numel() for p in m.parameters())  # from the architecture
+    assert totals["params_reduction"] > 1

@@ -29,7 +29,7 @@ from rankdown.bench import Cost, count_macs, n_params
 from rankdown.errors import RankdownError
 from rankdown.methods import Method, Rank
 from rankdown.metrics import LayerMetric, factorize_weighted, metrics_digest, transformed
-from rankdown.probe import batch_len, batch_size_for, batch_slice, forward, primary_output
+from rankdown.probe import Inputs, batch_len, batch_size_for, batch_slice, forward, primary_output
 from rankdown.progress import progress
 from rankdown.rank import Choice, candidate_cost
 from rankdown.replay import Suffix
@@ -122,7 +122,7 @@ def fingerprint(model: nn.Module, calib, settings: dict) -> str:
 def sensitivity(
     model: nn.Module,
     targets: dict[str, Method],
-    calib: torch.Tensor,
+    calib: Inputs,
     *,
     criterion: str = "layer",
     points: int = 12,

@@ -226,7 +226,7 @@ def compress(
 def allocate_ranks(
     model: nn.Module,
     config: CompressConfig,
-    calibration: torch.Tensor,
+    calibration: Inputs,
     budget: Budget,
     *,
     criterion: str = "layer",

@@ -14,6 +14,7 @@ import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, replace
+from typing import cast
 
 import torch
 from torch import nn
@@ -39,8 +40,9 @@ def _leaf_macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
         return per_out * (module.in_channels // module.groups) * kh * kw
     if isinstance(module, nn.Linear):
         return per_out * module.in_features
-    if hasattr(module, "macs_per_position"):  # layers that declare their own cost (e.g. TTLinear)
-        return per_out // module.out_features * module.macs_per_position()
+    declared = getattr(module, "macs_per_position", None)  # layers that declare their own cost (e.g. TTLinear)
+    if callable(declared):
+        return per_out // int(getattr(module, "out_features")) * int(declared())  # noqa: B009 (typed as Module)
     return 0
 
 
@@ -149,7 +151,7 @@ class Latency:
 
 def measure_latency(
     model: nn.Module,
-    example: torch.Tensor,
+    example: Inputs,
     *,
     runs: int = 30,
     warmup: int = 5,
@@ -174,10 +176,11 @@ def measure_latency(
         torch.set_num_threads(threads)
     model = model.eval()
     x = example
-    channels_last = channels_last and isinstance(example, torch.Tensor) and example.ndim == 4
-    if channels_last:
+    if channels_last and isinstance(example, torch.Tensor) and example.ndim == 4:
         model = to_layout(model, True)
         x = example.contiguous(memory_format=torch.channels_last)
+    else:
+        channels_last = False
     lg = LoadGuard() if guard else None
     guarded = bool(lg and lg.available)
     times: list[float] = []
@@ -189,7 +192,7 @@ def measure_latency(
             bar = progress(range(runs), total=runs, desc=desc)
             pending = iter(bar)
             while len(times) < runs:
-                start = lg.start() if guarded else None
+                start = lg.start() if lg is not None and guarded else None
                 t_window = time.perf_counter()
                 window: list[float] = []
                 while True:
@@ -200,7 +203,7 @@ def measure_latency(
                         break
                     if time.perf_counter() - t_window >= window_s or len(times) + len(window) >= runs * 4:
                         break
-                if guarded:
+                if lg is not None and guarded:
                     share = lg.foreign_share(start)
                     if share > max_foreign and rejected < max_rejects:
                         rejected += 1
@@ -231,7 +234,7 @@ def measure_latency(
     )
 
 
-def best_latency(model: nn.Module, example: torch.Tensor, **kw) -> Latency:
+def best_latency(model: nn.Module, example: Inputs, **kw) -> Latency:
     """The faster of NCHW and channels_last (4-D inputs): speedups are measured against the
     fastest dense layout, since channels_last alone speeds dense CNNs up 1.6-1.8x on CPU."""
     first = measure_latency(model, example, channels_last=False, **kw)
@@ -241,9 +244,7 @@ def best_latency(model: nn.Module, example: torch.Tensor, **kw) -> Latency:
     return min(first, second, key=lambda lat: lat.median_ms)
 
 
-def compiled_latency(
-    model: nn.Module, example: torch.Tensor, *, freezing: tuple[bool, ...] = (False, True), **kw
-) -> Latency:
+def compiled_latency(model: nn.Module, example: Inputs, *, freezing: tuple[bool, ...] = (False, True), **kw) -> Latency:
     """The fastest torch.compile (inductor) form: each layout (4-D inputs), each with and without
     inductor's freezing (weights become constants, which lets it prepack them for oneDNN: on 2
     threads it took ResNet-50 at batch 1 from 89 ms eager to 57 ms, and left VGG-16 as it was).
@@ -257,10 +258,11 @@ def compiled_latency(
         for freeze in freezing:
             torch._dynamo.reset()
             m, x = copy.deepcopy(model).eval(), example
-            if cl:
+            if cl and isinstance(x, torch.Tensor):
                 m, x = to_layout(m, True), x.contiguous(memory_format=torch.channels_last)
             with inductor.patch(freezing=freeze), torch.inference_mode():
-                lat = measure_latency(torch.compile(m), x, **kw)
+                compiled = cast(nn.Module, torch.compile(m))  # an OptimizedModule, typed as a callable
+                lat = measure_latency(compiled, x, **kw)
             lat = replace(lat, channels_last=cl)
             if best is None or lat.median_ms < best.median_ms:
                 best = lat
@@ -308,6 +310,7 @@ def compare_latency(
 
     out: dict[str, dict] = {}
     for b in batch_sizes:
+        x: Inputs
         if isinstance(example, torch.Tensor) and example.is_floating_point():
             x = example_input(compressed, tuple(example.shape[1:]), b, random=True, seed=seed + b)
         else:

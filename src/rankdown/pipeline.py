@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -597,7 +598,9 @@ def remeasure(saved: Saved, opts: MeasureOptions, argv: list[str] | None) -> dic
     example = saved.workload.example
     names = list(saved.plan.layers)
     after = layer_costs(saved.model, example, names)
-    before = layer_costs(saved.dense, example, names) if saved.dense is not None else after
+    # Costs do not depend on the weights: the architecture gives them even when the dense
+    # weights file has gone (then saved.dense is None and only quality against it is unknown).
+    before = layer_costs(saved.workload.model, example, names)
     rows = [
         LayerReport(n, lp.layer_type, lp.method, lp.rank, before[n], after[n], None)
         for n, lp in saved.plan.layers.items()
@@ -606,7 +609,7 @@ def remeasure(saved: Saved, opts: MeasureOptions, argv: list[str] | None) -> dic
     return build_report(
         CompressResult(saved.model, saved.plan, rows),
         model_spec=saved.plan.model,
-        model_before=None if saved.dense is None else model_cost(saved.dense, example),
+        model_before=model_cost(saved.workload.model, example),
         model_after=model_cost(saved.model, example),
         argv=argv,
         **measured,
@@ -647,7 +650,9 @@ def finetune_on(
     config = dataclasses.replace(
         config, augment=config.augment and workload.augment, flip=config.flip and workload.flip
     )
-    if not train.labelled:
+    if train.task == "causal-lm":  # next-token prediction: the text is its own label
+        config = dataclasses.replace(config, causal_lm=True)
+    elif not train.labelled:
         if dense is None:
             raise RankdownError(
                 "unlabelled training data: fine-tuning distils from the dense model, whose weights are gone"
@@ -760,14 +765,17 @@ def _e2e(model: nn.Module, example: Inputs, b: int, o: BenchOptions) -> dict:
         runs = o.runs if b <= 8 else max(5, o.runs // 3)
         return compiled_latency(m, x, runs=runs, threads=o.threads, guard=o.guard, desc=f"compiled b{b}").to_dict()
     if o.compile:
-        m = torch.compile(m)
+        m = cast(nn.Module, torch.compile(m))  # an OptimizedModule, typed as a callable
     if o.device == "cuda":
-        runs = {
-            cl: cuda_latency(m, x, runs=o.runs, channels_last=cl, cuda_graph=o.cuda_graphs)
-            for cl in ((False, True) if x.ndim == 4 else (False,))
+        if not isinstance(x, torch.Tensor):
+            raise RankdownError("--device cuda times models whose input is one tensor")
+        xt = x
+        times = {
+            cl: cuda_latency(m, xt, runs=o.runs, channels_last=cl, cuda_graph=o.cuda_graphs)
+            for cl in ((False, True) if xt.ndim == 4 else (False,))
         }
-        cl = min(runs, key=runs.get)
-        return {"median_ms": runs[cl], "channels_last": cl}
+        best = min(times, key=lambda k: times[k])
+        return {"median_ms": times[best], "channels_last": best}
     lat = best_latency(
         m, x, runs=o.runs if b <= 8 else max(5, o.runs // 3), threads=o.threads, guard=o.guard, desc=f"bench b{b}"
     )

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 
-import torch
 from torch import nn
 
 from rankdown.api import CompressConfig, CompressResult, compress
@@ -36,7 +35,7 @@ def called_up_to(model: nn.Module, fqn: str, example: Inputs) -> list[str]:
 def progressive_compress(
     model: nn.Module,
     config: CompressConfig,
-    example: torch.Tensor,
+    example: Inputs,
     train_split,
     train_config: TrainConfig,
     *,
