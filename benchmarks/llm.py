@@ -17,6 +17,7 @@ Budgets in the field's convention: a fraction of the 210 block matrices' weights
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -239,6 +240,88 @@ def calibration(args: argparse.Namespace) -> None:
     load(results)
 
 
+def finetune_stage(args: argparse.Namespace) -> None:
+    """A short fine-tune after whitened SVD at 20 % removed (uniform ranks, the 11 calibration
+    texts): distillation from the dense model alone (its next-token distributions, temperature 1),
+    only the factorized matrices trained, on the calibration text. Distillation, not the text's own
+    next-token loss: the evaluation texts are licences too, and a model tuned to licence prose
+    would beat the dense one for the wrong reason. Then tokens/s of the result."""
+    from rankdown.hf import load_tokenizer, token_speed
+    from rankdown.latency import DeviceKey, LatencyTable, slower_than_dense
+    from rankdown.surgery import replace_module
+    from rankdown.train import TrainConfig, finetune
+
+    results = json.loads(OUT.read_text())
+    spec = smollm2_spec()
+    model = build_model(spec)
+    tok = load_tokenizer(spec)
+    removed = 0.2
+    out = results.setdefault("finetune", {})
+    with tempfile.TemporaryDirectory() as tmp:
+        ev = text_data(eval_file(Path(tmp)), tok, seq_len=SEQ, max_sequences=args.eval, what="evaluation")
+        every = Path(tmp) / "licences.txt"
+        every.write_text("\n\n".join((LICENSES / n).read_text() for n in CALIB_TEXTS))
+        calib = text_data(every, tok, seq_len=SEQ, max_sequences=1024, what="calibration")
+    x = calib.inputs(1024)
+    base = CompressConfig("svd", ParamFraction(1 - removed), skip=tied_layers(model))
+    targets = select_targets(model, base).targets
+    t = time.perf_counter()
+    metrics = collect(model, targets, x, "covariance")
+    result = compress(model, base, calib.example(), metrics=metrics)
+    out["compress_s"] = time.perf_counter() - t
+    out["data"] = calib.describe().split("(", 1)[1].rstrip(")")
+    out["before"] = evaluate({"c": result.model}, ev, reference=None, desc="before")["metrics"]["perplexity"]["c"]
+    print("before", out["before"], flush=True)
+    config = TrainConfig(
+        epochs=args.epochs,
+        batch_size=8,
+        lr=args.lr,
+        weight_decay=0.0,
+        distill=1.0,
+        temperature=1.0,
+        freeze_dense=True,
+        augment=False,
+    )
+    out["config"] = dataclasses.asdict(config)
+    t = time.perf_counter()
+    dataset = calib.dataset
+    assert dataset is not None
+    out["history"] = finetune(result.model, dataset, config, teacher=model, trainable=list(result.plan.layers))
+    out["finetune_s"] = time.perf_counter() - t
+    out["after"] = evaluate({"c": result.model}, ev, reference=None, desc="after")["metrics"]["perplexity"]["c"]
+    out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print("after", out["after"], out["finetune_s"], flush=True)
+    blocks = [r for r in result.layers if r.target]
+    out["kept_fraction_of_block_weights"] = sum(r.after.params for r in blocks) / sum(r.before.params for r in blocks)
+    # Where a factorized matrix is not measured faster than the dense one at batch-1 decode (one
+    # token), the dense original goes back: more weights, better quality, never slower.
+    key = DeviceKey.current("cpu", torch.float32, 1, 2)
+    one_token = {k: v[:1, :1] for k, v in calib.example().items()}
+    slower = slower_than_dense(model, result.model, list(result.plan.layers), one_token, LatencyTable(key, runs=20))
+    out["slower_than_dense"] = slower
+    mixed = copy.deepcopy(result.model)
+    for name in slower:
+        replace_module(mixed, name, copy.deepcopy(model.get_submodule(name)))
+    dense_block = sum(r.before.params for r in blocks)
+    out["fallback_kept_fraction"] = (
+        sum(r.before.params if r.name in slower else r.after.params for r in blocks) / dense_block
+    )
+    out["fallback_perplexity"] = evaluate({"c": mixed}, ev, reference=None, desc="fallback")["metrics"]["perplexity"][
+        "c"
+    ]
+    print("dense fallback", len(slower), out["fallback_kept_fraction"], out["fallback_perplexity"], flush=True)
+    prompt = calib.example()["input_ids"][:, :128]
+    out["speed"] = token_speed(
+        {"dense": model, "compressed": result.model, "compressed, dense fallback": mixed},
+        prompt,
+        new_tokens=32,
+        runs=args.runs,
+        threads=2,
+    )
+    out["environment"] = environment()
+    load(results)
+
+
 MINILM_REMOVED = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4)
 
 
@@ -287,7 +370,7 @@ def table(_: argparse.Namespace) -> None:
         "## SmolLM2-135M: data-aware SVD, perplexity and tokens/s",
         "",
         "`python benchmarks/llm.py quality && python benchmarks/llm.py speed && python benchmarks/llm.py minilm && "
-        "python benchmarks/llm.py table`",
+        "python benchmarks/llm.py calibration && python benchmarks/llm.py finetune && python benchmarks/llm.py table`",
         f"({env.get('cpu', '?')}, torch {env.get('torch', '?')}, {env.get('threads', 2)} threads). "
         f"Calibration: {r['protocol']['calibration']}. Evaluation: {r['protocol']['evaluation']}; "
         f"{r['protocol']['perplexity']}. {r['matrices']} block matrices (q/k/v/o, gate/up/down); the tied "
@@ -314,7 +397,7 @@ def table(_: argparse.Namespace) -> None:
         lines += [
             "",
             f"At 20 % removed the best is {method}, {alloc} ranks: perplexity {at20[best]:.1f}, "
-            f"{at20[best] / dense:.2f}× the dense model's (the target is 1.5×: not reached on this 135M model with "
+            f"{at20[best] / dense:.2f}× the dense model's (the target is 1.5×: not reached without fine-tuning with "
             f"{r['protocol']['calibration'].split('= ')[-1].rstrip(')')} of calibration text). Data-aware fitting is "
             f"what closes the gap to plain SVD ({uni.get('plain SVD', float('nan')):.3g} → "
             f"{uni.get('SVD-LLM whitening', float('nan')):.3g} with whitening). Closed-form allocation helps FWSVD "
@@ -353,11 +436,14 @@ def table(_: argparse.Namespace) -> None:
                 f"{small['uniform']['perplexity']:.1f} to {big['uniform']['perplexity']:.1f}; the joint refit then "
                 f"helps ({best:.1f}, {best / dense:.2f}× dense) where with 7,424 tokens it did not "
                 f"({small['uniform + joint']['perplexity']:.1f}). Allocation by "
-                "the closed-form truncation loss hurts whitened SVD with either set. The 1.5× target is not "
-                f"reached on this model: the best here is {best / dense:.2f}×, {best / (1.5 * dense):.2f} times "
-                "the target perplexity. The GPL-3 refit shared the machine with other jobs (its seconds are "
+                "the closed-form truncation loss hurts whitened SVD with either set. Without fine-tuning the 1.5× "
+                f"target is not reached: the best here is {best / dense:.2f}×, {best / (1.5 * dense):.2f} times "
+                "the target perplexity (a short fine-tune, below, reaches it). The GPL-3 refit shared the machine "
+                "with other jobs (its seconds are "
                 "contended); the 11-text refit ran alone.",
             ]
+    if "finetune" in r and "speed" in r["finetune"]:
+        lines += finetune_lines(r["finetune"], dense)
     if "speed" in r:
         lines += [
             "",
@@ -401,17 +487,86 @@ def table(_: argparse.Namespace) -> None:
     write_section(DOCS, "llm", "\n".join(lines))
 
 
+def finetune_lines(ft: dict, dense: float) -> list[str]:
+    c = ft["config"]
+    sp = ft["speed"]
+    slower = ft["slower_than_dense"]
+    rows = []
+    for k, label in (
+        ("dense", "dense"),
+        ("compressed", "fine-tuned"),
+        ("compressed, dense fallback", "fine-tuned, dense fallback"),
+    ):
+        v = sp[k]
+        ppl = {"dense": dense, "compressed": ft["after"], "compressed, dense fallback": ft["fallback_perplexity"]}[k]
+        rho = {"dense": 1.0, "compressed": ft["kept_fraction_of_block_weights"]}.get(k, ft["fallback_kept_fraction"])
+        rows.append(
+            f"| {label} | {rho:.2f} | {ppl:.1f} ({ppl / dense:.2f}×) | {v['prefill_tokens_per_s']:.0f} | "
+            f"{v['decode_tokens_per_s']:.1f} (×{v['decode_tokens_per_s'] / sp['dense']['decode_tokens_per_s']:.2f}) "
+            f"| ×{1 / rho:.2f} |"
+        )
+    kinds: dict[str, int] = {}
+    for name in slower:
+        kinds[name.rsplit(".", 1)[-1]] = kinds.get(name.rsplit(".", 1)[-1], 0) + 1
+    return [
+        "",
+        f"A short fine-tune (`python benchmarks/llm.py finetune`): whitened SVD at 20 % removed, uniform ranks, "
+        f"calibrated on the 11 licence texts ({ft['data']}), then {c['epochs']} epochs on the same text of "
+        f"distillation from the dense model alone (KL of the next-token distributions, temperature "
+        f"{c['temperature']:g}; AdamW, peak learning rate {c['lr']:g}, {c['batch_size']} sequences a step; only "
+        "the factorized matrices trained). Distillation rather than the text's own next-token loss, since the "
+        "evaluation texts are licences too: a model tuned to licence prose would beat the dense one for the "
+        f"wrong reason. Perplexity {ft['before']:.1f} → **{ft['after']:.1f}** ({ft['after'] / dense:.2f}× dense; "
+        f"the target 1.5× is {1.5 * dense:.1f}) in {ft['finetune_s'] / 60:.0f} min of fine-tuning on 2 cores "
+        f"(peak resident memory {ft['peak_rss_gb']:.1f} GB).",
+        "",
+        f"Dense fallback (`rankdown.latency.slower_than_dense`): {len(slower)} of the 210 factorized matrices "
+        "are not measured faster than their dense originals at batch-1 decode (one token, 2 threads"
+        + (": " + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) if kinds else "")
+        + "); putting the dense originals back costs weights, never quality. Tokens/s: prompt 128 tokens, 32 new "
+        "tokens greedy with the KV cache, medians of alternating rounds; ρ = kept fraction of the block weights, "
+        "1/ρ the ideal for weight-bound decode.",
+        "",
+        "| model | ρ | perplexity | prefill tok/s | decode tok/s | 1/ρ |",
+        "|---|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+        f"Reading: with the fine-tune the 1.5× target is met at 20 % removed ({ft['after'] / dense:.2f}× dense; "
+        "2.02× was the best without it). At that ratio batch-1 decode is not faster: "
+        f"×{sp['compressed']['decode_tokens_per_s'] / sp['dense']['decode_tokens_per_s']:.2f} against the ideal "
+        f"×{1 / ft['kept_fraction_of_block_weights']:.2f}. On 2 CPU cores a single token's matrix-vector product "
+        "of a 135M model's small matrices costs per-call overhead, not weight bytes"
+        + (
+            f" (a q_proj: dense {q['dense_ms']:.3f} ms, factorized {q['ms']:.3f} ms)"
+            if (q := next((v for k, v in slower.items() if k.endswith("q_proj")), None))
+            else ""
+        )
+        + ". The dense fallback gives speed parity and better perplexity, but keeps "
+        f"{ft['fallback_kept_fraction']:.0%} of the block weights: on this device and model size, SVD buys "
+        "quality-preserving compression of the weights, not decode speed.",
+    ]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["quality", "speed", "minilm", "calibration", "table"])
+    p.add_argument("stage", choices=["quality", "speed", "minilm", "calibration", "finetune", "table"])
     p.add_argument("--calib", type=int, default=64, help="calibration sequences of 256 tokens")
     p.add_argument("--eval", type=int, default=16, help="evaluation sequences of 256 tokens")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--removed", type=float, nargs="+", default=[0.2, 0.4])
     p.add_argument("--fresh", action="store_true", help="ignore results already in results/llm.json")
+    p.add_argument("--epochs", type=int, default=2, help="finetune: epochs over the calibration text")
+    p.add_argument("--lr", type=float, default=1e-4, help="finetune: AdamW peak learning rate")
     args = p.parse_args()
     torch.set_num_threads(2)
-    stages = {"quality": quality, "speed": speed, "minilm": minilm, "calibration": calibration, "table": table}
+    stages = {
+        "quality": quality,
+        "speed": speed,
+        "minilm": minilm,
+        "calibration": calibration,
+        "finetune": finetune_stage,
+        "table": table,
+    }
     stages[args.stage](args)
 
 

@@ -240,3 +240,33 @@ def test_spectrum_allocation_with_another_method_is_refused_up_front(tmp_path, c
     args = ["compress", "--model", "nets:tiny_vgg", "--input-shape", "3,16,16", "--calib-data", "noise"]
     args += ["--method", "tucker2", "--sensitivity", "spectrum", "--speedup", "2", "--out", "out"]
     assert_refused(args, "--sensitivity spectrum", capsys, tmp_path)
+
+
+def test_a_causal_lm_is_fine_tuned_on_its_text_by_next_token_loss(llama, texts):
+    from rankdown.train import TrainConfig, finetune
+
+    model, data = _calib(llama, texts)
+    result = compress(model, CompressConfig("svd", ParamFraction(0.4), skip=tied_layers(model)), data.example())
+    before = evaluate({"c": result.model}, data, reference=None)["metrics"]["perplexity"]["c"]
+    ds = data.dataset
+    assert ds is not None
+    config = TrainConfig(epochs=3, batch_size=4, lr=3e-3, causal_lm=True, augment=False)
+    history = finetune(result.model, ds, config)  # no labels, no teacher: the text is its own label
+    after = evaluate({"c": result.model}, data, reference=None)["metrics"]["perplexity"]["c"]
+    assert after < 0.9 * before and history[-1]["train_loss"] < history[0]["train_loss"]
+    assert math.exp(history[-1]["train_loss"]) == pytest.approx(after, rel=0.5)  # the same quantity
+
+
+def test_cli_finetunes_a_causal_lm_on_text(llama, texts, tmp_path, capsys):
+    args = ["compress", "--model", f"hf:{llama}", "--calib-data", f"text:{texts[0]}", "--seq-len", "32"]
+    args += ["--method", "svd", "--target-params", "0.6", "--budget-scope", "layers", "--out", "out", *FAST]
+    code, _, err = in_process([*args, "--no-latency"], capsys, tmp_path)
+    assert code == 0, err
+    args = ["finetune", "out", "--train-data", f"text:{texts[0]}", "--eval-data", f"text:{texts[1]}"]
+    args += ["--seq-len", "32", "--epochs", "2", "--batch-size", "4", "--lr", "3e-3", "--no-latency", *FAST]
+    code, out, err = in_process(args, capsys, tmp_path)
+    assert code == 0, err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    history = report["finetune"]["history"]
+    assert len(history) == 2 and history[1]["train_loss"] < history[0]["train_loss"]  # next-token loss falls
+    assert "perplexity" in report["quality"]["metrics"] and "perplexity" in out

@@ -339,3 +339,30 @@ def test_plan_for_mac_budget_bounds_the_error_and_says_it():
     assert macs <= 70
     with pytest.raises(RankdownError, match="max error must be > 0"):
         plan_for_mac_budget(opts, 70, max_error=0)
+
+
+class ParamsTable(LatencyTable):
+    """A table whose 'time' is a module's weight count per input position: deterministic, and
+    what a weight-bound layer's time is proportional to."""
+
+    def time(self, module, in_shape):
+        self.shapes.append(tuple(in_shape))
+        return float(sum(p.numel() for p in module.parameters()))
+
+
+def test_slower_than_dense_names_the_factorized_layers_that_do_not_pay(tmp_path):
+    from rankdown.latency import slower_than_dense
+    from rankdown.methods import get_method
+    from rankdown.surgery import replace_module
+
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    x = torch.randn(3, 5, 64)  # tokens: each layer sees (1, 5, 64) per example
+    compressed = copy.deepcopy(model)
+    svd = get_method("svd", nn.Linear)
+    for name, rank in (("0", 8), ("2", 48)):  # 2 * 64 * 8 weights, fewer than 64 * 64; 2 * 64 * 48, more
+        replace_module(compressed, name, svd.factorize(model.get_submodule(name), rank).module)
+    table = ParamsTable(DeviceKey.current("cpu", torch.float32, 1, 1), tmp_path)
+    table.shapes = []
+    slow = slower_than_dense(model, compressed, ["0", "2"], x, table)
+    assert list(slow) == ["2"] and slow["2"]["ms"] > slow["2"]["dense_ms"]
+    assert set(table.shapes) == {(5, 64)}  # timed at the shape the model gives the layer

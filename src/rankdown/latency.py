@@ -13,6 +13,7 @@ import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,12 +23,16 @@ from rankdown.allocate import relative_error
 from rankdown.bench import measure_latency
 from rankdown.errors import RankdownError
 from rankdown.methods import METHODS, Method, Rank
-from rankdown.probe import batch_slice, forward
+from rankdown.probe import Inputs, batch_slice, forward, to_layout
 from rankdown.progress import progress
 from rankdown.rank import Choice
 from rankdown.replay import Suffix
 from rankdown.storage import default_cache_dir
 from rankdown.surgery import get_module
+
+# DeviceKey has a field named torch, which hides the module inside its body
+_DType = torch.dtype
+_FLOAT32 = torch.float32
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,7 @@ class DeviceKey:
     def current(
         cls,
         device: str = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: _DType = _FLOAT32,
         batch: int = 1,
         threads: int | None = None,
         channels_last: bool = False,
@@ -149,7 +154,7 @@ def cuda_latency(
 ) -> float:
     """Median ms by CUDA events after warm-up; optionally replayed from a captured CUDA graph."""
     if channels_last and x.ndim == 4:
-        model = model.to(memory_format=torch.channels_last)
+        model = to_layout(model, True)
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         for _ in range(warmup):
@@ -180,6 +185,9 @@ class Candidate:
     ms: float
     error: float
     macs: int
+
+    def choice(self) -> Choice | None:
+        return None if self.method is None or self.rank is None else Choice(self.method, self.rank)
 
 
 @dataclass
@@ -221,7 +229,7 @@ def layer_options(
     multiple: int = 8,
     *,
     criterion: str = "layer",
-    calibration: torch.Tensor | None = None,
+    calibration: Inputs | None = None,
 ) -> dict[str, LayerOptions]:
     """For each target layer: its dense time, and every (method, rank) candidate with its measured
     time and its output error on the calibration data. ``criterion="layer"``: the layer's own
@@ -291,7 +299,7 @@ def plan_by_latency(
             if c.method is not None and c.error <= max_error and c.ms < opts.dense_ms * (1 - margin)
         ]
         best = min(ok, key=lambda c: c.ms) if ok else None
-        plan[name] = None if best is None else Choice(best.method, best.rank)
+        plan[name] = None if best is None else best.choice()
     return plan
 
 
@@ -315,7 +323,7 @@ def _fill(
     choice: dict[str, Candidate],
     pool: dict[str, list[Candidate]],
     slack: Callable[[dict[str, Candidate]], float],
-    gain: Callable[[Candidate, Candidate, float], object],
+    gain: Callable[[Candidate, Candidate, float], Any],
 ) -> dict[str, Choice | None]:
     """After a Lagrangian plan: repeat the single-layer move with the highest ``gain`` (None: not
     allowed within the slack left) until none is left; then the plan as Choices."""
@@ -330,7 +338,7 @@ def _fill(
         if best is None:
             break
         choice[best[0]] = best[1]
-    return {n: None if c.method is None else Choice(c.method, c.rank) for n, c in choice.items()}
+    return {n: c.choice() for n, c in choice.items()}
 
 
 def plan_by_latency_sum(
@@ -377,7 +385,7 @@ def plan_by_macs(options: dict[str, LayerOptions], max_error: float) -> dict[str
             if c.method is not None and c.error <= max_error and c.macs < opts.candidates[0].macs
         ]
         best = min(ok, key=lambda c: c.macs) if ok else None
-        plan[name] = None if best is None else Choice(best.method, best.rank)
+        plan[name] = None if best is None else best.choice()
     return plan
 
 
@@ -427,10 +435,37 @@ def layer_speed(options: dict[str, LayerOptions], plan: dict[str, Choice | None]
     return out
 
 
+def slower_than_dense(
+    dense: nn.Module,
+    compressed: nn.Module,
+    layers: list[str],
+    example: torch.Tensor | dict[str, torch.Tensor],
+    table: LatencyTable,
+    margin: float = 0.03,
+) -> dict[str, dict[str, float]]:
+    """The factorized layers of ``compressed`` that the table does not measure faster than their
+    dense originals by more than ``margin``, at the input shape ``example`` gives each of them
+    (for a language model, one token: batch-1 decode), with both times. What a data-aware plan
+    chose for quality may still lose to the dense layer on the user's device: such a layer is
+    better left dense (it costs weights, never quality)."""
+    from rankdown.surgery import record_inputs
+
+    inputs = record_inputs(dense, batch_slice(example, 0, 1), layers)
+    out: dict[str, dict[str, float]] = {}
+    for fqn in progress(layers, total=len(layers), desc="dense or factorized"):
+        in_shape = tuple(inputs[fqn].shape[1:])
+        dense_ms = table.time(_clone(get_module(dense, fqn)), in_shape)
+        ms = table.time(_clone(get_module(compressed, fqn)), in_shape)
+        if ms >= dense_ms * (1 - margin):
+            out[fqn] = {"dense_ms": dense_ms, "ms": ms}
+    table.save()
+    return out
+
+
 def latency_ranks(
     model: nn.Module,
     config,
-    calibration: torch.Tensor,
+    calibration: Inputs,
     key: DeviceKey,
     *,
     max_error: float,

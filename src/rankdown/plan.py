@@ -147,7 +147,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
 # --------------------------------------------------------------------------- folders
 
 
-def _aliases(model: nn.Module) -> dict[str, str]:
+def tied_aliases(model: nn.Module) -> dict[str, str]:
     """State-dict keys that name the same tensor as an earlier key (tied weights) -> that key."""
     seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
     out = {}
@@ -160,11 +160,18 @@ def _aliases(model: nn.Module) -> dict[str, str]:
     return out
 
 
-def _unaliased_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def untied_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict with each tied tensor once (safetensors refuses shared memory; the model
-    built again ties them itself)."""
-    aliases = _aliases(model)
+    built again ties them itself), for any safetensors file of a model's weights."""
+    aliases = tied_aliases(model)
     return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in aliases}
+
+
+def retied_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` read from an untied file, with each tied key of ``model`` filled from the key it
+    was stored under."""
+    aliases = tied_aliases(model)
+    return {**state, **{k: state[a] for k, a in aliases.items() if k not in state and a in state}}
 
 
 def save_compressed(
@@ -181,7 +188,7 @@ def save_compressed(
 
     def write(tmp: Path) -> None:
         (tmp / PLAN_FILE).write_text(plan.to_json() + "\n")
-        save_file(_unaliased_state(model), str(tmp / WEIGHTS_FILE), metadata={"format": PLAN_FORMAT})
+        save_file(untied_state(model), str(tmp / WEIGHTS_FILE), metadata={"format": PLAN_FORMAT})
         if report is not None:
             (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
 
@@ -209,8 +216,7 @@ def load_compressed(folder: str | Path, model: nn.Module) -> nn.Module:
     from rankdown.models import state_dict_mismatch
 
     apply_plan(model, plan)
-    aliases = _aliases(model)  # tied in the model built again: stored once, under the first name
-    state = {**state, **{k: state[a] for k, a in aliases.items() if k not in state and a in state}}
+    state = retied_state(model, state)  # tied in the model built again: stored once, under the first name
     mismatch = state_dict_mismatch(model, state)
     if mismatch:
         raise PlanError(f"{weights} does not match the plan's architecture: {mismatch}")

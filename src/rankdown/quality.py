@@ -55,9 +55,9 @@ def evaluate(
         b = batch_len(x)
         n += b
         if data.task == "causal-lm":
-            ids, mask = _tokens(x, data.name)
+            ids, mask = token_inputs(x, data.name)
             for k, o in outs.items():
-                nll[k] = nll.get(k, 0.0) + _next_token_nll(o, ids, mask, data.name)
+                nll[k] = nll.get(k, 0.0) + float(next_token_nll(o, ids, mask, data.name))
             scored += int(mask[:, 1:].sum())
         if y is not None:
             for k, o in outs.items():
@@ -79,7 +79,7 @@ def evaluate(
                     continue
                 sq_diff[k] = sq_diff.get(k, 0.0) + float(((o - r) ** 2).sum(dtype=torch.float64))
                 if data.task == "embedding":
-                    mask = _tokens(x, data.name)[1]
+                    mask = token_inputs(x, data.name)[1]
                     cos = F.cosine_similarity(_mean_pool(o, mask), _mean_pool(r, mask), dim=-1)
                     add("embedding_cosine", k, float(cos.sum()))
                 elif _classes(o):
@@ -109,15 +109,16 @@ def evaluate(
     return {"data": data.describe(), "examples": n, "labelled": data.labelled, "metrics": metrics}
 
 
-def _tokens(x: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def token_inputs(x: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(x, dict) or "input_ids" not in x:
-        raise RankdownError(f"{name}: text metrics need keyword inputs with input_ids")
+        raise RankdownError(f"{name}: token losses and metrics need keyword inputs with input_ids")
     ids = x["input_ids"]
     return ids, x.get("attention_mask", torch.ones_like(ids))
 
 
-def _next_token_nll(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, name: str) -> float:
-    """Summed negative log-likelihood of each token given the ones before it (padding skipped)."""
+def next_token_nll(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, name: str) -> torch.Tensor:
+    """Summed negative log-likelihood of each token given the ones before it (padding skipped):
+    perplexity's numerator, and a causal LM's task loss in fine-tuning."""
     if logits.shape[:2] != ids.shape or logits.ndim != 3:
         raise RankdownError(
             f"{name}: perplexity needs next-token logits of shape (batch, tokens, vocabulary), "
@@ -126,7 +127,7 @@ def _next_token_nll(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
     lp = F.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1).to(logits.device), reduction="none"
     )
-    return float((lp * mask[:, 1:].reshape(-1).to(lp)).sum())
+    return (lp * mask[:, 1:].reshape(-1).to(lp)).sum()
 
 
 def _mean_pool(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -26,8 +26,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rankdown.errors import RankdownError, first_line
+from rankdown.plan import retied_state, untied_state
 from rankdown.probe import Inputs, batch_len, forward, primary_output, to_model
 from rankdown.progress import progress
+from rankdown.quality import next_token_nll, token_inputs
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2, flip: bool = True) -> torch.Tensor:
@@ -126,6 +128,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_fraction: float = 0.05  # linear warm-up, then cosine decay to zero
     distill: float = 0.0  # weight of the KL term against the teacher (0 = task loss only)
+    # the task loss of unlabelled token sequences: each token predicted from the ones before it
+    causal_lm: bool = False
     temperature: float = 4.0
     freeze_dense: bool = False  # train only the factorized layers (and nothing else)
     augment: bool = True
@@ -185,7 +189,7 @@ def _save_checkpoint(
     from rankdown.storage import atomic_write_dir
 
     def write(tmp: Path) -> None:
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp / CKPT_MODEL))
+        save_file(untied_state(model), str(tmp / CKPT_MODEL))  # tied weights (an LM's head) once
         torch.save(
             {
                 "optimizer": opt.state_dict(),
@@ -309,6 +313,7 @@ def finetune(
         if loaded is None:
             raise RankdownError(f"no checkpoint to resume from in {ckpt}")
         meta, weights, state = loaded
+        weights = retied_state(model, weights)
         saved = meta.get("config", {})
         changed = sorted(k for k, v in dataclasses.asdict(config).items() if k in saved and saved[k] != v)
         if changed:
@@ -354,9 +359,14 @@ def finetune(
                 x = augment(x, gen, flip=config.flip)
             logits = primary_output(forward(net, x))
             flat = logits.reshape(-1, logits.shape[-1])  # (batch[, positions], classes)
-            if y is None and (teacher is None or config.distill <= 0):
+            if config.causal_lm:
+                ids, mask = token_inputs(x, "training data")
+                loss = next_token_nll(logits, ids, mask, "training data") / mask[:, 1:].sum().clamp(min=1)
+            elif y is None and (teacher is None or config.distill <= 0):
                 raise RankdownError("unlabelled training data: fine-tuning needs distillation from the dense model")
-            loss = F.cross_entropy(flat, y.reshape(-1)) if y is not None else flat.new_zeros(())
+            else:
+                loss = F.cross_entropy(flat, y.reshape(-1)) if y is not None else flat.new_zeros(())
+            task = y is not None or config.causal_lm
             if teacher is not None and config.distill > 0:
                 with torch.no_grad():
                     t_flat = primary_output(forward(teacher, x)).reshape(-1, logits.shape[-1])
@@ -368,7 +378,7 @@ def finetune(
                     )
                     * config.temperature**2
                 )
-                loss = kd if y is None else (1 - config.distill) * loss + config.distill * kd
+                loss = (1 - config.distill) * loss + config.distill * kd if task else kd
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if force is not None:
