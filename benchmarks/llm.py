@@ -256,7 +256,7 @@ def finetune_stage(args: argparse.Namespace) -> None:
     model = build_model(spec)
     tok = load_tokenizer(spec)
     removed = 0.2
-    out = results.setdefault("finetune", {})
+    out = results.setdefault("finetune_allocated" if args.allocated else "finetune", {})
     with tempfile.TemporaryDirectory() as tmp:
         ev = text_data(eval_file(Path(tmp)), tok, seq_len=SEQ, max_sequences=args.eval, what="evaluation")
         every = Path(tmp) / "licences.txt"
@@ -267,12 +267,13 @@ def finetune_stage(args: argparse.Namespace) -> None:
     targets = select_targets(model, base).targets
     t = time.perf_counter()
     metrics = collect(model, targets, x, "covariance")
-    result = compress(model, base, calib.example(), metrics=metrics)
+    config = allocated(model, base, x, removed, metrics) if args.allocated else base
+    result = compress(model, config, calib.example(), metrics=metrics)
     out["compress_s"] = time.perf_counter() - t
     out["data"] = calib.describe().split("(", 1)[1].rstrip(")")
     out["before"] = evaluate({"c": result.model}, ev, reference=None, desc="before")["metrics"]["perplexity"]["c"]
     print("before", out["before"], flush=True)
-    config = TrainConfig(
+    train = TrainConfig(
         epochs=args.epochs,
         batch_size=8,
         lr=args.lr,
@@ -282,17 +283,21 @@ def finetune_stage(args: argparse.Namespace) -> None:
         freeze_dense=True,
         augment=False,
     )
-    out["config"] = dataclasses.asdict(config)
+    out["config"] = dataclasses.asdict(train)
     t = time.perf_counter()
     dataset = calib.dataset
     assert dataset is not None
-    out["history"] = finetune(result.model, dataset, config, teacher=model, trainable=list(result.plan.layers))
+    out["history"] = finetune(result.model, dataset, train, teacher=model, trainable=list(result.plan.layers))
     out["finetune_s"] = time.perf_counter() - t
     out["after"] = evaluate({"c": result.model}, ev, reference=None, desc="after")["metrics"]["perplexity"]["c"]
     out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print("after", out["after"], out["finetune_s"], flush=True)
     blocks = [r for r in result.layers if r.target]
     out["kept_fraction_of_block_weights"] = sum(r.after.params for r in blocks) / sum(r.before.params for r in blocks)
+    if args.allocated:  # the quality comparison only: speed is measured on the uniform plan
+        out["environment"] = environment()
+        load(results)
+        return
     # Where a factorized matrix is not measured faster than the dense one at batch-1 decode (one
     # token), the dense original goes back: more weights, better quality, never slower.
     key = DeviceKey.current("cpu", torch.float32, 1, 2)
@@ -443,7 +448,7 @@ def table(_: argparse.Namespace) -> None:
                 "contended); the 11-text refit ran alone.",
             ]
     if "finetune" in r and "speed" in r["finetune"]:
-        lines += finetune_lines(r["finetune"], dense)
+        lines += finetune_lines(r["finetune"], dense, r.get("finetune_allocated"))
     if "speed" in r:
         lines += [
             "",
@@ -487,7 +492,7 @@ def table(_: argparse.Namespace) -> None:
     write_section(DOCS, "llm", "\n".join(lines))
 
 
-def finetune_lines(ft: dict, dense: float) -> list[str]:
+def finetune_lines(ft: dict, dense: float, alloc: dict | None = None) -> list[str]:
     c = ft["config"]
     sp = ft["speed"]
     slower = ft["slower_than_dense"]
@@ -518,7 +523,14 @@ def finetune_lines(ft: dict, dense: float) -> list[str]:
         "evaluation texts are licences too: a model tuned to licence prose would beat the dense one for the "
         f"wrong reason. Perplexity {ft['before']:.1f} → **{ft['after']:.1f}** ({ft['after'] / dense:.2f}× dense; "
         f"the target 1.5× is {1.5 * dense:.1f}) in {ft['finetune_s'] / 60:.0f} min of fine-tuning on 2 cores "
-        f"(peak resident memory {ft['peak_rss_gb']:.1f} GB).",
+        f"(peak resident memory {ft['peak_rss_gb']:.1f} GB)."
+        + (
+            f" The same with ranks allocated in closed form (`--allocated`, ρ = "
+            f"{alloc['kept_fraction_of_block_weights']:.2f}): {alloc['before']:.1f} → **{alloc['after']:.1f}** "
+            f"({alloc['after'] / dense:.2f}× dense) in {alloc['finetune_s'] / 60:.0f} min."
+            if alloc and "after" in alloc
+            else ""
+        ),
         "",
         f"Dense fallback (`rankdown.latency.slower_than_dense`): {len(slower)} of the 210 factorized matrices "
         "are not measured faster than their dense originals at batch-1 decode (one token, 2 threads"
@@ -557,6 +569,7 @@ def main() -> None:
     p.add_argument("--fresh", action="store_true", help="ignore results already in results/llm.json")
     p.add_argument("--epochs", type=int, default=2, help="finetune: epochs over the calibration text")
     p.add_argument("--lr", type=float, default=1e-4, help="finetune: AdamW peak learning rate")
+    p.add_argument("--allocated", action="store_true", help="finetune: ranks allocated in closed form, not uniform")
     args = p.parse_args()
     torch.set_num_threads(2)
     stages = {
