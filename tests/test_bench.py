@@ -1,5 +1,6 @@
 """Counting is exact; latency returns well-formed results (no timing assertions: those live in benchmarks)."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -41,6 +42,7 @@ def test_latency_result_shape():
     assert m[0].weight.is_contiguous()
 
 
+@pytest.mark.slow
 def test_compiled_latency_times_a_compiled_copy_and_leaves_the_model_alone():
     m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
     before = {k: v.clone() for k, v in m.state_dict().items()}

@@ -242,6 +242,7 @@ def test_spectrum_allocation_with_another_method_is_refused_up_front(tmp_path, c
     assert_refused(args, "--sensitivity spectrum", capsys, tmp_path)
 
 
+@pytest.mark.slow
 def test_a_causal_lm_is_fine_tuned_on_its_text_by_next_token_loss(llama, texts):
     from rankdown.train import TrainConfig, finetune
 
@@ -257,6 +258,7 @@ def test_a_causal_lm_is_fine_tuned_on_its_text_by_next_token_loss(llama, texts):
     assert math.exp(history[-1]["train_loss"]) == pytest.approx(after, rel=0.5)  # the same quantity
 
 
+@pytest.mark.slow
 def test_cli_finetunes_a_causal_lm_on_text(llama, texts, tmp_path, capsys):
     args = ["compress", "--model", f"hf:{llama}", "--calib-data", f"text:{texts[0]}", "--seq-len", "32"]
     args += ["--method", "svd", "--target-params", "0.6", "--budget-scope", "layers", "--out", "out", *FAST]
