@@ -525,6 +525,15 @@ def test_bench_and_latency_aware_compress(tmp_path):
     assert not (tmp_path / "y").exists()
 
 
+def test_round_to_without_a_global_budget_is_refused(tmp_path, capsys):
+    from test_reliability import in_process
+
+    args = ["compress", "--model", "nets:tiny_vgg", "--input-shape", "3,16,16", "--params", "0.5", "--round-to", "8"]
+    code, _, err = in_process([*args, "--out", "y", "-q"], capsys, tmp_path)
+    assert code == 2 and "--round-to: only used with a global budget" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "y").exists()
+
+
 def test_compress_progressive_on_bundled_model(tmp_path, fake_fashion, has_bundled_weights):
     if not has_bundled_weights:
         pytest.skip("bundled weights not built yet")

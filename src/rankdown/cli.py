@@ -738,6 +738,9 @@ def compress(
         raise click.UsageError("--sensitivity spectrum is for global budgets; --latency-aware measures layer or model")
     if _given("budget_scope") and target_macs is None and target_params is None:
         raise click.UsageError("--budget-scope: only used with --target-params or --target-macs")
+    if _given("round_to") and target_macs is None and target_params is None and speedup is None:
+        # a uniform policy or a latency plan would ignore it: say so rather than round nothing
+        raise click.UsageError("--round-to: only used with a global budget (--target-params, --target-macs, --speedup)")
     allocation = None
     if target_macs is not None or target_params is not None or speedup is not None:
         from rankdown.allocate import Budget
