@@ -246,8 +246,8 @@ def best_latency(model: nn.Module, example: Inputs, **kw) -> Latency:
 
 def compiled_latency(model: nn.Module, example: Inputs, *, freezing: tuple[bool, ...] = (False, True), **kw) -> Latency:
     """The fastest torch.compile (inductor) form: each layout (4-D inputs), each with and without
-    inductor's freezing (weights become constants, which lets it prepack them for oneDNN: on 2
-    threads it took ResNet-50 at batch 1 from 89 ms eager to 57 ms, and left VGG-16 as it was).
+    inductor's freezing (weights become constants, which lets it prepack them for oneDNN; which
+    of the two is faster depends on the model).
     Each form is compiled afresh from a copy and run once before it is timed, so the compile time
     is not timed; the result's ``channels_last`` says which layout won."""
     import torch._inductor.config as inductor

@@ -439,7 +439,7 @@ def slower_than_dense(
     dense: nn.Module,
     compressed: nn.Module,
     layers: list[str],
-    example: torch.Tensor | dict[str, torch.Tensor],
+    example: Inputs,
     table: LatencyTable,
     margin: float = 0.03,
 ) -> dict[str, dict[str, float]]:

@@ -754,6 +754,11 @@ class BenchOptions:
     onnxruntime: bool = False
 
 
+def _runs(o: BenchOptions, b: int) -> int:
+    """Fewer repeats at large batch: each call is long enough to time on its own."""
+    return o.runs if b <= 8 else max(5, o.runs // 3)
+
+
 def _e2e(model: nn.Module, example: Inputs, b: int, o: BenchOptions) -> dict:
     from rankdown.bench import best_latency, compiled_latency
     from rankdown.latency import cuda_latency
@@ -762,8 +767,9 @@ def _e2e(model: nn.Module, example: Inputs, b: int, o: BenchOptions) -> dict:
     m = model.to(device=o.device, dtype=dtype).eval()
     x = to_model(batch_tile(example, b), m)
     if o.compile and o.device == "cpu":
-        runs = o.runs if b <= 8 else max(5, o.runs // 3)
-        return compiled_latency(m, x, runs=runs, threads=o.threads, guard=o.guard, desc=f"compiled b{b}").to_dict()
+        return compiled_latency(
+            m, x, runs=_runs(o, b), threads=o.threads, guard=o.guard, desc=f"compiled b{b}"
+        ).to_dict()
     if o.compile:
         m = cast(nn.Module, torch.compile(m))  # an OptimizedModule, typed as a callable
     if o.device == "cuda":
@@ -776,9 +782,7 @@ def _e2e(model: nn.Module, example: Inputs, b: int, o: BenchOptions) -> dict:
         }
         best = min(times, key=lambda k: times[k])
         return {"median_ms": times[best], "channels_last": best}
-    lat = best_latency(
-        m, x, runs=o.runs if b <= 8 else max(5, o.runs // 3), threads=o.threads, guard=o.guard, desc=f"bench b{b}"
-    )
+    lat = best_latency(m, x, runs=_runs(o, b), threads=o.threads, guard=o.guard, desc=f"bench b{b}")
     return lat.to_dict()
 
 
@@ -795,8 +799,7 @@ def _ort_models(models: dict[str, nn.Module], example: Inputs, o: BenchOptions) 
 def _ort_latency(m: nn.Module, example: Inputs, b: int, o: BenchOptions) -> dict:
     from rankdown.bench import measure_latency
 
-    runs = o.runs if b <= 8 else max(5, o.runs // 3)
-    lat = measure_latency(m, batch_tile(example, b), runs=runs, guard=o.guard, desc=f"onnxruntime b{b}")
+    lat = measure_latency(m, batch_tile(example, b), runs=_runs(o, b), guard=o.guard, desc=f"onnxruntime b{b}")
     return lat.to_dict()
 
 
