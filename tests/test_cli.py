@@ -534,6 +534,22 @@ def test_round_to_without_a_global_budget_is_refused(tmp_path, capsys):
     assert not (tmp_path / "y").exists()
 
 
+def test_a_flag_no_step_uses_is_refused_not_ignored(tmp_path, capsys):
+    """--calibration only counts examples; it no longer switches reconstruction on by itself, so
+    alone (like the reconstruction options without --reconstruct) it would do nothing: refused."""
+    from test_reliability import in_process
+
+    base = ["compress", "--model", "nets:tiny_vgg", "--input-shape", "3,16,16", "--params", "0.5", "--out", "y", "-q"]
+    for extra, said in (
+        (["--calibration", "8"], "--calibration: no step uses calibration examples"),
+        (["--linear-response"], "--linear-response: only used with --reconstruct data or joint"),
+        (["--calibration-epochs", "3"], "--calibration-epochs: only used with --reconstruct data or joint"),
+    ):
+        code, _, err = in_process([*base, *extra], capsys, tmp_path)
+        assert code == 2 and said in err and len(err.strip().splitlines()) == 1, (extra, err)
+        assert not (tmp_path / "y").exists()
+
+
 def test_compress_progressive_on_bundled_model(tmp_path, fake_fashion, has_bundled_weights):
     if not has_bundled_weights:
         pytest.skip("bundled weights not built yet")
@@ -544,7 +560,7 @@ def test_compress_progressive_on_bundled_model(tmp_path, fake_fashion, has_bundl
     assert p.returncode == 0, p.stderr
     plan = json.loads((out / "plan.json").read_text())
     assert plan["meta"]["progressive"]["steps_per_layer"] == 2 and set(plan["layers"]) == {"features.3", "features.7"}
-    p = cli([*args, "--force", "--calibration", "8", "--data-dir", str(fake_fashion), *FAST], tmp_path)
+    p = cli([*args, "--force", "--reconstruct", "joint", "--data-dir", str(fake_fashion), *FAST], tmp_path)
     assert p.returncode == 2 and "--progressive-steps" in p.stderr
 
 

@@ -228,6 +228,7 @@ def test_cli_charnet_scheme1_with_joint_calibration(tmp_path, monkeypatch):
     monkeypatch.setenv("RANKDOWN_CACHE_DIR", str(tmp_path / "cache"))  # renders only the few images asked for
     out = tmp_path / "cn"
     args = ["compress", "--model", "charnet", "--method", "basis", "--rank", "8", "--calibration", "32"]
+    args += ["--reconstruct", "joint"]
     args += ["--calibration-epochs", "1", "--eval-limit", "100", "--no-latency", "-q", "--out", str(out)]
     res = CliRunner().invoke(main, args, catch_exceptions=False, standalone_mode=False)
     assert res.exit_code == 0, res.output

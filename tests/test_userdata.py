@@ -39,7 +39,8 @@ def images(tmp_path) -> Path:
 def test_cli_user_model_on_an_image_folder_end_to_end(images, tmp_path, capsys):
     """Global budget on the user's images, reconstruction, fine-tuning; quality in the report."""
     args = ["compress", "--model", "nets:tiny_vgg", "--calib-data", str(images), "--image-size", "16"]
-    args += ["--speedup", "2", "--sensitivity", "layer", "--calibration", "24", "--finetune-epochs", "1"]
+    args += ["--speedup", "2", "--sensitivity", "layer", "--calibration", "24", "--reconstruct", "joint"]
+    args += ["--finetune-epochs", "1"]
     args += ["--batch-size", "8", "--cache-dir", str(tmp_path / "cache"), "--out", "out", *FAST]
     code, out, err = in_process(args, capsys, tmp_path)
     assert code == 0, err
@@ -187,7 +188,7 @@ def test_data_aware_options_without_data_name_the_flag(tmp_path, capsys):
     for extra, culprit in (
         (["--speedup", "2"], "needs calibration data: give --calib-data"),
         (["--metric", "covariance"], "--metric covariance needs calibration data"),
-        (["--calibration", "8"], "reconstruction (--calibration) needs calibration data"),
+        (["--reconstruct", "joint"], "reconstruction (--reconstruct) needs calibration data"),
         (["--latency-aware"], "--latency-aware needs calibration data"),
         (["--finetune-epochs", "1"], "fine-tuning needs train data: give --train-data"),
     ):

@@ -506,19 +506,19 @@ def main() -> None:
     "--calibration",
     type=click.IntRange(min=1),
     default=None,
-    help="Calibration examples (bundled models: training images). Given, the factorized layers are "
-    "refitted to the dense layers' outputs on them (see --reconstruct). Sensitivity sweeps and "
-    "latency-aware error budgets use at most 64 of them (default 64): each candidate costs a pass over "
-    "them, and the plans they give were as accurate as with 256 (docs/benchmarks.md).",
+    help="How many calibration examples every data-aware step draws from --calib-data (bundled models: "
+    "training images): reconstruction and --metric statistics use N (default 256); sensitivity sweeps "
+    "and latency-aware error budgets use at most 64 of them (default 64): each candidate costs a pass "
+    "over them, and the plans they give were as accurate as with 256 (docs/benchmarks.md).",
 )
 @click.option(
     "--reconstruct",
-    type=click.Choice(["joint", "data", "filter"]),
-    default="joint",
+    type=click.Choice(["filter", "data", "joint"]),
+    default="filter",
     show_default=True,
-    help="With --calibration: fit each factorized layer to the dense layer's output on its input in "
-    "the already-approximated network (joint, compensates upstream error), on its dense input "
-    "(data), or keep the weight fit (filter).",
+    help="Keep the weight fit (filter), or refit each factorized layer to the dense layer's output on "
+    "--calibration examples: on its input in the already-approximated network (joint, compensates "
+    "upstream error) or on its dense input (data).",
 )
 @click.option(
     "--metric",
@@ -528,12 +528,12 @@ def main() -> None:
     help="What the weight fit minimises: plain weight error, Denton's gradient-weighted "
     "(Mahalanobis; FWSVD's Fisher weighting) error, the output error under the layer's input covariance "
     "(SVD-LLM whitening), or ASVD's activation-scaled error. The data-aware metrics use --calibration "
-    "examples (default 256).",
+    "examples.",
 )
 @click.option(
     "--linear-response",
     is_flag=True,
-    help="With --calibration: fit the layer's output itself even where a (BatchNorm →) ReLU follows "
+    help="With --reconstruct data/joint: fit the layer's output itself even where a (BatchNorm →) ReLU follows "
     "(by default the response after it is fitted: Zhang 2015's nonlinear reconstruction).",
 )
 @click.option(
@@ -595,7 +595,7 @@ def main() -> None:
     help="With --latency-aware: the methods to consider. With a global budget (--speedup, --target-macs, "
     "--target-params): allocate over method × rank per layer, so each layer takes its best form; the mixed "
     "plan is kept only if no single-method plan does better on the calibration examples (compared after a "
-    "quick refit when --calibration asks for reconstruction).",
+    "quick refit when --reconstruct asks for one).",
 )
 @click.option(
     "--latency-batch",
@@ -757,18 +757,26 @@ def compress(
             objective="sum" if error_scope == "sum" else "max",
         )
     reconstruction = None
-    if calibration is not None and reconstruct != "filter":
+    for flag in ("linear_response", "calibration_epochs"):
+        if _given(flag) and reconstruct == "filter":
+            raise click.UsageError(f"--{flag.replace('_', '-')}: only used with --reconstruct data or joint")
+    data_aware = reconstruct != "filter" or metric != "frobenius" or allocation is not None or latency_aware
+    if _given("calibration") and not data_aware:
+        raise click.UsageError(
+            "--calibration: no step uses calibration examples here (they serve --reconstruct data/joint, "
+            "--metric, a global budget and --latency-aware)"
+        )
+    if reconstruct != "filter":
         from rankdown.calibrate import CalibrationConfig
         from rankdown.pipeline import ReconstructionOptions
 
         reconstruction = ReconstructionOptions(
-            calibration,
+            calibration or 256,
             CalibrationConfig(mode=reconstruct, epochs=calibration_epochs, nonlinear=not linear_response, seed=seed),
         )
     if progressive_steps is not None and reconstruction is not None:
         raise click.UsageError(
-            "--progressive-steps and data reconstruction (--calibration) are two ways to recover "
-            "accuracy; give one (or --reconstruct filter)"
+            "--progressive-steps and --reconstruct data/joint are two ways to recover accuracy; give one"
         )
     if out is not None:
         from rankdown.storage import check_output_dir
@@ -1147,6 +1155,7 @@ RECIPE_SECTIONS = {
     "model": ("model", "weights", "input-shape", "layers", "skip"),
     "data": (
         "calib-data",
+        "calibration",
         "eval-data",
         "train-data",
         "preset",
@@ -1183,7 +1192,7 @@ RECIPE_SECTIONS = {
         "latency-batch",
         "metric",
     ),
-    "reconstruct": ("calibration", "reconstruct", "linear-response", "calibration-epochs"),
+    "reconstruct": ("reconstruct", "linear-response", "calibration-epochs"),
     "finetune": (
         "finetune-epochs",
         "progressive-steps",

@@ -90,7 +90,7 @@ class LatencyOptions:
 
 @dataclass
 class ReconstructionOptions:
-    """Data reconstruction after the filter fit (``--calibration N``, ``--reconstruct MODE``)."""
+    """Data reconstruction after the filter fit (``--reconstruct MODE`` on ``--calibration N`` examples)."""
 
     examples: int
     config: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
@@ -252,7 +252,7 @@ def collapse_warning(dense: nn.Module, compressed: nn.Module, workload: Workload
     return (
         f"this plan changes the model's output a lot ({said} with the dense model on {on}): expect most of "
         "its quality to be lost. Next: a milder budget (e.g. --params 0.7 or --speedup 1.5), a data-aware "
-        "plan (--speedup N with --calib-data), reconstruction (--calibration 256), or fine-tuning on your "
+        "plan (--speedup N with --calib-data), reconstruction (--reconstruct joint), or fine-tuning on your "
         "data (--finetune-epochs 1 with --train-data)"
     )
 
@@ -300,7 +300,7 @@ def run_job(
             ("--latency-aware", latency_aware is not None),
             ("a global budget (--target-macs, --target-params, --speedup)", allocation is not None),
             (f"--metric {metric}", metric != "frobenius"),
-            ("data reconstruction (--calibration)", reconstruction is not None),
+            ("data reconstruction (--reconstruct)", reconstruction is not None),
         )
         if wanted
     ]
