@@ -71,3 +71,61 @@ def test_method_contract(key):
         assert rel(y, dense_holding(layer, fact.module.reconstruct_weight())(x)) < 1e-9, name
         if r == cands[-1] and name in EXACT_AT_FULL_RANK:
             assert fact.rel_error < 1e-5 and rel(y, layer(x)) < 1e-5, f"{name}: not exact at full rank"
+
+
+@pytest.mark.parametrize(
+    "key", sorted(METHODS, key=lambda k: (k[0], k[1].__name__)), ids=lambda k: f"{k[0]}-{k[1].__name__}"
+)
+def test_factorized_module_protocol(key):
+    """What fitting, metrics and reconstruction ask of every method's module (the FactorizedLayer
+    protocol), checked on the module itself: the split for least squares computes the module, the
+    closed form's two factors are the whole product, undoing a metric inverts it exactly (at any
+    rank, since it is linear in the fit), and balancing keeps the function."""
+    import copy
+
+    from rankdown.errors import RankdownError
+    from rankdown.layers import FactorizedLayer
+    from rankdown.metrics import LayerMetric, transformed, undo
+
+    name, ltype = key
+    method = METHODS[key]
+    layer, x = layer_for(ltype)
+    cands = list(method.candidates(layer))
+    r = cands[len(cands) // 2]
+    fact = method.factorize(layer, r)
+    if fact.module is None:
+        pytest.skip(f"{name}: this fit failed ({fact.failure})")
+    module = fact.module
+    assert isinstance(module, FactorizedLayer), name
+    y = module(x)
+    split = module.last_factor()
+    if split is not None:
+        head, last = split
+        assert rel(last(head(x)), y) < 1e-12, name
+    if module.closed_form(layer):
+        assert rel(module.output_factor()(module.input_factor()(x)), y) < 1e-12, name
+    balanced = copy.deepcopy(module)
+    balanced.balance()
+    assert rel(balanced(x), y) < 1e-10, name
+    if not module.weighted_metrics:
+        with pytest.raises(RankdownError, match="weighted metrics are not implemented"):
+            undo(module, LayerMetric(d_out=torch.ones(layer.weight.shape[0], dtype=torch.float64)))
+        return
+    g = torch.Generator().manual_seed(1)
+    c, n = layer.weight.shape[1], layer.weight.shape[0]
+    full = torch.tril(torch.randn(c, c, generator=g, dtype=torch.float64)) + 3 * torch.eye(c, dtype=torch.float64)
+    diag = torch.diag(torch.rand(c, generator=g, dtype=torch.float64) + 0.5)
+    d_out = torch.rand(n, generator=g, dtype=torch.float64) + 0.5
+    for t_in in (full, diag):
+        metric = LayerMetric(t_in=t_in, d_out=d_out)
+        fit = method.factorize(transformed(layer, metric), r).module
+        if fit is None:
+            continue
+        wt = fit.reconstruct_weight().detach()
+        try:
+            undo(fit, metric)
+        except RankdownError as exc:  # groups survive only a diagonal input metric
+            assert t_in is full and "diagonal" in str(exc), (name, exc)
+            continue
+        expect = torch.einsum("nc...,cd->nd...", wt / d_out.view(-1, *([1] * (wt.ndim - 1))), torch.linalg.inv(t_in))
+        assert rel(fit.reconstruct_weight(), expect) < 1e-9, (name, t_in is full)

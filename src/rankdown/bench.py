@@ -19,6 +19,7 @@ from typing import cast
 import torch
 from torch import nn
 
+from rankdown.layers import FactorizedLayer
 from rankdown.probe import Inputs, batch_len, forward, to_layout
 from rankdown.progress import progress
 
@@ -40,9 +41,9 @@ def _leaf_macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
         return per_out * (module.in_channels // module.groups) * kh * kw
     if isinstance(module, nn.Linear):
         return per_out * module.in_features
-    declared = getattr(module, "macs_per_position", None)  # layers that declare their own cost (e.g. TTLinear)
-    if callable(declared):
-        return per_out // int(getattr(module, "out_features")) * int(declared())  # noqa: B009 (typed as Module)
+    declared = module.macs_per_position() if isinstance(module, FactorizedLayer) else None
+    if declared is not None:  # a layer that is no chain of stock layers (TTLinear) states its own cost
+        return per_out // out.shape[-1] * declared
     return 0
 
 

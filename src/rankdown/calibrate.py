@@ -33,7 +33,7 @@ from torch import nn
 
 from rankdown import decompose
 from rankdown.errors import RankdownError
-from rankdown.layers import ChannelSVDConv2d, LowRankLinear, balance_factors
+from rankdown.layers import FactorizedLayer, balance_factors
 from rankdown.probe import Inputs, batch_len, batch_size_for, batch_slice, forward
 from rankdown.progress import progress
 from rankdown.surgery import record_inputs
@@ -219,14 +219,7 @@ def patch_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def closed_form_applies(dense_layer: nn.Module, module: nn.Module) -> bool:
-    if isinstance(module, LowRankLinear):
-        return True
-    return (
-        isinstance(module, ChannelSVDConv2d)
-        and isinstance(dense_layer, nn.Conv2d)
-        and dense_layer.padding_mode == "zeros"
-        and not isinstance(dense_layer.padding, str)
-    )
+    return isinstance(module, FactorizedLayer) and module.closed_form(dense_layer)
 
 
 _SHIFTS = (1e-6, 1e-4, 1e-2, 1e-1)  # ridge strengths tried, relative to the mean input energy
@@ -263,7 +256,8 @@ def _closed_form(dense_layer: nn.Module, module: nn.Module, pairs: _Pairs, mode:
     s_zh = torch.zeros(d, d, dtype=torch.float64) if mode == "joint" else None
     mean_z = torch.zeros(d, dtype=torch.float64)
     mean_h = torch.zeros(d, dtype=torch.float64)
-    biased = dense_layer.bias is not None and module[-1].bias is not None
+    first, last = module.input_factor(), module.output_factor()
+    biased = dense_layer.bias is not None and last.bias is not None
     count = 0
     for i, (z, h) in enumerate(pairs.zh()):
         if _holdout(i, pairs.n_batches):
@@ -278,7 +272,6 @@ def _closed_form(dense_layer: nn.Module, module: nn.Module, pairs: _Pairs, mode:
             mean_h += ph.sum(0).double()
         count += ph.shape[0]
     w = dense_layer.weight.detach().double().reshape(dense_layer.weight.shape[0], -1)
-    first, last = module[0], module[-1]
     rank = first.weight.shape[0]
     original = {k: v.clone() for k, v in module.state_dict().items()}
     best = (_heldout_error(module, pairs), original)
@@ -304,10 +297,10 @@ def _last_factor_least_squares(module: nn.Module, pairs: _Pairs) -> bool:
     """Refit the factor that writes the outputs by exact least squares on the data, the rest
     fixed: the output is linear in it (Zhang 2015's closed form, applied to the last factor of any
     factorized module). Returns False when the module has no such plain last conv/linear."""
-    last = module[-1] if isinstance(module, nn.Sequential) and len(module) > 1 else None
-    if not _plain_last_factor(last):
+    split = module.last_factor() if isinstance(module, FactorizedLayer) else None
+    if split is None:
         return False
-    head = module[:-1]
+    head, last = split
     d = last.weight[0].numel() + (last.bias is not None)
     n_out = last.weight.shape[0]
     stats = {
@@ -379,15 +372,16 @@ def _response_fit(dense_layer: nn.Module, module: nn.Module, pairs: _Pairs, conf
     act = pairs.act
     assert act is not None
     closed = config.closed_form and closed_form_applies(dense_layer, module)
-    last = module[-1] if isinstance(module, nn.Sequential) and len(module) > 1 else None
-    if not closed and not _plain_last_factor(last):
+    split = module.last_factor() if isinstance(module, FactorizedLayer) else None
+    if not closed and split is None:
         return False
-    head = None if closed else module[:-1]
-    rank = module[0].weight.shape[0] if closed else None
+    first = module.input_factor() if closed else None
+    head, last = (None, module.output_factor()) if closed or split is None else split
+    rank = first.weight.shape[0] if closed else None
 
     n_batches = pairs.n_batches
     n_fit = sum(not _holdout(i, n_batches) for i in range(n_batches))
-    d = module[0].weight[0].numel() if closed else last.weight[0].numel()
+    d = first.weight[0].numel() if closed else last.weight[0].numel()
     budget = min(config.relu_rows, (256 * 2**20) // (4 * d))  # the sampled features stay under 256 MB
     per_batch = max(1, budget // max(n_fit, 1))
     gen = torch.Generator().manual_seed(config.seed)
@@ -406,7 +400,7 @@ def _response_fit(dense_layer: nn.Module, module: nn.Module, pairs: _Pairs, conf
 
     def current_map() -> torch.Tensor:
         w = last.weight.detach().double().reshape(last.weight.shape[0], -1)
-        return w @ module[0].weight.detach().double().reshape(rank, -1) if closed else w
+        return w @ first.weight.detach().double().reshape(rank, -1) if closed else w
 
     sign, thr = act.sign.double(), act.threshold.double()
     weight = act.scale.double()  # per-channel weight of the response error
@@ -444,7 +438,7 @@ def _response_fit(dense_layer: nn.Module, module: nn.Module, pairs: _Pairs, conf
             w = m
         b = mean_z - w @ mean_f
     if closed:
-        module[0].weight.copy_(bb.reshape(module[0].weight.shape).to(module[0].weight.dtype))
+        first.weight.copy_(bb.reshape(first.weight.shape).to(first.weight.dtype))
         last.weight.copy_(a.reshape(last.weight.shape).to(last.weight.dtype))
     else:
         last.weight.copy_(w.reshape(last.weight.shape).to(last.weight.dtype))
@@ -465,13 +459,6 @@ def _rel_output_error_state(state: dict, module: nn.Module, pairs: _Pairs) -> fl
     err = _rel_output_error(module, pairs)
     module.load_state_dict(now)
     return err
-
-
-def _plain_last_factor(last: nn.Module | None) -> bool:
-    """A last factor whose output is linear in its weight through one im2col matmul."""
-    if not isinstance(last, (nn.Conv2d, nn.Linear)) or getattr(last, "groups", 1) != 1:
-        return False
-    return not (isinstance(last, nn.Conv2d) and (last.padding_mode != "zeros" or isinstance(last.padding, str)))
 
 
 def _gradient(module: nn.Module, pairs: _Pairs, config: CalibrationConfig, desc: str) -> None:

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from rankdown.layers import Permute
+
 
 def _last_conv(module: nn.Module) -> nn.Conv2d | None:
     if type(module) is nn.Conv2d:
@@ -116,7 +118,7 @@ def _writer(module: nn.Module) -> tuple[str, nn.Module] | None:
         return "conv", module
     if isinstance(module, nn.Sequential) and len(module):
         last = module[-1]
-        if type(last).__name__ == "Permute":
+        if isinstance(last, Permute):
             return "gather", last
         if _plain(last):
             return "conv", last
@@ -129,7 +131,7 @@ def _reader(module: nn.Module) -> tuple[str, nn.Module] | None:
         return "conv", module
     if isinstance(module, nn.Sequential) and len(module):
         first = module[0]
-        if type(first).__name__ == "Permute":
+        if isinstance(first, Permute):
             return "gather", first
         if _plain(first):
             return "conv", first
@@ -167,7 +169,7 @@ def fold_permutations(model: nn.Module) -> int:
                 continue
             # input gather ← the writer before it
             first = block[0]
-            if type(first).__name__ == "Permute":
+            if isinstance(first, Permute):
                 between, neighbour = _neighbour(parent, names, i, -1)
                 found = None if neighbour is None else _writer(neighbour)
                 if found is not None:
@@ -186,7 +188,7 @@ def fold_permutations(model: nn.Module) -> int:
                     folded += 1
             # output gather → the reader after it
             last = block[-1]
-            if type(last).__name__ == "Permute":
+            if isinstance(last, Permute):
                 between, neighbour = _neighbour(parent, names, i, +1)
                 found = None if neighbour is None else _reader(neighbour)
                 if found is not None:

@@ -2,18 +2,111 @@
 so that they export (TorchScript, ONNX, torch.compile) and run on the stock fast kernels.
 
 Each class has ``build`` (shapes only, for loading a saved plan), ``from_factors`` (weights from
-``rankdown.decompose``) and ``reconstruct_weight`` (the dense weight the chain computes).
+``rankdown.decompose``) and ``reconstruct_weight`` (the dense weight the chain computes), and keeps
+the :class:`FactorizedLayer` protocol, through which fitting, metrics and reconstruction talk to
+every method's module without branching on its class.
 """
 
 from __future__ import annotations
 
 import itertools
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 
-class LowRankLinear(nn.Sequential):
+class FactorizedLayer:
+    """What the data-aware steps ask of a factorized module. A new method's module subclasses
+    :class:`FactorChain` (a chain of stock layers) and overrides only what differs; the defaults
+    say "not available", so a step that needs more refuses the method rather than guessing."""
+
+    # Whether :meth:`undo_metric` is defined: a fit of the metric-weighted weight can be turned back
+    # into a fit of the plain weight (Denton's Mahalanobis, SVD-LLM's whitening, ASVD's scaling).
+    weighted_metrics: ClassVar[bool] = False
+
+    def reconstruct_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def input_factor(self) -> nn.Module:
+        """The factor that mixes the input channels (where an input metric is undone)."""
+        raise NotImplementedError(type(self).__name__)
+
+    def output_factor(self) -> nn.Module:
+        """The factor that writes the outputs (and holds the bias)."""
+        raise NotImplementedError(type(self).__name__)
+
+    def closed_form(self, dense: nn.Module) -> bool:
+        """Whether the module is one rank-r product ``output_factor ∘ input_factor`` computing the
+        dense layer's matmul on its im2col rows, so that data reconstruction has a closed form (the
+        whitened SVD of the least-squares map)."""
+        return False
+
+    def last_factor(self) -> tuple[nn.Module, nn.Module] | None:
+        """(head, last) with ``last(head(x)) == self(x)`` and ``last`` one plain matmul on its
+        im2col rows, so that the output is linear in its weight (least squares); None when the
+        module ends in anything else."""
+        return None
+
+    def undo_metric(self, t_in: torch.Tensor | None, d_out: torch.Tensor | None) -> None:
+        """Turn a fit of diag(d_out) · W ×_in t_inᵀ into a fit of W, in place."""
+        raise NotImplementedError(f"weighted metrics are not implemented for {type(self).__name__}")
+
+    def balance(self) -> int:
+        """Equalise the scale of the factors without changing the function; returns how many
+        factor pairs (or groups) were balanced."""
+        return 0
+
+    def macs_per_position(self) -> int | None:
+        """MACs per output position (per vector of the last dimension) for modules whose cost the
+        stock layers' hooks cannot count; None for chains of stock layers."""
+        return None
+
+
+def plain_matmul(layer: nn.Module | None) -> bool:
+    """A conv or linear whose output is one im2col matmul with its weight (zero padding, ungrouped)."""
+    if not isinstance(layer, (nn.Conv2d, nn.Linear)) or getattr(layer, "groups", 1) != 1:
+        return False
+    return not (isinstance(layer, nn.Conv2d) and (layer.padding_mode != "zeros" or isinstance(layer.padding, str)))
+
+
+class FactorChain(nn.Sequential, FactorizedLayer):
+    """A factorized module that is a chain of stock layers: the first mixes the input channels,
+    the last writes the outputs."""
+
+    weighted_metrics = True
+
+    def input_factor(self) -> nn.Module:
+        return self[0]
+
+    def output_factor(self) -> nn.Module:
+        return self[-1]
+
+    def last_factor(self) -> tuple[nn.Module, nn.Module] | None:
+        if len(self) < 2 or not plain_matmul(self[-1]):
+            return None
+        return self[:-1], self[-1]
+
+    @torch.no_grad()
+    def undo_metric(self, t_in: torch.Tensor | None, d_out: torch.Tensor | None) -> None:
+        if t_in is not None:
+            first = self.input_factor()
+            w = torch.einsum("rc...,cd->rd...", first.weight.detach().double(), torch.linalg.inv(t_in.double()))
+            first.weight.copy_(w.to(first.weight.dtype))
+        if d_out is not None:
+            _divide_rows(self.output_factor().weight, d_out)
+
+    @torch.no_grad()
+    def balance(self) -> int:
+        return _balance_pairs(self)
+
+
+def _divide_rows(weight: torch.Tensor, d: torch.Tensor) -> None:
+    w = weight.detach().double() / d.double().view(-1, *([1] * (weight.ndim - 1)))
+    weight.copy_(w.to(weight.dtype))
+
+
+class LowRankLinear(FactorChain):
     """``Linear(in, r, bias=False) → Linear(r, out)``: y = A (B x) + b."""
 
     @classmethod
@@ -38,6 +131,9 @@ class LowRankLinear(nn.Sequential):
     def rank(self) -> int:
         return self[0].out_features
 
+    def closed_form(self, dense: nn.Module) -> bool:
+        return True
+
     def reconstruct_weight(self) -> torch.Tensor:
         return self[1].weight @ self[0].weight
 
@@ -57,7 +153,7 @@ def _pointwise(cin: int, cout: int, bias: bool, like: nn.Conv2d) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 1, bias=bias, device=like.weight.device, dtype=like.weight.dtype)
 
 
-class ChannelSVDConv2d(nn.Sequential):
+class ChannelSVDConv2d(FactorChain):
     """``k×k conv C→r`` (original stride, padding, dilation, padding mode) then ``1×1 conv r→N``.
 
     The SVD of the kernel unfolded as N × (C·kh·kw): the spatial work happens once, at rank r.
@@ -82,12 +178,15 @@ class ChannelSVDConv2d(nn.Sequential):
     def rank(self) -> int:
         return self[0].out_channels
 
+    def closed_form(self, dense: nn.Module) -> bool:
+        return plain_matmul(dense)  # the first factor pads as the dense layer does: zeros only
+
     def reconstruct_weight(self) -> torch.Tensor:
         a = self[1].weight[:, :, 0, 0]
         return torch.einsum("nr,rcij->ncij", a, self[0].weight)
 
 
-class Tucker2Conv2d(nn.Sequential):
+class Tucker2Conv2d(FactorChain):
     """``1×1 conv C→r_in`` → ``k×k core r_in→r_out`` (original geometry) → ``1×1 conv r_out→N``.
 
     Padding commutes with the first 1×1 projection (it has no bias, and reflect/replicate/circular
@@ -143,7 +242,7 @@ def _axis_convs(
     return vert, horz
 
 
-class CPConv2d(nn.Sequential):
+class CPConv2d(FactorChain):
     """CP (Lebedev et al.): ``1×1 C→R`` → depthwise ``kh×1`` → depthwise ``1×kw`` → ``1×1 R→N``.
 
     Stride, padding and dilation split by axis between the two depthwise convs; reflect, replicate
@@ -180,7 +279,7 @@ class CPConv2d(nn.Sequential):
         return torch.einsum("nr,rc,ri,rj->ncij", a, b, c, d)
 
 
-class TTLinear(nn.Module):
+class TTLinear(nn.Module, FactorizedLayer):
     """A Linear layer whose weight is a tensor-train matrix (Novikov et al.), applied core by core.
 
     Not a chain of stock layers: the contraction has no stock-module equivalent. It declares its
@@ -242,7 +341,7 @@ class TTLinear(nn.Module):
         return f"{self.in_features} -> {self.out_features}, modes {self.out_modes}x{self.in_modes}, ranks {self.ranks}"
 
 
-class SeparableConv2d(nn.Sequential):
+class SeparableConv2d(FactorChain):
     """Jaderberg et al. 2014 scheme 2: vertical ``kh×1`` conv C→K, then horizontal ``1×kw`` conv K→N.
 
     Stride, padding and dilation split by axis (vertical part first); every padding mode is
@@ -275,7 +374,7 @@ class SeparableConv2d(nn.Sequential):
         return torch.einsum("kci,nkj->ncij", v, h)
 
 
-class BasisConv2d(nn.Sequential):
+class BasisConv2d(FactorChain):
     """Jaderberg et al. 2014 scheme 1: every input channel filtered by the same M separable basis
     filters (depthwise ``kh×1`` C→C·M, then depthwise ``1×kw``), then a ``1×1`` conv C·M→N.
 
@@ -308,6 +407,21 @@ class BasisConv2d(nn.Sequential):
     def rank(self) -> int:
         return self[0].out_channels // self[0].in_channels
 
+    def input_factor(self) -> nn.Module:
+        return self[2]  # the depthwise basis keeps channels apart; the 1×1 mixes them
+
+    @torch.no_grad()
+    def undo_metric(self, t_in: torch.Tensor | None, d_out: torch.Tensor | None) -> None:
+        if t_in is not None:  # the 1×1 reads channel c of each (c, m) pair
+            w = self[2].weight.detach().double()
+            n, cm = w.shape[:2]
+            c = t_in.shape[0]
+            inv = torch.linalg.inv(t_in.double())
+            w = torch.einsum("ncm,cd->ndm", w.reshape(n, c, cm // c), inv).reshape(w.shape)
+            self[2].weight.copy_(w.to(self[2].weight.dtype))
+        if d_out is not None:
+            _divide_rows(self[2].weight, d_out)
+
     def reconstruct_weight(self) -> torch.Tensor:
         c, m = self[0].in_channels, self.rank
         v = self[0].weight[:, 0, :, 0].reshape(c, m, -1)
@@ -327,9 +441,11 @@ class Permute(nn.Module):
         return x.index_select(1, self.index)
 
 
-class MonochromaticConv2d(nn.Sequential):
+class MonochromaticConv2d(FactorChain):
     """Denton et al. 2014: ``1×1 C→C'`` colour transform, a grouped spatial conv (one colour
     channel per group of F/C' filters), and the gather that restores the filter order."""
+
+    weighted_metrics = False  # the colour clusters are fitted on the plain weight
 
     @classmethod
     def build(cls, dense: nn.Conv2d, n_colours: int) -> MonochromaticConv2d:
@@ -362,7 +478,30 @@ class MonochromaticConv2d(nn.Sequential):
         return w.index_select(0, self[2].index)
 
 
-class BiclusterConv2d(nn.Sequential):
+class _Clustered(FactorChain):
+    """Chains that gather channels into groups first and back into order last (biclustering)."""
+
+    def last_factor(self) -> tuple[nn.Module, nn.Module] | None:
+        return None  # the last module is the gather
+
+    @torch.no_grad()
+    def undo_metric(self, t_in: torch.Tensor | None, d_out: torch.Tensor | None) -> None:
+        """Groups survive only a diagonal input transform (a full one mixes channels across groups)."""
+        if t_in is not None:
+            t = t_in.double()
+            if not torch.equal(t, torch.diag(t.diagonal())):
+                raise NotImplementedError("biclustering keeps its groups only under a diagonal metric: use mahalanobis")
+            scale = t.diagonal()[self[0].index]  # input channels in grouped order
+            g = self[1].groups
+            w = self[1].weight.detach().double()
+            w = w.reshape(g, -1, *w.shape[1:]) / scale.reshape(g, -1)[:, None, :, None, None]
+            self[1].weight.copy_(w.reshape(self[1].weight.shape).to(self[1].weight.dtype))
+        if d_out is not None:
+            order = torch.argsort(self[-1].index)  # filter at each grouped position
+            _divide_rows(self[-2].weight, d_out.double()[order])
+
+
+class BiclusterConv2d(_Clustered):
     """Denton et al. 2014 biclustering: input channels in G groups, filters in H groups, each of
     the G·H blocks a rank-K (k×k conv → 1×1) pair. Runs as: gather inputs into groups → grouped
     k×k conv (G groups) → channel shuffle → grouped 1×1 (H groups) → gather filters back."""
@@ -408,7 +547,7 @@ class BiclusterConv2d(nn.Sequential):
         return block.index_select(0, self[4].index).index_select(1, in_inv)
 
 
-class BiclusterCPConv2d(nn.Sequential):
+class BiclusterCPConv2d(_Clustered):
     """Denton et al. 2014 biclustering with an outer-product approximation of each block: for each
     (input group g, filter group h, term k) a combination of the C/G inputs (α), one spatial kernel
     (β) and a spread to the F/H filters (γ). Runs as: gather inputs into groups → grouped 1×1 (G
@@ -446,7 +585,7 @@ class BiclusterCPConv2d(nn.Sequential):
         return (g, h, self[1].out_channels // (g * h))
 
     @torch.no_grad()
-    def balance(self) -> None:
+    def balance(self) -> int:
         """Equal norms for the α, β and γ of every term (see :func:`balance_factors`)."""
         g, h, k = self.rank
         a = self[1].weight.detach().double().reshape(g, h, k, -1)
@@ -460,6 +599,7 @@ class BiclusterCPConv2d(nn.Sequential):
         self[1].weight.copy_(a.reshape(self[1].weight.shape).to(self[1].weight.dtype))
         self[2].weight.copy_(b.reshape(self[2].weight.shape).to(self[2].weight.dtype))
         self[4].weight.copy_(c.permute(1, 3, 2, 0).reshape(self[4].weight.shape).to(self[4].weight.dtype))
+        return 1
 
     def reconstruct_weight(self) -> torch.Tensor:
         g, h, k = self.rank
@@ -472,19 +612,19 @@ class BiclusterCPConv2d(nn.Sequential):
         return block.index_select(0, self[5].index).index_select(1, torch.argsort(self[0].index))
 
 
-@torch.no_grad()
 def balance_factors(module: nn.Module) -> int:
     """Give each intermediate channel equal norm in the factor that writes it and the dense factor
     that reads it (the product is unchanged). A weighted fit (Mahalanobis, covariance, whitened SVD)
     leaves the scale of its metric in one factor — up to orders of magnitude apart — and gradient
     fine-tuning of badly scaled factors is slow. Returns the number of factor pairs balanced."""
-    if hasattr(module, "balance"):  # chains through grouped or depthwise factors know their own
-        module.balance()
-        return 1
-    if not isinstance(module, nn.Sequential):
-        return 0
+    return module.balance() if isinstance(module, FactorizedLayer) else 0
+
+
+@torch.no_grad()
+def _balance_pairs(chain: nn.Sequential) -> int:
+    """The chains' balancing: every adjacent (writer, dense reader) pair of convs/linears."""
     done = 0
-    for a, b in itertools.pairwise(list(module)):
+    for a, b in itertools.pairwise(list(chain)):
         dense_read = isinstance(b, nn.Linear) or (isinstance(b, nn.Conv2d) and b.groups == 1)
         if not isinstance(a, (nn.Conv2d, nn.Linear)) or not dense_read or a.weight.shape[0] != b.weight.shape[1]:
             continue

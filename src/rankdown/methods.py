@@ -26,6 +26,7 @@ from rankdown.layers import (
     BiclusterCPConv2d,
     ChannelSVDConv2d,
     CPConv2d,
+    FactorizedLayer,
     LowRankLinear,
     MonochromaticConv2d,
     SeparableConv2d,
@@ -103,6 +104,12 @@ class Method(ABC):
 
     @abstractmethod
     def factorize(self, module: nn.Module, rank: Rank) -> Factorized: ...
+
+    def whitened_fit(self, module: nn.Module, rank: Rank, patch_gram: torch.Tensor) -> FactorizedLayer | None:
+        """The fit that minimises the output error under the Gram of the layer's im2col rows, in
+        closed form (SVD-LLM's whitening), where the method's module is one rank-r product of the
+        unfolded weight; None where it is not (the caller then fits the transformed weight)."""
+        return None
 
     def validate_rank(self, module: nn.Module, rank: Rank) -> None:
         """Raise RankError unless ``rank`` is a rank this method can build for ``module`` (a plan
@@ -230,6 +237,11 @@ def _rel_error(dense_weight: torch.Tensor, approx: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(approx.detach().double() - w)) / denom
 
 
+def _whitened(module: nn.Module, rank: Rank, patch_gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    w = module.weight
+    return decompose.whitened_truncated_svd(w.reshape(w.shape[0], -1), patch_gram, int(rank))  # type: ignore[arg-type]
+
+
 def _round_to(v: int, multiple: int, top: int) -> int:
     """The nearest multiple of ``multiple`` (at least one multiple, at most ``top``); values below
     one multiple stay as they are."""
@@ -269,6 +281,9 @@ class LinearSVD(Method):
         layer = LowRankLinear.from_factors(module, a, b)
         return Factorized(layer, _rel_error(module.weight, layer.reconstruct_weight()))
 
+    def whitened_fit(self, module: nn.Module, rank: Rank, patch_gram: torch.Tensor) -> FactorizedLayer | None:
+        return LowRankLinear.from_factors(module, *_whitened(module, rank, patch_gram))
+
 
 class _ConvMethod(Method):
     layer_type = nn.Conv2d
@@ -303,6 +318,9 @@ class ChannelSVD(_ConvMethod):
         a, b = decompose.truncated_svd(w.reshape(w.shape[0], -1), int(rank))
         layer = ChannelSVDConv2d.from_factors(module, a, b)
         return Factorized(layer, _rel_error(w, layer.reconstruct_weight()))
+
+    def whitened_fit(self, module: nn.Module, rank: Rank, patch_gram: torch.Tensor) -> FactorizedLayer | None:
+        return ChannelSVDConv2d.from_factors(module, *_whitened(module, rank, patch_gram))
 
 
 @register

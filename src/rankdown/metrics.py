@@ -36,22 +36,11 @@ from torch import nn
 from rankdown import decompose
 from rankdown.calibrate import patch_rows
 from rankdown.errors import RankdownError
-from rankdown.layers import (
-    BasisConv2d,
-    BiclusterConv2d,
-    BiclusterCPConv2d,
-    ChannelSVDConv2d,
-    CPConv2d,
-    LowRankLinear,
-    SeparableConv2d,
-    Tucker2Conv2d,
-    balance_factors,
-)
+from rankdown.layers import FactorizedLayer, balance_factors
 from rankdown.probe import Inputs, batch_len, batch_size_for, batch_slice, forward, primary_output
 
 METRICS = ("frobenius", "mahalanobis", "covariance", "activation")
 ASVD_ALPHA = 0.5
-_SUPPORTED = (LowRankLinear, ChannelSVDConv2d, Tucker2Conv2d, CPConv2d, SeparableConv2d, BasisConv2d)
 
 
 @dataclass
@@ -197,46 +186,13 @@ def transformed(module: nn.Module, metric: LayerMetric) -> nn.Module:
 
 def undo(layer: nn.Module, metric: LayerMetric) -> None:
     """Undo :func:`transformed` on the factor that mixes input channels and the one that writes
-    outputs, in place."""
-    if isinstance(layer, (BiclusterConv2d, BiclusterCPConv2d)):
-        _undo_bicluster(layer, metric)
-        return
-    if not isinstance(layer, _SUPPORTED):
+    outputs, in place (the module's :meth:`~rankdown.layers.FactorizedLayer.undo_metric`)."""
+    if not (isinstance(layer, FactorizedLayer) and layer.weighted_metrics):
         raise RankdownError(f"weighted metrics are not implemented for {type(layer).__name__}; use --metric frobenius")
-    first, last = (layer[2], layer[2]) if isinstance(layer, BasisConv2d) else (layer[0], layer[-1])
-    with torch.no_grad():
-        if metric.t_in is not None:
-            inv = torch.linalg.inv(metric.t_in.double())
-            w = first.weight.detach().double()
-            if isinstance(layer, BasisConv2d):  # the 1×1 mixes channel c of each (c, m) pair
-                n, cm = w.shape[:2]
-                c = inv.shape[0]
-                w = torch.einsum("ncm,cd->ndm", w.reshape(n, c, cm // c), inv).reshape(w.shape)
-            else:
-                w = torch.einsum("rc...,cd->rd...", w, inv)
-            first.weight.copy_(w.to(first.weight.dtype))
-        if metric.d_out is not None:
-            w = last.weight.detach().double() / metric.d_out.double().view(-1, *([1] * (last.weight.ndim - 1)))
-            last.weight.copy_(w.to(last.weight.dtype))
-
-
-def _undo_bicluster(layer: BiclusterConv2d | BiclusterCPConv2d, metric: LayerMetric) -> None:
-    """Groups survive only a diagonal input transform (a full one mixes channels across groups)."""
-    with torch.no_grad():
-        if metric.t_in is not None:
-            t = metric.t_in.double()
-            if not torch.equal(t, torch.diag(t.diagonal())):
-                raise RankdownError("biclustering keeps its groups only under a diagonal metric: use mahalanobis")
-            scale = t.diagonal()[layer[0].index]  # input channels in grouped order
-            g = layer[1].groups
-            w = layer[1].weight.detach().double()
-            per_group = scale.reshape(g, -1)  # (G, C/G)
-            w = w.reshape(g, -1, *w.shape[1:]) / per_group[:, None, :, None, None]
-            layer[1].weight.copy_(w.reshape(layer[1].weight.shape).to(layer[1].weight.dtype))
-        if metric.d_out is not None:
-            order = torch.argsort(layer[-1].index)  # filter at each grouped position
-            w = layer[-2].weight.detach().double() / metric.d_out.double()[order].view(-1, 1, 1, 1)
-            layer[-2].weight.copy_(w.to(layer[-2].weight.dtype))
+    try:
+        layer.undo_metric(metric.t_in, metric.d_out)
+    except NotImplementedError as exc:
+        raise RankdownError(str(exc)) from None
 
 
 def factorize_weighted(handler, fqn: str, module: nn.Module, rank, metric: LayerMetric | None):
@@ -245,25 +201,15 @@ def factorize_weighted(handler, fqn: str, module: nn.Module, rank, metric: Layer
 
     if metric is None or not metric.weighted:
         return handler.factorize(module, rank)
-    if (
-        metric.patch_gram is not None
-        and isinstance(module, (nn.Linear, nn.Conv2d))
-        and handler.name
-        in (
-            "svd",
-            "channel-svd",
-        )
-    ):
-        w = module.weight
-        a, b = decompose.whitened_truncated_svd(w.reshape(w.shape[0], -1), metric.patch_gram, int(rank))
-        cls = LowRankLinear if isinstance(module, nn.Linear) else ChannelSVDConv2d
-        layer = cls.from_factors(module, a, b)
-        balance_factors(layer)
-        return Factorized(layer, _rel_error(w, layer.reconstruct_weight()), {"metric": "covariance (im2col)"})
+    whitened = handler.whitened_fit(module, rank, metric.patch_gram) if metric.patch_gram is not None else None
+    if whitened is not None:
+        balance_factors(whitened)
+        err = _rel_error(module.weight, whitened.reconstruct_weight())
+        return Factorized(whitened, err, {"metric": "covariance (im2col)"})
     fact = handler.factorize(transformed(module, metric), rank)
     if fact.module is None:
         return fact
-    if not isinstance(fact.module, (*_SUPPORTED, BiclusterConv2d, BiclusterCPConv2d)):
+    if not (isinstance(fact.module, FactorizedLayer) and fact.module.weighted_metrics):
         raise RankdownError(
             f"layer {fqn!r}: weighted metrics are not implemented for method {handler.name!r}; use --metric frobenius"
         )
