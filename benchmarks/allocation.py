@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 
 from rankdown import CompressConfig, build_model, compress
-from rankdown.allocate import Budget
-from rankdown.api import allocate_ranks
-from rankdown.bench import environment, model_cost
-from rankdown.data import load_fashion_mnist
-from rankdown.models import BUNDLED
+from rankdown.measurement.bench import environment, model_cost
+from rankdown.planning.allocate import Budget
+from rankdown.planning.compress import allocate_ranks
+from rankdown.zoo import BUNDLED
+from rankdown.zoo.fashion import load_fashion_mnist
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rankdown.bench import best_latency
+from rankdown.measurement.bench import best_latency
 from rankdown.storage import atomic_write_text
-from rankdown.train import evaluate
+from rankdown.training.train import evaluate
 
 
 def test_accuracy(model: nn.Module, split) -> float:

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from rankdown.bench import LoadGuard, environment
 from rankdown.decompose import cp, tucker2
+from rankdown.measurement.bench import LoadGuard, environment
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))

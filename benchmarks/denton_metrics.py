@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 
 from rankdown import CompressConfig, build_model, compress
-from rankdown.bench import count_macs, environment
-from rankdown.metrics import collect
-from rankdown.models import DATASETS
-from rankdown.rank import MacFraction
-from rankdown.train import TrainConfig, finetune
+from rankdown.fitting.metrics import collect
+from rankdown.measurement.bench import count_macs, environment
+from rankdown.planning.rank import MacFraction
+from rankdown.training.train import TrainConfig, finetune
+from rankdown.zoo import DATASETS
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))

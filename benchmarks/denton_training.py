@@ -29,12 +29,12 @@ from pathlib import Path
 import torch
 
 from rankdown import CompressConfig, build_model, compress
-from rankdown.bench import environment
-from rankdown.calibrate import CalibrationConfig, reconstruct
-from rankdown.data import load_fashion_mnist
-from rankdown.progressive import progressive_compress
-from rankdown.rank import MacFraction
-from rankdown.train import TrainConfig, finetune
+from rankdown.fitting.calibrate import CalibrationConfig, reconstruct
+from rankdown.measurement.bench import environment
+from rankdown.planning.rank import MacFraction
+from rankdown.training.progressive import progressive_compress
+from rankdown.training.train import TrainConfig, finetune
+from rankdown.zoo.fashion import load_fashion_mnist
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))

@@ -16,7 +16,7 @@ import torch
 from common import load_or_run, write_section
 
 from rankdown import decompose
-from rankdown.bench import environment
+from rankdown.measurement.bench import environment
 
 HERE = Path(__file__).parent
 OUT = HERE / "results" / "exactness.json"

@@ -21,10 +21,10 @@ import torch
 from common import load_or_run, write_section
 
 from rankdown import CompressConfig, MacFraction, build_model, compress
-from rankdown.bench import best_latency, environment, measure_latency
-from rankdown.data import load_fashion_mnist
-from rankdown.deploy import deploy
-from rankdown.export import FORMATS, OrtModule, export_model
+from rankdown.deployment.deploy import deploy
+from rankdown.deployment.export import FORMATS, OrtModule, export_model
+from rankdown.measurement.bench import best_latency, environment, measure_latency
+from rankdown.zoo.fashion import load_fashion_mnist
 
 HERE = Path(__file__).parent
 OUT = HERE / "results" / "export_runtimes.json"

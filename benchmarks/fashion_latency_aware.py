@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 from rankdown import CompressConfig, build_model, compress
-from rankdown.bench import environment, model_cost
-from rankdown.data import load_fashion_mnist
-from rankdown.latency import DeviceKey, latency_ranks, plan_by_latency, plan_by_latency_sum, plan_by_macs
-from rankdown.rank import LayerRanks
+from rankdown.measurement.bench import environment, model_cost
+from rankdown.planning.latency import DeviceKey, latency_ranks, plan_by_latency, plan_by_latency_sum, plan_by_macs
+from rankdown.planning.rank import LayerRanks
+from rankdown.zoo.fashion import load_fashion_mnist
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 from rankdown import CompressConfig, MacFraction, build_model, compress
-from rankdown.bench import best_latency, environment, model_cost
-from rankdown.data import load_fashion_mnist
-from rankdown.models import BUNDLED
+from rankdown.measurement.bench import best_latency, environment, model_cost
 from rankdown.storage import atomic_write_text
+from rankdown.zoo import BUNDLED
+from rankdown.zoo.fashion import load_fashion_mnist
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))

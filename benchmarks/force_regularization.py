@@ -28,12 +28,12 @@ import torch
 from torch import nn
 
 from rankdown import CompressConfig, Energy, build_model, compress
-from rankdown.bench import environment, model_cost
-from rankdown.data import load_fashion_mnist
 from rankdown.decompose import singular_values
-from rankdown.models import BUNDLED
+from rankdown.measurement.bench import environment, model_cost
 from rankdown.storage import atomic_write_text
-from rankdown.train import TrainConfig, finetune
+from rankdown.training.train import TrainConfig, finetune
+from rankdown.zoo import BUNDLED
+from rankdown.zoo.fashion import load_fashion_mnist
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))

@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 from rankdown import CompressConfig, build_model, compress
-from rankdown.bench import count_macs, environment
-from rankdown.calibrate import CalibrationConfig, reconstruct
-from rankdown.chars import load_chars
-from rankdown.rank import MacFraction
+from rankdown.fitting.calibrate import CalibrationConfig, reconstruct
+from rankdown.measurement.bench import count_macs, environment
+from rankdown.planning.rank import MacFraction
+from rankdown.zoo.chars import load_chars
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))

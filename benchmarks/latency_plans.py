@@ -8,9 +8,9 @@ factorized):
   separable, CP, and SVD for a Linear layer, at ranks rounded to multiples of 8; dense too) of
   every layer at its real input shape on this machine, then picks the combination with the least
   measured time whose MACs meet the same target while keeping the most MACs per measured ms
-  (rankdown.latency.plan_for_mac_budget).
+  (rankdown.planning.latency.plan_for_mac_budget).
 End-to-end latency: median of guarded runs, each model in its faster layout (NCHW or
-channels_last), batch 1, 2 threads, as built and after rankdown.deploy.deploy (batch norms folded
+channels_last), batch 1, 2 threads, as built and after rankdown.deployment.deploy.deploy (batch norms folded
 into the convs before them, gathers folded, pointwise factors merged). The dense baseline is the
 faster of its two forms. The dense model and the latency-aware plans are also exported to ONNX and
 timed in onnxruntime (when it is installed) at each graph optimization level, and compiled with
@@ -33,9 +33,9 @@ import torch
 from torch import nn
 
 from rankdown import CompressConfig, MacFraction, compress
-from rankdown.bench import best_latency, compiled_latency, environment, measure_latency, model_cost
-from rankdown.deploy import deploy
-from rankdown.latency import (
+from rankdown.deployment.deploy import deploy
+from rankdown.measurement.bench import best_latency, compiled_latency, environment, measure_latency, model_cost
+from rankdown.planning.latency import (
     Candidate,
     DeviceKey,
     LatencyTable,
@@ -46,7 +46,7 @@ from rankdown.latency import (
     predicted_ms,
     timing_options,
 )
-from rankdown.rank import LayerRanks
+from rankdown.planning.rank import LayerRanks
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
@@ -117,7 +117,7 @@ def ort_ms(model: nn.Module, x: torch.Tensor, runs: int) -> dict[str, float] | N
         import onnxruntime  # noqa: F401
     except ImportError:
         return None
-    from rankdown.export import ORT_LEVELS, onnxruntime_modules
+    from rankdown.deployment.export import ORT_LEVELS, onnxruntime_modules
 
     sessions = onnxruntime_modules(model, x, threads=2, optimizations=ORT_LEVELS, check=[x], dynamic_batch=False)
     return {
@@ -256,13 +256,13 @@ def write_markdown(result: dict, path: Path) -> None:
         "against the fastest dense model (its faster "
         "layout, with or without batch norms folded); meas/theo is measured speedup ÷ MAC reduction (the "
         "issue's target: ≥ 0.8). "
-        "*Deployed*: after `rankdown.deploy.deploy` (what `rankdown bench --fold-bn` measures). "
+        "*Deployed*: after `rankdown.deployment.deploy.deploy` (what `rankdown bench --fold-bn` measures). "
         "*onnxruntime*: the latency-aware plan and the dense model exported to ONNX (deployment folds, "
         "parity-checked) and timed in onnxruntime on 2 threads, the same guarded way, at each graph optimization "
         "level; its meas/theo is the plan's fastest level against the dense model's fastest level. *compiled*: "
         "`torch.compile` (inductor) of the deployed model, in its fastest form (layout, with or without inductor's "
-        "freezing; `rankdown.bench.compiled_latency`), compile time not timed; against the dense model compiled "
-        "the same way.",
+        "freezing; `rankdown.measurement.bench.compiled_latency`), compile time not timed; against the dense model "
+        "compiled the same way.",
         "",
         "| net | target | plan | MAC reduction | dense ms | plan ms | meas/theo | deployed ms | deployed speedup "
         "| deployed meas/theo | onnxruntime ms (dense) | onnxruntime meas/theo | compiled ms (dense) "

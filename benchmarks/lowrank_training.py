@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 
 from rankdown import CompressConfig, MacFraction, build_model, compress
-from rankdown.bench import environment, model_cost
-from rankdown.data import load_fashion_mnist
 from rankdown.layers import SeparableConv2d
-from rankdown.models import FashionVGG
+from rankdown.measurement.bench import environment, model_cost
 from rankdown.surgery import get_module, replace_module
-from rankdown.train import TrainConfig, finetune, train_classifier
+from rankdown.training.train import TrainConfig, finetune, train_classifier
+from rankdown.zoo import FashionVGG
+from rankdown.zoo.fashion import load_fashion_mnist
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))

@@ -21,13 +21,13 @@ import torch
 from common import load_or_run, test_accuracy, test_correct, write_section
 
 from rankdown import CompressConfig, ParamFraction, build_model, compress
-from rankdown.allocate import Budget
-from rankdown.api import allocate_ranks
-from rankdown.bench import environment, model_cost
-from rankdown.calibrate import CalibrationConfig, quick, reconstruct
-from rankdown.data import load_fashion_mnist
-from rankdown.pipeline import SWEEP_EXAMPLES
+from rankdown.app.pipeline import SWEEP_EXAMPLES
+from rankdown.fitting.calibrate import CalibrationConfig, quick, reconstruct
+from rankdown.measurement.bench import environment, model_cost
+from rankdown.planning.allocate import Budget
+from rankdown.planning.compress import allocate_ranks
 from rankdown.storage import default_cache_dir
+from rankdown.zoo.fashion import load_fashion_mnist
 
 HERE = Path(__file__).parent
 OUT = HERE / "results" / "mixed_methods.json"
@@ -65,7 +65,7 @@ MODELS = {
 
 def data(name: str):
     if name == "charnet":
-        from rankdown.chars import load_chars
+        from rankdown.zoo.chars import load_chars
 
         return load_chars("train", limit=4096), load_chars("test", limit=2000)
     return load_fashion_mnist("train", limit=4096), load_fashion_mnist("test", limit=2000)

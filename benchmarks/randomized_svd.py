@@ -32,10 +32,10 @@ from mixed_methods import dense_model
 
 import rankdown.decompose.svd as svd
 from rankdown import CompressConfig, compress
-from rankdown.allocate import Budget
-from rankdown.api import allocate_ranks
-from rankdown.bench import environment
-from rankdown.data import load_fashion_mnist
+from rankdown.measurement.bench import environment
+from rankdown.planning.allocate import Budget
+from rankdown.planning.compress import allocate_ranks
+from rankdown.zoo.fashion import load_fashion_mnist
 
 HERE = Path(__file__).parent
 OUT = HERE / "results" / "randomized_svd.json"
@@ -86,7 +86,7 @@ def accuracy_part() -> dict:
 def timing_part() -> dict:
     from llm import smollm2_spec
 
-    from rankdown.models import build_model
+    from rankdown.zoo import build_model
 
     model = build_model(smollm2_spec())
     mats = [m.weight.detach() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from common import load_or_run, write_section
 
-from rankdown.bench import environment
+from rankdown.measurement.bench import environment
 from rankdown.storage import default_cache_dir
 
 HERE = Path(__file__).parent
@@ -40,7 +40,7 @@ def write_folders(root: Path, n_train: int, n_test: int) -> dict[str, Path]:
     """Fashion-MNIST as PNG files, class sub-folders (what a user's image folder looks like)."""
     from PIL import Image
 
-    from rankdown.data import load_fashion_mnist
+    from rankdown.zoo.fashion import load_fashion_mnist
 
     out = {}
     for split, n in (("train", n_train), ("test", n_test)):
@@ -63,7 +63,7 @@ def train_user_model(folders: dict[str, Path], weights: Path, epochs: int) -> di
     import usernet
     from safetensors.torch import save_file
 
-    from rankdown.sources import ImageFolder, ImageOptions
+    from rankdown.data.sources import ImageFolder, ImageOptions
 
     opts = ImageOptions(grayscale=True, mean=(0.2860,), std=(0.3530,))
     train = ImageFolder(folders["train"], opts)

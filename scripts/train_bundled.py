@@ -1,7 +1,7 @@
 """Train a bundled model from scratch on its bundled data and write its safetensors weights.
 
-python scripts/train_bundled.py --model fashion-vgg --epochs 10   # -> src/rankdown/weights/fashion_vgg.safetensors
-python scripts/train_bundled.py --model charnet --epochs 8        # -> src/rankdown/weights/charnet.safetensors
+python scripts/train_bundled.py --model fashion-vgg --epochs 10   # -> src/rankdown/zoo/weights/fashion_vgg.safetensors
+python scripts/train_bundled.py --model charnet --epochs 8        # -> src/rankdown/zoo/weights/charnet.safetensors
 
 The shipped weights were made with this code under its earlier names (scripts/train_fashion_vgg.py,
 scripts/train_charnet.py; both still run it), as their metadata records.
@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from rankdown.models import BUNDLED, DATASETS
-from rankdown.train import evaluate, train_classifier
+from rankdown.training.train import evaluate, train_classifier
+from rankdown.zoo import BUNDLED, DATASETS
 
 EPOCHS = {"fashion-vgg": 10, "charnet": 8}
-WEIGHTS = Path(__file__).resolve().parent.parent / "src/rankdown/weights"
+WEIGHTS = Path(__file__).resolve().parent.parent / "src/rankdown/zoo/weights"
 
 
 def main(argv: list[str] | None = None, script: str = "scripts/train_bundled.py") -> None:

@@ -6,7 +6,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # for `import nets` (and `nets:factory` model specs)
 
-from rankdown.models import BUNDLED, bundled_weights_path
+from rankdown.zoo import BUNDLED, bundled_weights_path
 
 
 def pytest_configure(config):

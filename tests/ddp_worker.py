@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rankdown.data import Split
-from rankdown.train import TrainConfig, _dist, finetune, init_distributed
+from rankdown.training.train import TrainConfig, _dist, finetune, init_distributed
+from rankdown.zoo.fashion import Split
 
 
 def synthetic(n: int = 512) -> Split:
@@ -28,7 +28,7 @@ def main() -> None:
     model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Dropout(0.1), nn.Linear(8 * 64, 4))
     kill = os.environ.get("KILL_RANK1_AT_EPOCH")
     if kill and rank == 1:
-        import rankdown.train as tr
+        import rankdown.training.train as tr
 
         real = tr.augment
         calls = {"n": 0}

@@ -7,10 +7,10 @@ import torch
 
 from nets import randomize_bn, tiny_resnet, tiny_vgg
 from rankdown import CompressConfig, compress
-from rankdown.allocate import Budget, LayerCurve, Option, allocate
-from rankdown.api import allocate_ranks
-from rankdown.bench import layer_costs, model_cost
 from rankdown.errors import RankdownError
+from rankdown.measurement.bench import layer_costs, model_cost
+from rankdown.planning.allocate import Budget, LayerCurve, Option, allocate
+from rankdown.planning.compress import allocate_ranks
 
 
 def test_budget_validation():
@@ -77,7 +77,7 @@ def test_allocation_on_resnet_meets_target_within_one_step(tmp_path, criterion, 
 
 
 def test_sweep_cache_reused_and_invalidated(tmp_path, monkeypatch):
-    import rankdown.allocate as alloc
+    import rankdown.planning.allocate as alloc
 
     computed = []
     real = alloc.sensitivity
@@ -111,9 +111,9 @@ def test_a_sweep_under_a_metric_scores_the_fit_compress_will_build(tmp_path):
     """With covariance statistics a channel-SVD candidate is the whitened truncation, the best
     rank-r fit of the layer's outputs on those data: never worse there than the plain one. Its
     curve is cached apart from the plain one."""
-    from rankdown.allocate import sensitivity
+    from rankdown.fitting.metrics import collect
     from rankdown.methods import get_method
-    from rankdown.metrics import collect
+    from rankdown.planning.allocate import sensitivity
 
     model = tiny_vgg().eval()
     gen = torch.Generator().manual_seed(0)
@@ -152,9 +152,9 @@ def test_a_failed_fit_falls_back_to_a_lower_rank_and_the_budget_is_met(monkeypat
     uniform 4x request once delivered 3.12x): the next lower rank that fits is used, and said."""
     from torch import nn
 
-    from rankdown.api import CompressConfig, compress
     from rankdown.methods import CP, Factorized
-    from rankdown.rank import MacFraction
+    from rankdown.planning.compress import CompressConfig, compress
+    from rankdown.planning.rank import MacFraction
 
     real = CP.factorize
 
@@ -179,8 +179,8 @@ def test_a_mixed_method_plan_is_at_least_as_good_as_each_single_method_plan(tmp_
 
     import nets
     from rankdown import CompressConfig, ParamFraction, compress
-    from rankdown.allocate import Budget, relative_error
-    from rankdown.api import allocate_ranks
+    from rankdown.planning.allocate import Budget, relative_error
+    from rankdown.planning.compress import allocate_ranks
 
     torch.manual_seed(1)
     model = nets.randomize_bn(nets.tiny_vgg(), 1).eval()
@@ -246,8 +246,8 @@ def test_sum_objective_is_optimal_on_synthetic_curves():
     ],
 )
 def test_spectrum_costs_from_two_points_equal_counting_every_rank(layer, method, example):
-    from rankdown.allocate import _costs_linear_in_rank, _grid, candidate_cost
     from rankdown.methods import get_method
+    from rankdown.planning.allocate import _costs_linear_in_rank, _grid, candidate_cost
 
     handler = get_method(method, type(layer))
     ranks = _grid(handler, layer, 64, 1)

@@ -5,7 +5,14 @@ import torch
 from torch import nn
 
 from nets import TinyResNet
-from rankdown.bench import LoadGuard, best_latency, compiled_latency, count_macs, measure_latency, model_cost
+from rankdown.measurement.bench import (
+    LoadGuard,
+    best_latency,
+    compiled_latency,
+    count_macs,
+    measure_latency,
+    model_cost,
+)
 
 
 def test_mac_formulas():

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-import rankdown.calibrate as cal
+import rankdown.fitting.calibrate as cal
 from rankdown import CompressConfig, FixedRank, compress
 
 
@@ -96,8 +96,8 @@ def test_hf_llama_blockwise_equals_layer_by_layer(tmp_path, monkeypatch):
     are re-run without the cache and give the same refit as whole-network passes."""
     pytest.importorskip("transformers")
     import hfnets
-    from rankdown.hf import load_model, load_tokenizer
-    from rankdown.text import text_data
+    from rankdown.data.text import text_data
+    from rankdown.models.hf import load_model, load_tokenizer
     from rankdown.workload import tied_layers
 
     folder = hfnets.llama_folder(tmp_path / "llama")

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from nets import tiny_vgg  # noqa: F401  (model spec nets:tiny_vgg below)
-from rankdown.cli import main
+from rankdown.app.cli import main
 
 FAST = ["--latency-runs", "2", "--batch-sizes", "1,4", "--no-guard", "-q"]
 
@@ -22,7 +22,7 @@ def run(args, **kw):
 def cli(args, tmp_path):
     """Through the real entry point, as a user runs it (exit codes, stderr)."""
     return subprocess.run(
-        [sys.executable, "-c", "from rankdown.cli import run; run()", *args],
+        [sys.executable, "-c", "from rankdown.app.cli import run; run()", *args],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -179,7 +179,7 @@ def test_non_empty_output_needs_force(tmp_path):
 def test_user_weights_and_eval_of_broken_folder(tmp_path):
     import torch
 
-    from rankdown.models import build_model
+    from rankdown.zoo import build_model
 
     m = build_model("nets:tiny_vgg")
     save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(tmp_path / "w.safetensors"))
@@ -565,7 +565,7 @@ def test_compress_progressive_on_bundled_model(tmp_path, fake_fashion, has_bundl
 
 
 def test_a_saved_folder_is_measured_after_its_dense_weights_file_has_gone(tmp_path, capsys):
-    from rankdown.models import build_model
+    from rankdown.zoo import build_model
     from test_reliability import in_process
 
     m = build_model("nets:tiny_vgg")

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from rankdown.methods import METHODS
-from rankdown.rank import candidate_cost
+from rankdown.planning.rank import candidate_cost
 
 # Methods whose largest candidate rank reproduces every weight exactly (the others are fits of a
 # structure that a random weight does not have: CP, monochromatic colours, scheme 1's basis).
@@ -84,8 +84,8 @@ def test_factorized_module_protocol(key):
     import copy
 
     from rankdown.errors import RankdownError
+    from rankdown.fitting.metrics import LayerMetric, transformed, undo
     from rankdown.layers import FactorizedLayer
-    from rankdown.metrics import LayerMetric, transformed, undo
 
     name, ltype = key
     method = METHODS[key]

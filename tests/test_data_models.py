@@ -5,8 +5,9 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import write_idx
-from rankdown.data import DataError, load_fashion_mnist, read_idx
-from rankdown.models import BUNDLED, ModelError, build_model, load_state_dict_file, resolve_factory
+from rankdown.models.load import ModelError, load_state_dict_file, resolve_factory
+from rankdown.zoo import BUNDLED, build_model
+from rankdown.zoo.fashion import DataError, load_fashion_mnist, read_idx
 
 
 def test_reads_gz_and_plain_idx(tmp_path):

@@ -142,7 +142,7 @@ def test_monochromatic_layer_equals_dense_with_its_weight_and_more_colours_help(
 
 # -- weighted metrics --------------------------------------------------------------------------
 
-from rankdown.metrics import LayerMetric, collect, factorize_weighted  # noqa: E402
+from rankdown.fitting.metrics import LayerMetric, collect, factorize_weighted  # noqa: E402
 
 
 def _out_err(conv, approx_weight, x):
@@ -208,7 +208,7 @@ def test_cli_compress_with_a_weighted_metric(tmp_path, metric):
 
     from click.testing import CliRunner
 
-    from rankdown.cli import main
+    from rankdown.app.cli import main
 
     out = tmp_path / "m"
     args = ["compress", "--model", "nets:tiny_vgg", "--input-shape", "3,16,16", "--method", "tucker2", "--rank", "4"]
@@ -303,7 +303,7 @@ def _randomize_bn(model):
 
 
 def test_fold_permutations_is_exact_and_removes_the_gathers():
-    from rankdown.deploy import fold_permutations
+    from rankdown.deployment.deploy import fold_permutations
     from rankdown.layers import Permute
 
     torch.manual_seed(0)

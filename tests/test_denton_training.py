@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from rankdown.calibrate import CalibrationConfig, following_activation, reconstruct, relu_z_step
+from rankdown.fitting.calibrate import CalibrationConfig, following_activation, reconstruct, relu_z_step
 
 
 @settings(max_examples=60, deadline=None)
@@ -62,8 +62,8 @@ def _response_error(dense, model, x):
 
 @pytest.mark.parametrize("method, rank", [("channel-svd", 3), ("tucker2", 3)])
 def test_response_fit_lowers_the_error_after_the_relu(method, rank):
-    from rankdown.api import CompressConfig, compress
-    from rankdown.rank import FixedRank
+    from rankdown.planning.compress import CompressConfig, compress
+    from rankdown.planning.rank import FixedRank
 
     dense = _net(negative_gamma=True)
     x = _images(256)
@@ -77,8 +77,8 @@ def test_response_fit_lowers_the_error_after_the_relu(method, rank):
 
 
 def test_nonlinear_off_or_no_relu_leaves_the_linear_fit():
-    from rankdown.api import CompressConfig, compress
-    from rankdown.rank import FixedRank
+    from rankdown.planning.compress import CompressConfig, compress
+    from rankdown.planning.rank import FixedRank
 
     dense = _net()
     x = _images(64)
@@ -89,11 +89,11 @@ def test_nonlinear_off_or_no_relu_leaves_the_linear_fit():
 
 def test_progressive_freezes_each_layer_and_everything_before_it():
     from nets import TinyResNet
-    from rankdown.api import CompressConfig, compress
-    from rankdown.data import Split
-    from rankdown.progressive import called_up_to, progressive_compress
-    from rankdown.rank import FixedRank
-    from rankdown.train import TrainConfig
+    from rankdown.planning.compress import CompressConfig, compress
+    from rankdown.planning.rank import FixedRank
+    from rankdown.training.progressive import called_up_to, progressive_compress
+    from rankdown.training.train import TrainConfig
+    from rankdown.zoo.fashion import Split
 
     torch.manual_seed(0)
     dense = TinyResNet(width=8).eval()

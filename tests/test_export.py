@@ -15,8 +15,8 @@ pytest.importorskip("onnxscript")
 
 import nets
 from rankdown import CompressConfig, ParamFraction, compress
+from rankdown.deployment.export import ORT_LEVELS, OrtModule, export_model, is_rankdown_export, onnxruntime_modules
 from rankdown.errors import RankdownError
-from rankdown.export import ORT_LEVELS, OrtModule, export_model, is_rankdown_export, onnxruntime_modules
 from rankdown.methods import METHODS
 from test_contract import layer_for
 from test_reliability import assert_refused, in_process

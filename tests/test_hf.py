@@ -16,15 +16,15 @@ pytest.importorskip("transformers")
 
 import hfnets
 from rankdown import CompressConfig, FixedRank, ParamFraction, compress, evaluate
-from rankdown.allocate import Budget, spectrum_curves
-from rankdown.api import allocate_ranks, select_targets
+from rankdown.app.pipeline import MeasureOptions, open_saved
+from rankdown.data.text import text_data
 from rankdown.decompose import whitened_truncated_svd
-from rankdown.hf import load_model, load_tokenizer, token_speed
+from rankdown.fitting.metrics import collect, factorize_weighted
 from rankdown.methods import get_method
-from rankdown.metrics import collect, factorize_weighted
-from rankdown.pipeline import MeasureOptions, open_saved
+from rankdown.models.hf import load_model, load_tokenizer, token_speed
+from rankdown.planning.allocate import Budget, spectrum_curves
+from rankdown.planning.compress import allocate_ranks, select_targets
 from rankdown.surgery import record_inputs
-from rankdown.text import text_data
 from rankdown.workload import tied_layers
 from test_reliability import assert_refused, in_process
 
@@ -165,7 +165,7 @@ def test_cli_compress_eval_and_generate_after_loading(llama, texts, tmp_path, ca
     # The plan names an hf: model, which is data: it is rebuilt without --model, outputs identical.
     saved = open_saved(tmp_path / "out", MeasureOptions())
     ids = torch.arange(3, 40).view(1, -1) % 300
-    from rankdown.plan import load_compressed
+    from rankdown.planning.plan import load_compressed
 
     again = load_compressed(tmp_path / "out", load_model(f"hf:{llama}"))
     with torch.no_grad():
@@ -244,7 +244,7 @@ def test_spectrum_allocation_with_another_method_is_refused_up_front(tmp_path, c
 
 @pytest.mark.slow
 def test_a_causal_lm_is_fine_tuned_on_its_text_by_next_token_loss(llama, texts):
-    from rankdown.train import TrainConfig, finetune
+    from rankdown.training.train import TrainConfig, finetune
 
     model, data = _calib(llama, texts)
     result = compress(model, CompressConfig("svd", ParamFraction(0.4), skip=tied_layers(model)), data.example())

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from rankdown.calibrate import CalibrationConfig, reconstruct
 from rankdown.decompose import basis_filters, separable, truncated_svd, whitened_truncated_svd
+from rankdown.fitting.calibrate import CalibrationConfig, reconstruct
 from rankdown.layers import BasisConv2d
 from rankdown.methods import get_method
 
@@ -131,8 +131,8 @@ def _correlated_images(n, seed=0):
 @pytest.mark.parametrize("method, rank", [("channel-svd", 3), ("separable", 3), ("basis", 2), ("tucker2", 4)])
 @pytest.mark.parametrize("mode", ["data", "joint"])
 def test_data_reconstruction_lowers_output_error(method, rank, mode):
-    from rankdown.api import CompressConfig, compress
-    from rankdown.rank import FixedRank
+    from rankdown.planning.compress import CompressConfig, compress
+    from rankdown.planning.rank import FixedRank
 
     torch.manual_seed(0)
     dense = TwoConvs().eval()
@@ -154,8 +154,8 @@ def test_closed_form_data_fit_is_the_least_squares_optimum_for_svd_layers():
     dense = nn.Sequential(nn.Linear(10, 12)).double().eval()
     mix = torch.randn(10, 10, dtype=torch.float64) * torch.logspace(0, -2, 10, dtype=torch.float64)
     x = torch.randn(400, 10, dtype=torch.float64) @ mix.T
-    from rankdown.api import CompressConfig, compress
-    from rankdown.rank import FixedRank
+    from rankdown.planning.compress import CompressConfig, compress
+    from rankdown.planning.rank import FixedRank
 
     res = compress(dense, CompressConfig("svd", FixedRank(3)), x[:1])
     # one batch: no held-out split, so the fit is the exact optimum on these examples
@@ -179,7 +179,7 @@ def test_calibration_rejects_bad_mode():
 
 
 def test_char_fonts_split_by_family_and_disjoint():
-    from rankdown import chars
+    from rankdown.zoo import chars
 
     train, test = chars.font_split("train"), chars.font_split("test")
     assert train and test
@@ -188,7 +188,7 @@ def test_char_fonts_split_by_family_and_disjoint():
 
 
 def test_char_rendering_is_deterministic_and_labelled():
-    from rankdown import chars
+    from rankdown.zoo import chars
 
     fonts = chars.font_split("train")
     a, la = chars.render("train", 40, seed=5, fonts=fonts)
@@ -204,8 +204,8 @@ def test_char_rendering_is_deterministic_and_labelled():
 
 
 def test_charnet_shapes_and_bundled_weights():
-    from rankdown.bench import count_macs
-    from rankdown.models import BUNDLED, build_model, bundled_weights_path
+    from rankdown.measurement.bench import count_macs
+    from rankdown.zoo import BUNDLED, build_model, bundled_weights_path
 
     model = build_model("charnet", pretrained=bundled_weights_path("charnet").is_file())
     y = model(torch.rand(3, 1, 24, 24))
@@ -220,8 +220,8 @@ def test_cli_charnet_scheme1_with_joint_calibration(tmp_path, monkeypatch):
 
     from click.testing import CliRunner
 
-    from rankdown.cli import main
-    from rankdown.models import bundled_weights_path
+    from rankdown.app.cli import main
+    from rankdown.zoo import bundled_weights_path
 
     if not bundled_weights_path("charnet").is_file():
         pytest.skip("charnet weights not bundled")
@@ -243,7 +243,7 @@ def test_cli_charnet_scheme1_with_joint_calibration(tmp_path, monkeypatch):
 
 
 def test_damaged_char_cache_is_rendered_again(tmp_path, monkeypatch):
-    from rankdown import chars
+    from rankdown.zoo import chars
 
     monkeypatch.setenv("RANKDOWN_CACHE_DIR", str(tmp_path))
     first = chars.load_chars("test", limit=20)

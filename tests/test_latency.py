@@ -10,10 +10,10 @@ from torch import nn
 
 from nets import randomize_bn, tiny_resnet, tiny_vgg
 from rankdown import CompressConfig, ParamFraction, compress
-from rankdown.bench import count_macs
-from rankdown.deploy import fold_batchnorm
+from rankdown.deployment.deploy import fold_batchnorm
 from rankdown.errors import RankdownError
-from rankdown.latency import (
+from rankdown.measurement.bench import count_macs
+from rankdown.planning.latency import (
     Candidate,
     Choice,
     DeviceKey,
@@ -25,7 +25,7 @@ from rankdown.latency import (
     plan_by_macs,
     predicted_ms,
 )
-from rankdown.rank import FixedRank
+from rankdown.planning.rank import FixedRank
 from rankdown.surgery import get_module
 
 
@@ -75,7 +75,7 @@ def test_sum_budget_plan_fits_and_matches_brute_force():
     margin), and on this small case the least total time any combination achieves."""
     import itertools
 
-    from rankdown.latency import plan_by_latency_sum
+    from rankdown.planning.latency import plan_by_latency_sum
 
     opts = options()
     opts["c"] = LayerOptions(
@@ -247,7 +247,7 @@ def test_fold_batchnorm_reaches_resnet_blocks_by_tracing():
 
 
 def test_plan_for_mac_budget_keeps_most_macs_within_budget():
-    from rankdown.latency import plan_for_mac_budget
+    from rankdown.planning.latency import plan_for_mac_budget
 
     opts = options()
     plan = plan_for_mac_budget(opts, 70)
@@ -277,7 +277,7 @@ def test_plan_for_mac_budget_keeps_most_macs_within_budget():
 
 
 def test_plan_for_mac_budget_leaves_no_upgrade_that_still_fits():
-    from rankdown.latency import plan_for_mac_budget
+    from rankdown.planning.latency import plan_for_mac_budget
 
     g = torch.Generator().manual_seed(3)
     opts = {}
@@ -305,7 +305,7 @@ def test_plan_for_mac_budget_leaves_no_upgrade_that_still_fits():
 
 
 def test_merge_pointwise_is_exact_in_float64_and_cheaper():
-    from rankdown.deploy import merge_pointwise
+    from rankdown.deployment.deploy import merge_pointwise
 
     torch.manual_seed(0)
     conv = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(16, 12, 1), nn.ReLU(), nn.Conv2d(12, 6, 1))
@@ -325,7 +325,7 @@ def test_merge_pointwise_is_exact_in_float64_and_cheaper():
 
 def test_plan_for_mac_budget_bounds_the_error_and_says_it():
     """Time alone chooses a's separable form (error 0.6); with an error bound it may not."""
-    from rankdown.latency import plan_error, plan_for_mac_budget
+    from rankdown.planning.latency import plan_error, plan_for_mac_budget
 
     opts = options()
     free = plan_for_mac_budget(opts, 70)
@@ -351,8 +351,8 @@ class ParamsTable(LatencyTable):
 
 
 def test_slower_than_dense_names_the_factorized_layers_that_do_not_pay(tmp_path):
-    from rankdown.latency import slower_than_dense
     from rankdown.methods import get_method
+    from rankdown.planning.latency import slower_than_dense
     from rankdown.surgery import replace_module
 
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).eval()

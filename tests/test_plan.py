@@ -88,7 +88,7 @@ def test_non_empty_output_is_not_overwritten_without_force(tmp_path, compressed)
 
 
 def test_failed_write_leaves_nothing(tmp_path, compressed, monkeypatch):
-    import rankdown.plan as plan_mod
+    import rankdown.planning.plan as plan_mod
 
     def boom(*a, **k):
         raise OSError("disk full")

@@ -6,10 +6,10 @@ from torch import nn
 
 from nets import tiny_vgg
 from rankdown import CompressConfig, Energy, FixedRank, MacFraction, ParamFraction, compress
-from rankdown.bench import module_cost
 from rankdown.errors import RankdownError, RankError
+from rankdown.measurement.bench import module_cost
 from rankdown.methods import get_method
-from rankdown.rank import candidate_cost, choose_rank
+from rankdown.planning.rank import candidate_cost, choose_rank
 
 
 @pytest.mark.parametrize("bad", [0, -3, 1.5, True, "8"])

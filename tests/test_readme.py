@@ -29,7 +29,7 @@ def test_readme_opens_with_two_commands_and_ci_runs_the_second():
 def test_readme_command_lines_use_real_options():
     """Every flag in the README's command-line block is an option of that subcommand (docs that
     name a renamed or removed flag fail here, not in a user's terminal)."""
-    from rankdown.cli import main
+    from rankdown.app.cli import main
 
     block = re.search(r"## Command line\n\n```bash\n(.*?)```", README.read_text(), re.S).group(1)
     checked = 0

@@ -21,11 +21,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import nets
-from rankdown.api import CompressConfig, compress
-from rankdown.cli import run
+from rankdown.app.cli import run
 from rankdown.errors import OutputExistsError, RankdownError
-from rankdown.plan import load_compressed, save_compressed
-from rankdown.rank import ParamFraction
+from rankdown.planning.compress import CompressConfig, compress
+from rankdown.planning.plan import load_compressed, save_compressed
+from rankdown.planning.rank import ParamFraction
 from rankdown.storage import check_output_dir, is_rankdown_folder, recover
 
 HERE = Path(__file__).parent
@@ -38,7 +38,7 @@ def snapshot(root: Path) -> dict[str, bytes | None]:
 
 
 def in_process(args: list[str], capsys, cwd: Path) -> tuple[int, str, str]:
-    """Run the real entry point (``rankdown.cli.run``) in this process; (exit status, stdout, stderr)."""
+    """Run the real entry point (``rankdown.app.cli.run``) in this process; (exit status, stdout, stderr)."""
     old_argv, old_cwd = sys.argv, os.getcwd()
     sys.argv = ["rankdown", *args]
     os.chdir(cwd)
@@ -170,7 +170,7 @@ def test_bad_weight_files_are_one_line(capsys, tmp_path):
 
 
 def test_wrapper_prefixes_in_published_weights_are_mapped(tmp_path):
-    from rankdown.models import build_model
+    from rankdown.zoo import build_model
 
     state = {f"module.{k}": v for k, v in nets.tiny_vgg().state_dict().items()}
     save_file(state, str(tmp_path / "ddp.safetensors"))
@@ -270,7 +270,7 @@ def test_saved_weights_with_bad_values_are_one_line(saved, capsys, tmp_path):
 
 
 def _synthetic(n: int = 64):
-    from rankdown.data import Split
+    from rankdown.zoo.fashion import Split
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, 1, 8, 8, generator=g)
@@ -292,7 +292,7 @@ def _small_net() -> nn.Module:
     ],
 )
 def test_tampered_checkpoint_meta_is_refused(tmp_path, tamper, culprit):
-    from rankdown.train import TrainConfig, finetune
+    from rankdown.training.train import TrainConfig, finetune
 
     cfg = TrainConfig(epochs=2, batch_size=16, max_steps_per_epoch=2, augment=False)
     ckpt = tmp_path / "ckpt"
@@ -305,7 +305,7 @@ def test_tampered_checkpoint_meta_is_refused(tmp_path, tamper, culprit):
 
 
 def test_checkpoint_without_optimizer_is_refused(tmp_path):
-    from rankdown.train import TrainConfig, finetune
+    from rankdown.training.train import TrainConfig, finetune
 
     cfg = TrainConfig(epochs=2, batch_size=16, max_steps_per_epoch=2, augment=False)
     ckpt = tmp_path / "ckpt"
@@ -329,8 +329,8 @@ def test_checkpoint_without_optimizer_is_refused(tmp_path):
     ],
 )
 def test_tampered_sensitivity_cache_is_recomputed(tmp_path, tamper):
-    from rankdown.allocate import sensitivity
     from rankdown.methods import get_method
+    from rankdown.planning.allocate import sensitivity
 
     model = nets.tiny_vgg().eval()
     targets = {"features.3": get_method("channel-svd", nn.Conv2d), "classifier.1": get_method("svd", nn.Linear)}
@@ -350,8 +350,8 @@ def test_tampered_sensitivity_cache_is_recomputed(tmp_path, tamper):
 
 
 def test_latency_table_drops_bad_entries_and_never_caches_contended_timings(tmp_path, monkeypatch):
-    import rankdown.latency as lat
-    from rankdown.bench import Latency
+    import rankdown.planning.latency as lat
+    from rankdown.measurement.bench import Latency
 
     key = lat.DeviceKey.current("cpu", batch=1, threads=1)
     table = lat.LatencyTable(key, tmp_path, runs=2, guard=False)
@@ -397,9 +397,9 @@ def test_a_kill_between_the_renames_is_recovered(tmp_path, saved):
 import os, sys
 sys.path.insert(0, {str(HERE)!r})
 import torch, nets
-from rankdown.api import CompressConfig, compress
-from rankdown.plan import save_compressed
-from rankdown.rank import ParamFraction
+from rankdown.planning.compress import CompressConfig, compress
+from rankdown.planning.plan import save_compressed
+from rankdown.planning.rank import ParamFraction
 real = os.replace
 def dying(src, dst):
     real(src, dst)
@@ -487,7 +487,7 @@ def _state(folder: Path) -> str:
 @pytest.mark.slow
 def test_compress_killed_at_random_moments_leaves_old_or_new(tmp_path):
     out = tmp_path / "out"
-    args = [sys.executable, "-c", "from rankdown.cli import run; run()", "compress", *TINY]
+    args = [sys.executable, "-c", "from rankdown.app.cli import run; run()", "compress", *TINY]
     args += ["--method", "channel-svd", "--params", "0.5", "--out", str(out), "--no-latency", "-q", "--force"]
     env = dict(os.environ, RANKDOWN_QUIET="1", PYTHONPATH=str(HERE))
     assert subprocess.run(args, env=env, capture_output=True).returncode == 0
@@ -513,9 +513,9 @@ def test_compress_killed_at_random_moments_leaves_old_or_new(tmp_path):
 def test_finetune_is_all_new_or_all_old(tmp_path, fake_fashion, has_bundled_weights, monkeypatch):
     if not has_bundled_weights:
         pytest.skip("bundled weights not built yet")
-    import rankdown.pipeline as pipe
-    from rankdown.pipeline import MeasureOptions, run_finetune
-    from rankdown.train import TrainConfig
+    import rankdown.app.pipeline as pipe
+    from rankdown.app.pipeline import MeasureOptions, run_finetune
+    from rankdown.training.train import TrainConfig
 
     out = tmp_path / "out"
     model = pipe.build_model("fashion-vgg")
@@ -561,7 +561,7 @@ def test_any_json_in_a_plan_field_is_a_plan_or_a_plan_error(saved, field, value)
     """Whatever a tampered plan holds, loading it gives the model or a PlanError: never another
     exception, never an allocation it did not check."""
     from rankdown.errors import PlanError
-    from rankdown.plan import Plan, apply_plan
+    from rankdown.planning.plan import Plan, apply_plan
 
     d = json.loads((saved / "plan.json").read_text())
     if field in ("input_shape", "meta", "model"):
@@ -579,14 +579,14 @@ def test_any_json_in_a_plan_field_is_a_plan_or_a_plan_error(saved, field, value)
 def test_finetune_killed_at_random_moments_leaves_old_or_new(tmp_path, fake_fashion, has_bundled_weights):
     if not has_bundled_weights:
         pytest.skip("bundled weights not built yet")
-    from rankdown.models import build_model
+    from rankdown.zoo import build_model
 
     out = tmp_path / "out"
     config = CompressConfig("tucker2", ParamFraction(0.5), skip=("features.0",))
     res = compress(build_model("fashion-vgg"), config, torch.zeros(1, 1, 28, 28))
     res.plan.model = "fashion-vgg"
     save_compressed(out, res.model, res.plan, {"rankdown": "x"})
-    args = [sys.executable, "-c", "from rankdown.cli import run; run()", "finetune", str(out)]
+    args = [sys.executable, "-c", "from rankdown.app.cli import run; run()", "finetune", str(out)]
     args += ["--data-dir", str(fake_fashion), "--eval-limit", "16", "--train-limit", "32", "--epochs", "1"]
     args += ["--batch-size", "16", "--no-latency", "-q"]
     env = dict(os.environ, RANKDOWN_QUIET="1")

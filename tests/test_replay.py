@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from rankdown.replay import Suffix
+from rankdown.fitting.replay import Suffix
 from rankdown.surgery import swapped
 
 
@@ -127,7 +127,7 @@ def test_channels_last_only_where_the_forward_takes_it():
 
 
 def test_recordings_replaced_by_a_later_group_are_recorded_again(monkeypatch):
-    import rankdown.replay as replay
+    import rankdown.fitting.replay as replay
 
     model = _eval(Net())
     x = torch.randn(16, 3, 8, 8)

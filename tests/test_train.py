@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from rankdown.data import Split
 from rankdown.decompose import energy_rank, singular_values
 from rankdown.errors import RankdownError
-from rankdown.train import ForceRegularizer, TrainConfig, finetune
+from rankdown.training.train import ForceRegularizer, TrainConfig, finetune
+from rankdown.zoo.fashion import Split
 
 HERE = Path(__file__).parent
 
@@ -48,7 +48,7 @@ def test_same_seed_same_result_and_loss_falls():
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
     straight = small_model()
     finetune(straight, synthetic(), CFG, checkpoint_dir=tmp_path / "a")
-    import rankdown.train as tr
+    import rankdown.training.train as tr
 
     real = tr._save_checkpoint
     calls = []

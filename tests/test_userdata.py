@@ -196,9 +196,9 @@ def test_data_aware_options_without_data_name_the_flag(tmp_path, capsys):
 
 
 def test_subclasses_that_compute_as_the_plain_layer_are_factorized(tmp_path):
-    from rankdown.api import CompressConfig, compress
-    from rankdown.plan import load_compressed, save_compressed
-    from rankdown.rank import ParamFraction
+    from rankdown.planning.compress import CompressConfig, compress
+    from rankdown.planning.plan import load_compressed, save_compressed
+    from rankdown.planning.rank import ParamFraction
 
     model = nets.ported_net().eval()
     res = compress(model, CompressConfig("tucker2", ParamFraction(0.5)), torch.zeros(1, 3, 8, 8))
@@ -252,7 +252,7 @@ quiet = true
 def test_calibration_draws_across_a_class_sorted_folder(images):
     """An image folder lists its classes one after the other: calibration examples are drawn
     across the whole set (seeded), not the first class's."""
-    from rankdown.sources import Data, ImageFolder, ImageOptions
+    from rankdown.data.sources import Data, ImageFolder, ImageOptions
 
     folder = ImageFolder(images, ImageOptions(size=16))
     data = Data(folder, "images")
@@ -265,7 +265,7 @@ def test_calibration_draws_across_a_class_sorted_folder(images):
 
 def test_covariance_statistics_skip_padding_positions():
     """Calibration statistics come from real tokens only: a padded position is not data."""
-    from rankdown.metrics import collect
+    from rankdown.fitting.metrics import collect
 
     torch.manual_seed(0)
     model = nets.TokenTagger().eval()

@@ -2,6 +2,13 @@
 
 The public API is re-exported here lazily, so that ``import rankdown`` (and ``rankdown --help``)
 stays fast and initialises nothing until a name is used.
+
+Layout, bottom to top (a module imports only from its own level or below; tests/test_layout.py
+checks it): shared helpers (errors, progress, storage, probe, surgery) and the tensor maths
+(``decompose``); factorized modules (``layers``) and the method registry (``methods``); a user's
+model (``models``) and data (``data``); ``measurement``; ``fitting``; ``planning``; ``training``;
+``deployment``; the job's inputs (``workload``); then the application (``app``) and, beside it,
+the demo ``zoo`` of bundled models, built as workloads the same way a user's model is.
 """
 
 from __future__ import annotations
@@ -12,44 +19,44 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "compress": "rankdown.api",
-    "CompressConfig": "rankdown.api",
-    "CompressResult": "rankdown.api",
-    "FixedRank": "rankdown.rank",
-    "ParamFraction": "rankdown.rank",
-    "MacFraction": "rankdown.rank",
-    "Energy": "rankdown.rank",
-    "Evbmf": "rankdown.rank",
-    "Plan": "rankdown.plan",
-    "apply_plan": "rankdown.plan",
-    "save_compressed": "rankdown.plan",
-    "load_compressed": "rankdown.plan",
-    "LayerRanks": "rankdown.rank",
-    "build_model": "rankdown.models",
+    "compress": "rankdown.planning.compress",
+    "CompressConfig": "rankdown.planning.compress",
+    "CompressResult": "rankdown.planning.compress",
+    "FixedRank": "rankdown.planning.rank",
+    "ParamFraction": "rankdown.planning.rank",
+    "MacFraction": "rankdown.planning.rank",
+    "Energy": "rankdown.planning.rank",
+    "Evbmf": "rankdown.planning.rank",
+    "Plan": "rankdown.planning.plan",
+    "apply_plan": "rankdown.planning.plan",
+    "save_compressed": "rankdown.planning.plan",
+    "load_compressed": "rankdown.planning.plan",
+    "LayerRanks": "rankdown.planning.rank",
+    "build_model": "rankdown.zoo",
     "Workload": "rankdown.workload",
     "user_workload": "rankdown.workload",
-    "bundled_workload": "rankdown.workload",
-    "Data": "rankdown.sources",
-    "ImageFolder": "rankdown.sources",
-    "ImageOptions": "rankdown.sources",
-    "TensorFile": "rankdown.sources",
-    "evaluate": "rankdown.quality",
-    "run_job": "rankdown.pipeline",
-    "MeasureOptions": "rankdown.pipeline",
-    "AllocationOptions": "rankdown.pipeline",
-    "LatencyOptions": "rankdown.pipeline",
-    "ReconstructionOptions": "rankdown.pipeline",
-    "Budget": "rankdown.allocate",
-    "allocate_ranks": "rankdown.api",
-    "CalibrationConfig": "rankdown.calibrate",
-    "reconstruct": "rankdown.calibrate",
-    "TrainConfig": "rankdown.train",
-    "finetune": "rankdown.train",
-    "deploy": "rankdown.deploy",
-    "export_model": "rankdown.export",
-    "text_data": "rankdown.text",
-    "count_macs": "rankdown.bench",
-    "measure_latency": "rankdown.bench",
+    "bundled_workload": "rankdown.zoo",
+    "Data": "rankdown.data.sources",
+    "ImageFolder": "rankdown.data.sources",
+    "ImageOptions": "rankdown.data.sources",
+    "TensorFile": "rankdown.data.sources",
+    "evaluate": "rankdown.measurement.quality",
+    "run_job": "rankdown.app.pipeline",
+    "MeasureOptions": "rankdown.app.pipeline",
+    "AllocationOptions": "rankdown.app.pipeline",
+    "LatencyOptions": "rankdown.app.pipeline",
+    "ReconstructionOptions": "rankdown.app.pipeline",
+    "Budget": "rankdown.planning.allocate",
+    "allocate_ranks": "rankdown.planning.compress",
+    "CalibrationConfig": "rankdown.fitting.calibrate",
+    "reconstruct": "rankdown.fitting.calibrate",
+    "TrainConfig": "rankdown.training.train",
+    "finetune": "rankdown.training.train",
+    "deploy": "rankdown.deployment.deploy",
+    "export_model": "rankdown.deployment.export",
+    "text_data": "rankdown.data.text",
+    "count_macs": "rankdown.measurement.bench",
+    "measure_latency": "rankdown.measurement.bench",
     "register": "rankdown.methods",
     "Method": "rankdown.methods",
 }
@@ -63,25 +70,25 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
-    from rankdown.allocate import Budget
-    from rankdown.api import CompressConfig, CompressResult, allocate_ranks, compress
-    from rankdown.bench import count_macs, measure_latency
-    from rankdown.calibrate import CalibrationConfig, reconstruct
-    from rankdown.deploy import deploy
-    from rankdown.export import export_model
-    from rankdown.methods import Method, register
-    from rankdown.models import build_model
-    from rankdown.pipeline import (
+    from rankdown.app.pipeline import (
         AllocationOptions,
         LatencyOptions,
         MeasureOptions,
         ReconstructionOptions,
         run_job,
     )
-    from rankdown.plan import Plan, apply_plan, load_compressed, save_compressed
-    from rankdown.quality import evaluate
-    from rankdown.rank import Energy, Evbmf, FixedRank, LayerRanks, MacFraction, ParamFraction
-    from rankdown.sources import Data, ImageFolder, ImageOptions, TensorFile
-    from rankdown.text import text_data
-    from rankdown.train import TrainConfig, finetune
-    from rankdown.workload import Workload, bundled_workload, user_workload
+    from rankdown.data.sources import Data, ImageFolder, ImageOptions, TensorFile
+    from rankdown.data.text import text_data
+    from rankdown.deployment.deploy import deploy
+    from rankdown.deployment.export import export_model
+    from rankdown.fitting.calibrate import CalibrationConfig, reconstruct
+    from rankdown.measurement.bench import count_macs, measure_latency
+    from rankdown.measurement.quality import evaluate
+    from rankdown.methods import Method, register
+    from rankdown.planning.allocate import Budget
+    from rankdown.planning.compress import CompressConfig, CompressResult, allocate_ranks, compress
+    from rankdown.planning.plan import Plan, apply_plan, load_compressed, save_compressed
+    from rankdown.planning.rank import Energy, Evbmf, FixedRank, LayerRanks, MacFraction, ParamFraction
+    from rankdown.training.train import TrainConfig, finetune
+    from rankdown.workload import Workload, user_workload
+    from rankdown.zoo import build_model, bundled_workload

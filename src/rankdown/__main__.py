@@ -1,3 +1,3 @@
-from rankdown.cli import run
+from rankdown.app.cli import run
 
 run()

@@ -283,7 +283,7 @@ class TTLinear(nn.Module, FactorizedLayer):
     """A Linear layer whose weight is a tensor-train matrix (Novikov et al.), applied core by core.
 
     Not a chain of stock layers: the contraction has no stock-module equivalent. It declares its
-    own MAC count (``macs_per_position``) for rankdown.bench.
+    own MAC count (``macs_per_position``) for rankdown.measurement.bench.
     """
 
     def __init__(

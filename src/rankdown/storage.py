@@ -37,7 +37,7 @@ OWN_NAMES = frozenset(
         "spectra.png",
         "energy.png",
         "sensitivity.png",
-        "model.onnx",  # rankdown export (rankdown.export.FORMATS)
+        "model.onnx",  # rankdown export (rankdown.deployment.export.FORMATS)
         "model.torchscript.pt",
         "model.pt2",
     }

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from rankdown.data.sources import Data
 from rankdown.errors import RankdownError
+from rankdown.measurement.quality import MetricFn
 from rankdown.probe import Inputs, example_input, forward
-from rankdown.quality import MetricFn
-from rankdown.sources import Data
 
 
 @dataclass
@@ -129,28 +129,3 @@ def user_workload(
     w = Workload(model.eval(), example, calib, eval, train, spec, metric, tuple(skip))
     w.eval_from_calib = eval_from_calib
     return w
-
-
-def bundled_workload(
-    name: str, *, data_dir: str | None = None, eval_limit: int | None = None, weights: str | None = None
-) -> Workload:
-    """A bundled model with its own data: training images to calibrate and fine-tune on, the test
-    split to evaluate on. Data load lazily (Fashion-MNIST from the Debian package, characters
-    rendered once and cached)."""
-    from rankdown.models import BUNDLED, DATASETS, build_model
-
-    spec = BUNDLED[name]
-    model = build_model(name, weights)
-    example = example_input(model, spec.input_shape)
-    if spec.dataset not in DATASETS:  # pragma: no cover - every bundled model has data
-        raise RankdownError(f"bundled model {name!r} has no data")
-    load = DATASETS[spec.dataset]
-    # The test split is read now (a missing package fails in a second, not after the work); the
-    # training split when a step first needs it.
-    eval_ = Data(load("test", data_dir, eval_limit), f"{spec.dataset} test", batch_size=500)
-
-    def train() -> Data:
-        return Data(load("train", data_dir, None), f"{spec.dataset} train", batch_size=128)
-
-    # A mirrored character is another character: no flips for charnet.
-    return Workload(model, example, train, eval_, train, name, None, spec.default_skip, True, spec.dataset != "chars")

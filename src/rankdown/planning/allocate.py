@@ -25,14 +25,14 @@ import torch
 from torch import nn
 
 from rankdown import __version__
-from rankdown.bench import Cost, count_macs, n_params
 from rankdown.errors import RankdownError
+from rankdown.fitting.metrics import LayerMetric, factorize_weighted, metrics_digest, transformed
+from rankdown.fitting.replay import Suffix
+from rankdown.measurement.bench import Cost, count_macs, n_params
 from rankdown.methods import Method, Rank
-from rankdown.metrics import LayerMetric, factorize_weighted, metrics_digest, transformed
+from rankdown.planning.rank import Choice, candidate_cost
 from rankdown.probe import Inputs, batch_len, batch_size_for, batch_slice, forward, primary_output
 from rankdown.progress import progress
-from rankdown.rank import Choice, candidate_cost
-from rankdown.replay import Suffix
 from rankdown.storage import atomic_write_text, default_cache_dir
 from rankdown.surgery import get_module, weight_of
 
@@ -132,7 +132,7 @@ def sensitivity(
     metrics: dict[str, LayerMetric] | None = None,
 ) -> dict[str, LayerCurve]:
     """Error at a grid of ranks for each target layer (see the module docstring). With ``metrics``
-    (rankdown.metrics.collect) each candidate is fitted under its layer's metric, as ``compress``
+    (rankdown.fitting.metrics.collect) each candidate is fitted under its layer's metric, as ``compress``
     will fit it, so that the curve scores the layer the plan will build."""
     if criterion not in ("layer", "model"):
         raise RankdownError(f"sensitivity criterion must be 'layer' or 'model', got {criterion!r}")
@@ -281,8 +281,8 @@ def _costs_linear_in_rank(method: Method, module: nn.Module, ranks: list, exampl
 
 def candidate_cost_dense(module: nn.Module, example: torch.Tensor) -> int:
     """MACs of the dense layer on one example (meta device: nothing computed)."""
-    from rankdown.bench import module_cost
-    from rankdown.rank import _meta_copy
+    from rankdown.measurement.bench import module_cost
+    from rankdown.planning.rank import _meta_copy
 
     return module_cost(_meta_copy(module), example.to("meta")).macs
 
@@ -474,7 +474,7 @@ def _allocate_sum(
 def _same_form(a: object, b: object) -> bool:
     """Whether rank ``a`` is of the same method as ``b`` (mixed plans hold Choices; a single
     method's ladder is all one form)."""
-    from rankdown.rank import Choice
+    from rankdown.planning.rank import Choice
 
     if isinstance(b, Choice):
         return isinstance(a, Choice) and a.method == b.method

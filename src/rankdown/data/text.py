@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from rankdown.sources import Data, DataError
+from rankdown.data.sources import Data, DataError
 
 TASKS = ("causal-lm", "embedding")
 TEXT_PREFIX = "text:"

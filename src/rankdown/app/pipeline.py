@@ -15,13 +15,15 @@ import torch
 from torch import nn
 from torch.utils.data import default_collate
 
-from rankdown.allocate import Budget, relative_error
-from rankdown.api import CompressConfig, CompressResult, allocate_ranks, compress, select_targets
-from rankdown.bench import compare_latency, model_cost
-from rankdown.calibrate import CalibrationConfig
+from rankdown.app.report import build_report
+from rankdown.data.sources import Data
 from rankdown.errors import RankdownError
-from rankdown.models import BUNDLED, build_model
-from rankdown.plan import Plan, load_compressed, read_plan, save_compressed
+from rankdown.fitting.calibrate import CalibrationConfig
+from rankdown.measurement.bench import compare_latency, model_cost
+from rankdown.measurement.quality import MetricFn, evaluate
+from rankdown.planning.allocate import Budget, relative_error
+from rankdown.planning.compress import CompressConfig, CompressResult, allocate_ranks, compress, select_targets
+from rankdown.planning.plan import Plan, load_compressed, read_plan, save_compressed
 from rankdown.probe import (
     Inputs,
     batch_size_for,
@@ -32,12 +34,10 @@ from rankdown.probe import (
     primary_output,
     to_model,
 )
-from rankdown.quality import MetricFn, evaluate
-from rankdown.report import build_report
-from rankdown.sources import Data
 from rankdown.storage import check_output_dir
-from rankdown.train import TrainConfig, finetune
-from rankdown.workload import Workload, bundled_workload, user_workload
+from rankdown.training.train import TrainConfig, finetune
+from rankdown.workload import Workload, user_workload
+from rankdown.zoo import BUNDLED, build_model, bundled_workload
 
 
 @dataclass
@@ -98,7 +98,7 @@ class ReconstructionOptions:
 
 def reconstruct_layers(result: CompressResult, dense: nn.Module, calib: Data, opts: ReconstructionOptions) -> dict:
     """Refit ``result``'s factorized layers to the dense layers' outputs; notes go in the report rows."""
-    from rankdown.calibrate import reconstruct
+    from rankdown.fitting.calibrate import reconstruct
 
     fitted = reconstruct(
         dense, result.model, list(result.plan.layers), calib_inputs(calib, opts.examples, dense), opts.config
@@ -122,7 +122,7 @@ def _quick_refit(
     on the sweep's examples (seed 0) is mostly out of sample."""
     if opts is None:
         return None
-    from rankdown.calibrate import quick, reconstruct
+    from rankdown.fitting.calibrate import quick, reconstruct
 
     pool = to_model(calib.inputs(min(opts.examples, 2 * SWEEP_EXAMPLES), seed=1), dense)
     return lambda model, fqns: reconstruct(dense, model, fqns, pool, quick(opts.config))
@@ -214,7 +214,7 @@ def token_speed_of(
     data = workload.get("eval") or workload.get("calib")
     if not opts.measure_latency or dense is None or data is None or data.task != "causal-lm":
         return None
-    from rankdown.hf import token_speed
+    from rankdown.models.hf import token_speed
 
     ids = workload.example["input_ids"] if isinstance(workload.example, dict) else None
     if ids is None:
@@ -311,7 +311,7 @@ def run_job(
     example = workload.example
     clock.lap("checks and data")
     if latency_aware is not None:
-        from rankdown.latency import DeviceKey, latency_ranks
+        from rankdown.planning.latency import DeviceKey, latency_ranks
 
         assert calib is not None
         key = DeviceKey.current(
@@ -333,7 +333,7 @@ def run_job(
         clock.lap("latency plan")
     metrics = None
     if metric != "frobenius":
-        from rankdown.metrics import collect
+        from rankdown.fitting.metrics import collect
 
         assert calib is not None
         metrics = collect(
@@ -358,7 +358,7 @@ def run_job(
         config = dataclasses.replace(config, rank=policy)
         clock.lap("allocation")
     if progressive is not None:
-        from rankdown.progressive import progressive_compress
+        from rankdown.training.progressive import progressive_compress
 
         train = _trainable(workload.need("train", "--train-data", "--progressive-steps"), "--train-data")
         progressive = dataclasses.replace(progressive, augment=workload.augment, flip=workload.flip)
@@ -521,7 +521,7 @@ def build_workload(
     skip = BUNDLED[spec].default_skip if spec in BUNDLED else None
     example = None
     if not data and shape is None:
-        from rankdown.hf import example_tokens, is_hf
+        from rankdown.models.hf import example_tokens, is_hf
 
         example = example_tokens(model) if is_hf(spec) else None
     return user_workload(
@@ -554,7 +554,7 @@ def trusted_model_spec(folder: str | Path, plan_model: str | None, model_spec: s
         return model_spec
     if not plan_model:
         raise RankdownError(f"{folder}/plan.json does not say which model it was made from: pass --model")
-    from rankdown.hf import is_hf
+    from rankdown.models.hf import is_hf
 
     if plan_model not in BUNDLED and not is_hf(plan_model):  # hf: loads data only (no remote code)
         raise RankdownError(
@@ -592,8 +592,8 @@ def open_saved(
 
 
 def remeasure(saved: Saved, opts: MeasureOptions, argv: list[str] | None) -> dict:
-    from rankdown.api import LayerReport
-    from rankdown.bench import layer_costs
+    from rankdown.measurement.bench import layer_costs
+    from rankdown.planning.compress import LayerReport
 
     example = saved.workload.example
     names = list(saved.plan.layers)
@@ -693,7 +693,7 @@ class _Collated(torch.utils.data.Dataset):
 
 
 def _head(split, n: int):
-    from rankdown.data import Split
+    from rankdown.zoo.fashion import Split
 
     return Split(split.images[:n], split.labels[:n])
 
@@ -760,8 +760,8 @@ def _runs(o: BenchOptions, b: int) -> int:
 
 
 def _e2e(model: nn.Module, example: Inputs, b: int, o: BenchOptions) -> dict:
-    from rankdown.bench import best_latency, compiled_latency
-    from rankdown.latency import cuda_latency
+    from rankdown.measurement.bench import best_latency, compiled_latency
+    from rankdown.planning.latency import cuda_latency
 
     dtype = getattr(torch, o.dtype)
     m = model.to(device=o.device, dtype=dtype).eval()
@@ -788,7 +788,7 @@ def _e2e(model: nn.Module, example: Inputs, b: int, o: BenchOptions) -> dict:
 
 def _ort_models(models: dict[str, nn.Module], example: Inputs, o: BenchOptions) -> dict[str, nn.Module]:
     """Each model exported to ONNX (folded, dynamic batch, parity-checked) and wrapped for timing."""
-    from rankdown.export import onnxruntime_modules
+    from rankdown.deployment.export import onnxruntime_modules
 
     if o.device != "cpu":
         raise RankdownError("--onnxruntime times on the CPU only")
@@ -797,7 +797,7 @@ def _ort_models(models: dict[str, nn.Module], example: Inputs, o: BenchOptions) 
 
 
 def _ort_latency(m: nn.Module, example: Inputs, b: int, o: BenchOptions) -> dict:
-    from rankdown.bench import measure_latency
+    from rankdown.measurement.bench import measure_latency
 
     lat = measure_latency(m, batch_tile(example, b), runs=_runs(o, b), guard=o.guard, desc=f"onnxruntime b{b}")
     return lat.to_dict()
@@ -814,9 +814,9 @@ def run_export(
     model_spec: str | None = None,
     data: dict[str, Data] | None = None,
 ) -> dict:
-    """A saved compressed model exported to ``path`` (see rankdown.export), checked on the
+    """A saved compressed model exported to ``path`` (see rankdown.deployment.export), checked on the
     evaluation data when given, else on the example and seeded noise of its shape."""
-    from rankdown.export import export_model
+    from rankdown.deployment.export import export_model
 
     saved = open_saved(folder, MeasureOptions(), model_spec=model_spec, data=data)
     example = batch_tile(saved.workload.example, batch)
@@ -844,9 +844,9 @@ def run_bench(
 ) -> dict:
     """End-to-end (and optionally per-layer) latency of a saved compressed model beside its dense
     original, or of one model; each in its fastest layout; with the theoretical MAC reduction."""
-    from rankdown.bench import environment
-    from rankdown.deploy import deploy
-    from rankdown.latency import DeviceKey, LatencyTable
+    from rankdown.deployment.deploy import deploy
+    from rankdown.measurement.bench import environment
+    from rankdown.planning.latency import DeviceKey, LatencyTable
     from rankdown.surgery import record_inputs
 
     o = bench or BenchOptions()
@@ -905,7 +905,7 @@ def run_bench(
             dense_l, comp_l = models["dense"].get_submodule(n), models["compressed"].get_submodule(n)
             in_shape = tuple(ins[n].shape[1:])
             dm, cm = table.time(copy.deepcopy(dense_l), in_shape), table.time(copy.deepcopy(comp_l), in_shape)
-            from rankdown.bench import module_cost
+            from rankdown.measurement.bench import module_cost
 
             mac_d = module_cost(dense_l.cpu().float(), torch.zeros((1, *in_shape))).macs
             mac_c = module_cost(comp_l.cpu().float(), torch.zeros((1, *in_shape))).macs

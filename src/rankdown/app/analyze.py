@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from rankdown import decompose
-from rankdown.allocate import sensitivity
-from rankdown.api import CompressConfig, _handler, select_targets
-from rankdown.bench import count_macs
+from rankdown.measurement.bench import count_macs
+from rankdown.planning.allocate import sensitivity
+from rankdown.planning.compress import CompressConfig, _handler, select_targets
 from rankdown.probe import batch_slice
 from rankdown.storage import atomic_write_dir
 from rankdown.surgery import record_inputs, weight_of

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rankdown.data import DataError, Split
 from rankdown.storage import atomic_write_bytes
+from rankdown.zoo.fashion import DataError, Split
 
 CLASSES = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 SIZE = 24

@@ -11,15 +11,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rankdown.allocate import Budget
-from rankdown.bench import Cost, layer_costs
 from rankdown.errors import RankdownError, UnsupportedLayerError
+from rankdown.fitting.metrics import factorize_weighted
+from rankdown.measurement.bench import Cost, layer_costs
 from rankdown.methods import Method, Rank, get_method, method_names, resolve_method
-from rankdown.metrics import factorize_weighted
-from rankdown.plan import LayerPlan, Plan
-from rankdown.probe import Inputs, batch_slice
-from rankdown.progress import progress
-from rankdown.rank import (
+from rankdown.planning.allocate import Budget
+from rankdown.planning.plan import LayerPlan, Plan
+from rankdown.planning.rank import (
     Choice,
     FixedRank,
     LayerRanks,
@@ -29,6 +27,8 @@ from rankdown.rank import (
     choose_rank,
     policy_to_dict,
 )
+from rankdown.probe import Inputs, batch_slice
+from rankdown.progress import progress
 from rankdown.surgery import FilterFn, Selection, record_inputs, replace_module, select_layers, weight_of
 
 
@@ -129,7 +129,7 @@ def compress(
 
     ``example_input`` (batch 1 is enough) drives a probe forward pass that records each layer's
     input size, for MAC counts and MAC-budget ranks. ``metrics`` (from
-    :func:`rankdown.metrics.collect`) weighs each layer's fit by its data (Denton's Mahalanobis or
+    :func:`rankdown.fitting.metrics.collect`) weighs each layer's fit by its data (Denton's Mahalanobis or
     data-covariance metric). Returns the compressed model (a copy unless
     ``inplace``), the plan that rebuilds it, and one report row per considered layer.
     """
@@ -238,7 +238,7 @@ def allocate_ranks(
     objective: str = "max",
     refit: Callable[[nn.Module, list[str]], object] | None = None,
 ) -> LayerRanks:
-    """Spend one whole-model ``budget`` across the layers ``config`` selects (see rankdown.allocate).
+    """Spend one whole-model ``budget`` across the layers ``config`` selects (see rankdown.planning.allocate).
     ``criterion`` "spectrum" takes each layer's error curve in closed form from its (``metrics``-
     weighted) singular values instead of a sweep (truncated-SVD methods only). With ``methods``,
     each layer's options are every (method, rank) those methods offer it, under the same error
@@ -250,8 +250,8 @@ def allocate_ranks(
 
     Returns a LayerRanks policy: ``compress(model, replace(config, rank=policy), ...)`` applies it.
     """
-    from rankdown.allocate import LayerCurve, allocate, rank_ladders, sensitivity, spectrum_curves
-    from rankdown.bench import model_cost
+    from rankdown.measurement.bench import model_cost
+    from rankdown.planning.allocate import LayerCurve, allocate, rank_ladders, sensitivity, spectrum_curves
 
     model = model.eval()
     selection = select_targets(model, config)
@@ -322,7 +322,7 @@ def allocate_ranks(
     # The allocation equalises per-layer errors, which do not add up exactly: the mixed plan is
     # checked against each single-method plan on the calibration data, and the best one is taken,
     # so that a mix is never worse there than the best single method.
-    from rankdown.allocate import _outputs, relative_error
+    from rankdown.planning.allocate import _outputs, relative_error
 
     reference = _outputs(model, calibration)
     candidates = {"mixed": mixed, **{m: plan([m]) for m in methods if m in by_method}}

@@ -213,7 +213,7 @@ def load_compressed(folder: str | Path, model: nn.Module) -> nn.Module:
         state = load_file(str(weights))
     except Exception as exc:  # safetensors raises its own error types for a corrupt file
         raise PlanError(f"{weights} could not be read ({type(exc).__name__}: {exc})") from exc
-    from rankdown.models import state_dict_mismatch
+    from rankdown.models.load import state_dict_mismatch
 
     apply_plan(model, plan)
     state = retied_state(model, state)  # tied in the model built again: stored once, under the first name

@@ -19,14 +19,14 @@ import torch
 from torch import nn
 
 from rankdown import __version__
-from rankdown.allocate import relative_error
-from rankdown.bench import measure_latency
 from rankdown.errors import RankdownError
+from rankdown.fitting.replay import Suffix
+from rankdown.measurement.bench import measure_latency
 from rankdown.methods import METHODS, Method, Rank
+from rankdown.planning.allocate import relative_error
+from rankdown.planning.rank import Choice
 from rankdown.probe import Inputs, batch_slice, forward, to_layout
 from rankdown.progress import progress
-from rankdown.rank import Choice
-from rankdown.replay import Suffix
 from rankdown.storage import default_cache_dir
 from rankdown.surgery import get_module
 
@@ -59,7 +59,7 @@ class DeviceKey:
                 raise RankdownError("device 'cuda' asked for, but no CUDA device is available")
             name = torch.cuda.get_device_name()
         else:
-            from rankdown.bench import environment
+            from rankdown.measurement.bench import environment
 
             name = environment()["cpu"]
         return cls(
@@ -236,7 +236,7 @@ def layer_options(
     output on ``inputs`` (cheap, but blind to how much the model cares: a 0.3 error in an early
     conv can cost far more accuracy than in the classifier). ``"model"``: the whole model's output
     on ``calibration`` with only this layer replaced (one forward pass per candidate)."""
-    from rankdown.bench import count_macs
+    from rankdown.measurement.bench import count_macs
 
     if criterion not in ("layer", "model"):
         raise RankdownError(f"error criterion must be 'layer' or 'model', got {criterion!r}")
@@ -483,8 +483,8 @@ def latency_ranks(
     (policy, options)."""
     if scope not in ("each", "sum") or (scope == "sum" and mac_only):
         raise RankdownError(f"error scope must be 'each' or (latency-aware only) 'sum', got {scope!r}")
-    from rankdown.api import select_targets
-    from rankdown.rank import LayerRanks
+    from rankdown.planning.compress import select_targets
+    from rankdown.planning.rank import LayerRanks
 
     selection = select_targets(model, config)
     inputs: dict[str, torch.Tensor] = {}
@@ -578,8 +578,8 @@ def timing_options(
 ) -> dict[str, LayerOptions]:
     """Like ``layer_options`` but without data: candidates are built with random weights (time does
     not depend on the values), so a plan for a speed target costs no decomposition at all."""
-    from rankdown.bench import module_cost
-    from rankdown.rank import _meta_copy, candidate_cost
+    from rankdown.measurement.bench import module_cost
+    from rankdown.planning.rank import _meta_copy, candidate_cost
     from rankdown.surgery import record_inputs
 
     inputs = record_inputs(model, batch_slice(example, 0, 1), targets)

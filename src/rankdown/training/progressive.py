@@ -13,13 +13,13 @@ import copy
 
 from torch import nn
 
-from rankdown.api import CompressConfig, CompressResult, compress
-from rankdown.calibrate import execution_order
+from rankdown.fitting.calibrate import execution_order
+from rankdown.planning.compress import CompressConfig, CompressResult, compress
+from rankdown.planning.rank import LayerRanks
 from rankdown.probe import Inputs, batch_slice
 from rankdown.progress import progress
-from rankdown.rank import LayerRanks
 from rankdown.surgery import record_inputs
-from rankdown.train import TrainConfig, finetune
+from rankdown.training.train import TrainConfig, finetune
 
 
 def called_up_to(model: nn.Module, fqn: str, example: Inputs) -> list[str]:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rankdown.bench import Cost, module_cost
 from rankdown.errors import RankError
+from rankdown.measurement.bench import Cost, module_cost
 from rankdown.methods import Method, Rank
 
 

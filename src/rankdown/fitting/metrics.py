@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rankdown import decompose
-from rankdown.calibrate import patch_rows
 from rankdown.errors import RankdownError
+from rankdown.fitting.calibrate import patch_rows
 from rankdown.layers import FactorizedLayer, balance_factors
 from rankdown.probe import Inputs, batch_len, batch_size_for, batch_slice, forward, primary_output
 

@@ -26,10 +26,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rankdown.errors import RankdownError, first_line
-from rankdown.plan import retied_state, untied_state
+from rankdown.measurement.quality import next_token_nll, token_inputs
+from rankdown.planning.plan import retied_state, untied_state
 from rankdown.probe import Inputs, batch_len, forward, primary_output, to_model
 from rankdown.progress import progress
-from rankdown.quality import next_token_nll, token_inputs
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2, flip: bool = True) -> torch.Tensor:
@@ -159,7 +159,7 @@ def fetch(train, idx: torch.Tensor) -> tuple[Inputs, torch.Tensor | None]:
         return train.images[idx], train.labels[idx]
     from torch.utils.data import default_collate
 
-    from rankdown.sources import split_batch
+    from rankdown.data.sources import split_batch
 
     collate = getattr(train, "collate_fn", None) or default_collate
     return split_batch(collate([train[int(i)] for i in idx]), "training data")
@@ -248,7 +248,7 @@ def finetune(
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
 ) -> list[dict]:
-    """Train ``model`` on ``train_split`` (a rankdown.data.Split, or any map-style Dataset whose
+    """Train ``model`` on ``train_split`` (a rankdown.zoo.fashion.Split, or any map-style Dataset whose
     items are inputs, (inputs, label) pairs or dicts of keyword inputs); returns per-epoch history.
     Without labels the loss is distillation from ``teacher`` alone.
 
@@ -321,7 +321,7 @@ def finetune(
                 "resume continues an interrupted run with the same settings; these differ from the checkpoint's: "
                 + ", ".join(f"{k} ({saved[k]!r} -> {getattr(config, k)!r})" for k in changed)
             )
-        from rankdown.models import state_dict_mismatch
+        from rankdown.models.load import state_dict_mismatch
 
         mismatch = state_dict_mismatch(model, weights)
         if mismatch:

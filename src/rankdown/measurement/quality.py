@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rankdown.data.sources import Data
 from rankdown.errors import RankdownError
 from rankdown.probe import batch_len, forward, primary_output, to_model
 from rankdown.progress import progress
-from rankdown.sources import Data
 
 MetricFn = Callable[[nn.Module, Any], dict]
 

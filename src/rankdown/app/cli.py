@@ -1,4 +1,4 @@
-"""``rankdown`` command line: thin wrappers over rankdown.pipeline."""
+"""``rankdown`` command line: thin wrappers over rankdown.app.pipeline."""
 
 from __future__ import annotations
 
@@ -254,11 +254,11 @@ def _data_options(roles: tuple[str, ...]):
 def _text_options(kw: dict, model_spec: str | None, specs: list[str]) -> dict | None:
     """Tokenizer and sequence options for text data: the tokenizer is the hf: model's own."""
     seq_len, sequences = kw.pop("seq_len", 256), kw.pop("sequences", None)
-    from rankdown.text import is_text_spec
+    from rankdown.data.text import is_text_spec
 
     if not any(is_text_spec(s) for s in specs):
         return None
-    from rankdown.hf import is_hf, load_tokenizer, task_of_spec
+    from rankdown.models.hf import is_hf, load_tokenizer, task_of_spec
 
     if model_spec is None or not is_hf(model_spec):
         return {}
@@ -275,7 +275,7 @@ def _open_data(kw: dict, input_shape=None, model_spec: str | None = None) -> tup
     the same source given twice is opened once. Pops the data options from ``kw``."""
     import dataclasses as dc
 
-    from rankdown.sources import PRESETS, ImageOptions, open_data
+    from rankdown.data.sources import PRESETS, ImageOptions, open_data
 
     text = _text_options(kw, model_spec, [v for k, v in kw.items() if k.endswith("_data") and v])
 
@@ -297,7 +297,7 @@ def _open_data(kw: dict, input_shape=None, model_spec: str | None = None) -> tup
     metric_spec = kw.pop("eval_metric", None)
     metric_fn = None
     if metric_spec is not None:
-        from rankdown.models import resolve_factory
+        from rankdown.models.load import resolve_factory
 
         metric_fn = resolve_factory(metric_spec)
     opened: dict[str, object] = {}
@@ -318,7 +318,7 @@ def _saved_spec(folder: str, model_spec: str | None) -> str | None:
     if model_spec is not None:
         return model_spec
     from rankdown.errors import RankdownError
-    from rankdown.plan import read_plan
+    from rankdown.planning.plan import read_plan
 
     try:
         return read_plan(folder).model
@@ -333,7 +333,7 @@ def _given(param: str) -> bool:
 
 
 def _opts(data_dir, eval_limit, batch_sizes, latency_runs, threads, no_latency, no_guard):
-    from rankdown.pipeline import MeasureOptions
+    from rankdown.app.pipeline import MeasureOptions
 
     return MeasureOptions(
         data_dir=data_dir,
@@ -347,7 +347,7 @@ def _opts(data_dir, eval_limit, batch_sizes, latency_runs, threads, no_latency, 
 
 
 def _finish(report: dict, json_out: str | None) -> None:
-    from rankdown.report import render
+    from rankdown.app.report import render
 
     render(report)
     if json_out:
@@ -382,7 +382,7 @@ def _train_options(f):
 
 
 def _train_config(epochs, lr, batch_size, weight_decay, distill, freeze_dense, seed, **extra):
-    from rankdown.train import TrainConfig
+    from rankdown.training.train import TrainConfig
 
     return TrainConfig(
         epochs=epochs,
@@ -680,10 +680,10 @@ def compress(
     **data_kw,
 ):
     """Compress a model, measure it before and after, and save plan + weights + report."""
-    from rankdown.api import CompressConfig
-    from rankdown.pipeline import run_compress
+    from rankdown.app.pipeline import run_compress
+    from rankdown.planning.compress import CompressConfig
+    from rankdown.planning.rank import Energy, Evbmf, FixedRank, MacFraction, ParamFraction
     from rankdown.progress import set_quiet
-    from rankdown.rank import Energy, Evbmf, FixedRank, MacFraction, ParamFraction
 
     set_quiet(quiet)
     given = {
@@ -713,7 +713,7 @@ def compress(
     else:
         policy = ParamFraction(params_fraction if params_fraction is not None else 0.5)
     config = CompressConfig(method, policy, tuple(layers) or None, tuple(skip))
-    from rankdown.pipeline import SWEEP_EXAMPLES, LatencyOptions
+    from rankdown.app.pipeline import SWEEP_EXAMPLES, LatencyOptions
 
     if latency_aware and (given or target_macs or target_params or speedup):
         raise click.UsageError("--latency-aware chooses ranks itself: give no other rank policy or budget")
@@ -743,8 +743,8 @@ def compress(
         raise click.UsageError("--round-to: only used with a global budget (--target-params, --target-macs, --speedup)")
     allocation = None
     if target_macs is not None or target_params is not None or speedup is not None:
-        from rankdown.allocate import Budget
-        from rankdown.pipeline import AllocationOptions
+        from rankdown.app.pipeline import AllocationOptions
+        from rankdown.planning.allocate import Budget
 
         budget = Budget(macs=target_macs, params=target_params, speedup=speedup, scope=budget_scope)
         allocation = AllocationOptions(
@@ -767,8 +767,8 @@ def compress(
             "--metric, a global budget and --latency-aware)"
         )
     if reconstruct != "filter":
-        from rankdown.calibrate import CalibrationConfig
-        from rankdown.pipeline import ReconstructionOptions
+        from rankdown.app.pipeline import ReconstructionOptions
+        from rankdown.fitting.calibrate import CalibrationConfig
 
         reconstruction = ReconstructionOptions(
             calibration or 256,
@@ -851,7 +851,7 @@ def eval_cmd(
     **data_kw,
 ):
     """Rebuild a saved compressed model from its plan and measure it again."""
-    from rankdown.pipeline import run_eval
+    from rankdown.app.pipeline import run_eval
     from rankdown.progress import set_quiet
 
     set_quiet(quiet)
@@ -899,7 +899,7 @@ def finetune(
     **data_kw,
 ):
     """Fine-tune a saved compressed model in place (checkpoints at each epoch end), then re-measure it."""
-    from rankdown.pipeline import run_finetune
+    from rankdown.app.pipeline import run_finetune
     from rankdown.progress import set_quiet
 
     set_quiet(quiet)
@@ -968,10 +968,10 @@ def train(
     from pathlib import Path
 
     from rankdown.errors import OutputExistsError, RankdownError
-    from rankdown.models import BUNDLED, DATASETS, build_model
     from rankdown.progress import set_quiet
     from rankdown.storage import atomic_write_bytes, check_output_file
-    from rankdown.train import finetune as run_training
+    from rankdown.training.train import finetune as run_training
+    from rankdown.zoo import BUNDLED, DATASETS, build_model
 
     set_quiet(quiet)
     if Path(out).exists() and not force:
@@ -1059,9 +1059,9 @@ def analyze(
     **data_kw,
 ):
     """Per-layer spectra, EVBMF ranks, energy and sensitivity curves: look before choosing a budget."""
-    from rankdown.analyze import analyze_model, render_analysis, save_analysis
-    from rankdown.api import CompressConfig
-    from rankdown.pipeline import MeasureOptions, build_workload, calib_inputs
+    from rankdown.app.analyze import analyze_model, render_analysis, save_analysis
+    from rankdown.app.pipeline import MeasureOptions, build_workload, calib_inputs
+    from rankdown.planning.compress import CompressConfig
     from rankdown.progress import set_quiet
     from rankdown.storage import check_output_dir
 
@@ -1133,9 +1133,9 @@ def bench_cmd(
     speedup next to the theoretical MAC reduction, end to end and per layer."""
     from pathlib import Path
 
-    from rankdown.pipeline import BenchOptions, run_bench
+    from rankdown.app.pipeline import BenchOptions, run_bench
+    from rankdown.app.report import render_bench
     from rankdown.progress import set_quiet
-    from rankdown.report import render_bench
     from rankdown.storage import atomic_write_text
 
     set_quiet(quiet)
@@ -1300,8 +1300,8 @@ def export_cmd(folder, fmt, out_file, batch, dynamic_batch, no_fold, model_spec,
     PyTorch's outputs (on --eval-data, else on the example and seeded noise)."""
     from pathlib import Path
 
-    from rankdown.export import default_path, is_rankdown_export
-    from rankdown.pipeline import run_export
+    from rankdown.app.pipeline import run_export
+    from rankdown.deployment.export import default_path, is_rankdown_export
     from rankdown.progress import set_quiet
     from rankdown.storage import atomic_write_text, check_output_file
 

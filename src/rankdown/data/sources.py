@@ -279,7 +279,7 @@ class Data:
             self.source = _Pairs(s, None)
         elif isinstance(s, tuple) and len(s) == 2 and isinstance(s[0], (torch.Tensor, Mapping)):
             self.source = _Pairs(s[0], s[1])
-        elif hasattr(s, "images") and hasattr(s, "labels"):  # rankdown.data.Split (bundled data)
+        elif hasattr(s, "images") and hasattr(s, "labels"):  # rankdown.zoo.fashion.Split (bundled data)
             self.source = _Pairs(s.images, s.labels)
         if self.classes is None:
             self.classes = getattr(self.source, "classes", None)
@@ -377,7 +377,7 @@ class Data:
 
 def load_factory_data(spec: str, what: str) -> Any:
     """``package.module:function`` → what it returns (a DataLoader or iterable of batches)."""
-    from rankdown.models import resolve_factory
+    from rankdown.models.load import resolve_factory
 
     fn: Callable[[], Any] = resolve_factory(spec)
     try:
@@ -399,7 +399,7 @@ def open_data(
 ) -> Data:
     """A CLI data source (see the module docstring); ``what`` names the flag in errors. ``text``:
     the tokenizer and options that make ``text:FILE`` (or a .txt file) token sequences."""
-    from rankdown.text import TEXT_PREFIX, is_text_spec, text_data
+    from rankdown.data.text import TEXT_PREFIX, is_text_spec, text_data
 
     if is_text_spec(spec):
         if not text or text.get("tokenizer") is None:

@@ -248,7 +248,7 @@ def export_model(
     model = copy.deepcopy(model).eval()
     folds = None
     if fold:
-        from rankdown.deploy import deploy
+        from rankdown.deployment.deploy import deploy
 
         folds = deploy(model)
     dtype = next((str(p.dtype).replace("torch.", "") for p in model.parameters()), "float32")

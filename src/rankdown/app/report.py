@@ -10,8 +10,8 @@ from rich.console import Console, JustifyMethod
 from rich.table import Table
 
 from rankdown import __version__
-from rankdown.api import CompressResult
-from rankdown.bench import Cost, environment
+from rankdown.measurement.bench import Cost, environment
+from rankdown.planning.compress import CompressResult
 
 
 def _fmt_int(n: int) -> str:
