@@ -20,13 +20,49 @@ def run(args, **kw):
 
 
 def cli(args, tmp_path):
-    """Through the real entry point, as a user runs it (exit codes, stderr)."""
+    """The real entry point (``rankdown.app.cli.run``, with its exit statuses and one-line errors),
+    run in this process: the CLI tests pay no interpreter start-up. ``test_entry_point_in_a_process``
+    checks the same entry point through a real process once."""
+    import contextlib
+    import io
+    import os
+    from types import SimpleNamespace
+
+    import torch
+
+    from rankdown.app.cli import run as entry
+
+    out, err = io.StringIO(), io.StringIO()
+    old_argv, old_cwd, old_quiet, threads = (
+        sys.argv,
+        os.getcwd(),
+        os.environ.get("RANKDOWN_QUIET"),
+        torch.get_num_threads(),
+    )
+    sys.argv = ["rankdown", *map(str, args)]
+    os.environ["RANKDOWN_QUIET"] = "1"
+    os.chdir(tmp_path)
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            entry()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = old_argv
+        os.chdir(old_cwd)
+        if old_quiet is None:
+            os.environ.pop("RANKDOWN_QUIET", None)
+        else:
+            os.environ["RANKDOWN_QUIET"] = old_quiet
+        torch.set_num_threads(threads)
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def cli_process(args, tmp_path):
+    """Through a real process, as a user runs it."""
     return subprocess.run(
-        [sys.executable, "-c", "from rankdown.app.cli import run; run()", *args],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env=_env(),
+        [sys.executable, "-m", "rankdown", *args], cwd=tmp_path, capture_output=True, text=True, env=_env()
     )
 
 
@@ -109,7 +145,7 @@ def test_compress_bundled_model_on_data_slice(tmp_path, fake_fashion, has_bundle
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--rank", "0"], "rank must be a positive integer"),
+        (["--rank", "0"], "Invalid value for '--rank'"),
         (["--rank", "100000"], "exceeds the largest rank"),
         (["--params", "1.5"], "params fraction must be a fraction in (0, 1]"),
         (["--params", "0.5", "--rank", "3"], "give one rank policy"),
@@ -214,8 +250,19 @@ def test_user_weights_and_eval_of_broken_folder(tmp_path):
 
 def test_methods_and_help():
     assert "tucker2" in run(["methods"]).output
-    p = subprocess.run([sys.executable, "-m", "rankdown", "--help"], capture_output=True, text=True)
+
+
+def test_entry_point_in_a_process(tmp_path):
+    """The one CLI test through a real process: help, a user error (one line, status 2, nothing
+    written) and a bug-free run's status, as a shell sees them."""
+    p = cli_process(["--help"], tmp_path)
     assert p.returncode == 0 and "compress" in p.stdout
+    args = ["compress", "--model", "nets:tiny_vgg", "--input-shape", "3,16,16", "--rank", "-3", "--out", "o"]
+    p = cli_process(args, tmp_path)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "--rank" in p.stderr
+    assert not (tmp_path / "o").exists()
+    p = cli_process(["methods"], tmp_path)
+    assert p.returncode == 0 and "tucker2" in p.stdout
 
 
 def test_analyze_and_global_budget(tmp_path):

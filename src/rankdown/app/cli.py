@@ -434,7 +434,9 @@ def main() -> None:
     show_default=True,
     help="Conv method (tucker2, channel-svd); Linear layers use truncated SVD (svd).",
 )
-@click.option("--rank", "fixed_rank", type=int, default=None, help="The same integer rank for every layer.")
+@click.option(
+    "--rank", "fixed_rank", type=click.IntRange(min=1), default=None, help="The same integer rank for every layer."
+)
 @click.option(
     "--params",
     "params_fraction",
