@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
+from torch import nn
 
 import nets
 from test_reliability import assert_refused, in_process
@@ -275,3 +276,59 @@ def test_covariance_statistics_skip_padding_positions():
     metric = collect(model, ["proj"], {"input_ids": ids, "attention_mask": mask}, "covariance", batch_size=4)
     real = model.embed(ids)[mask.bool()].double()
     assert torch.allclose(metric["proj"].patch_gram, real.T @ real)
+
+
+class _Stacked(nn.Module):
+    """The tagger as a stack of blocks (a transformer's shape): reconstructed block by block."""
+
+    def __init__(self, tagger: nets.TokenTagger) -> None:
+        super().__init__()
+        self.embed = tagger.embed
+        self.blocks = nn.ModuleList([nn.Sequential(tagger.proj, nn.ReLU()), nn.Sequential(tagger.out)])
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.embed(input_ids)
+        for block in self.blocks:
+            h = block(h)
+        return h
+
+
+def test_padding_shapes_no_fit_and_no_error(monkeypatch, tmp_path):
+    """What sits at padding positions changes nothing rankdown computes from calibration data: the
+    refit (layer by layer and block by block), the sensitivity curves (layer and model criteria)
+    and the Mahalanobis statistics all see real tokens only."""
+    from rankdown import CalibrationConfig, CompressConfig, FixedRank, compress, reconstruct
+    from rankdown.fitting import calibrate
+    from rankdown.fitting.metrics import collect
+    from rankdown.methods import get_method
+    from rankdown.planning.allocate import sensitivity
+
+    torch.manual_seed(0)
+    dense = nets.TokenTagger().eval()
+    ids = torch.randint(1, 50, (16, 10))
+    mask = torch.ones(16, 10, dtype=torch.int64)
+    mask[:, 3:] = 0  # 70% padding
+    other = ids.clone()
+    other[~mask.bool()] = torch.randint(1, 50, (int((~mask.bool()).sum()),))  # other junk at the pads
+    batches = [{"input_ids": t, "attention_mask": mask} for t in (ids, other)]
+    blockwise_runs = []
+    real_blockwise = calibrate._blockwise
+    monkeypatch.setattr(calibrate, "_blockwise", lambda *a: blockwise_runs.append(1) or real_blockwise(*a))
+
+    def refit(model: nn.Module, calib) -> dict:
+        out = compress(model, CompressConfig(method="svd", rank=FixedRank(4)), calib).model
+        names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        reconstruct(model, out, names, calib, CalibrationConfig(mode="joint", epochs=0, batch_size=4))
+        return {k: v.clone() for k, v in out.state_dict().items()}
+
+    for model in (dense, _Stacked(dense).eval()):
+        a, b = (refit(model, c) for c in batches)
+        assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), type(model).__name__
+    assert blockwise_runs, "the stacked model was not reconstructed block by block"
+    svd = get_method("svd", nn.Linear)
+    for criterion in ("layer", "model"):
+        curves = [sensitivity(dense, {"proj": svd}, c, criterion=criterion, cache_dir=tmp_path) for c in batches]
+        errs = [[o.error for o in c["proj"].options] for c in curves]
+        assert errs[0] == pytest.approx(errs[1], abs=1e-6), criterion
+    fisher = [collect(dense, ["proj"], c, "mahalanobis", batch_size=4)["proj"] for c in batches]
+    assert torch.allclose(fisher[0].t_in, fisher[1].t_in) and torch.allclose(fisher[0].d_out, fisher[1].d_out)

@@ -34,7 +34,7 @@ from torch import nn
 from rankdown import decompose
 from rankdown.errors import RankdownError
 from rankdown.layers import FactorizedLayer, balance_factors
-from rankdown.probe import Inputs, batch_len, batch_size_for, batch_slice, forward
+from rankdown.probe import Inputs, batch_len, batch_size_for, batch_slice, forward, real_rows, token_mask
 from rankdown.progress import progress
 from rankdown.surgery import record_inputs
 
@@ -156,13 +156,15 @@ Source = Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]
 
 
 def _truncated_source(dense: nn.Module, compressed: nn.Module, fqn: str, inputs: Inputs, config) -> Source:
-    """Inputs of ``fqn`` from forward passes of the whole networks, cut at the layer."""
+    """Inputs of ``fqn`` from forward passes of the whole networks, cut at the layer (at the real
+    tokens only, for padded token batches)."""
 
     def gen() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for i in range(0, batch_len(inputs), config.batch_size):
             xb = batch_slice(inputs, i, i + config.batch_size)
-            z = _layer_input(dense, fqn, xb)
-            yield z, (z if config.mode == "data" else _layer_input(compressed, fqn, xb))
+            mask = token_mask(xb)
+            z = real_rows(_layer_input(dense, fqn, xb), mask)
+            yield z, (z if config.mode == "data" else real_rows(_layer_input(compressed, fqn, xb), mask))
 
     return gen
 
@@ -673,6 +675,7 @@ def _blockwise(
     starts = list(range(0, batch_len(inputs), bs))
     n = len(starts)
     dense_calls = [_block_calls(dense, blocks, batch_slice(inputs, i, i + bs), True)[0] for i in starts]
+    masks = [token_mask(batch_slice(inputs, i, i + bs)) for i in starts]  # the fits see real tokens only
     comp_h = [_hidden_of(_block_calls(compressed, blocks, batch_slice(inputs, i, i + bs), True)[0]) for i in starts]
     results: dict[str, dict] = {}
     bar = progress(blocks, total=len(blocks), desc=f"calibrate ({config.mode}, block by block)")
@@ -690,7 +693,9 @@ def _blockwise(
             if config.mode == "joint":
                 hs = [_capture_input(cblock, rel, _caller(cblock, c)) for c in comp_calls]
             act = following_activation(dense, f) if config.nonlinear else None
-            pairs = _Pairs(dense.get_submodule(f), _listed(z[f], hs), n, config, act)
+            zs = [real_rows(t, m) for t, m in zip(z[f], masks, strict=True)]
+            hs = [real_rows(t, m) for t, m in zip(hs, masks, strict=True)]
+            pairs = _Pairs(dense.get_submodule(f), _listed(zs, hs), n, config, act)
             results[f] = _refit(dense, f, module, pairs, config)
             z[f] = []
         with torch.no_grad():

@@ -37,7 +37,16 @@ from rankdown import decompose
 from rankdown.errors import RankdownError
 from rankdown.fitting.calibrate import patch_rows
 from rankdown.layers import FactorizedLayer, balance_factors
-from rankdown.probe import Inputs, batch_len, batch_size_for, batch_slice, forward, primary_output
+from rankdown.probe import (
+    Inputs,
+    batch_len,
+    batch_size_for,
+    batch_slice,
+    forward,
+    primary_output,
+    real_rows,
+    token_mask,
+)
 
 METRICS = ("frobenius", "mahalanobis", "covariance", "activation")
 ASVD_ALPHA = 0.5
@@ -91,17 +100,14 @@ def collect(
         grams: dict[str, torch.Tensor] = {}
         patch: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
-        mask: list[torch.Tensor | None] = [None]  # the batch's attention mask, if it has one
+        mask: list[torch.Tensor | None] = [None]  # the batch's attention mask (True at real tokens), if any
         # Linear layers fed the same tensor (a transformer's q/k/v, gate/up) share one statistic per
         # batch: held with the tensor, so its id is not reused within the batch
         shared: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
 
         def linear_stat(x: torch.Tensor) -> tuple[torch.Tensor, int]:
             if id(x) not in shared:
-                rows = x
-                if mask[0] is not None and x.shape[:-1] == mask[0].shape:
-                    rows = x[mask[0].bool()]  # padding positions are not data: they must not shape the fit
-                rows = rows.reshape(-1, x.shape[-1]).double()
+                rows = real_rows(x, mask[0]).reshape(-1, x.shape[-1]).double()
                 stat = rows.abs().sum(0) if metric == "activation" else rows.T @ rows
                 shared[id(x)] = (x, stat, rows.shape[0])
             return shared[id(x)][1:]
@@ -128,7 +134,7 @@ def collect(
             with torch.no_grad():
                 for i in range(0, batch_len(inputs), batch_size):
                     batch = batch_slice(inputs, i, i + batch_size)
-                    mask[0] = batch.get("attention_mask") if isinstance(batch, dict) else None
+                    mask[0] = token_mask(batch)
                     shared.clear()
                     forward(model, batch)
                 shared.clear()
@@ -151,6 +157,9 @@ def collect(
         with torch.no_grad():
             logits = primary_output(forward(model, xb))
             labels = logits.argmax(-1)
+            pad = token_mask(xb)
+            if pad is not None and labels.shape == pad.shape:
+                labels = labels.masked_fill(~pad, -100)  # cross_entropy's ignore_index: no gradient from padding
         model.zero_grad(set_to_none=True)
         # per-example gradients summed in squares would need one backward per example; batches
         # of the mean loss are the usual (Fisher-weighted SVD) approximation.

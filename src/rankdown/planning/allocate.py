@@ -31,7 +31,16 @@ from rankdown.fitting.replay import Suffix
 from rankdown.measurement.bench import Cost, count_macs, n_params
 from rankdown.methods import Method, Rank
 from rankdown.planning.rank import Choice, candidate_cost
-from rankdown.probe import Inputs, batch_len, batch_size_for, batch_slice, forward, primary_output
+from rankdown.probe import (
+    Inputs,
+    batch_len,
+    batch_size_for,
+    batch_slice,
+    forward,
+    primary_output,
+    real_rows,
+    token_mask,
+)
 from rankdown.progress import progress
 from rankdown.storage import atomic_write_text, default_cache_dir
 from rankdown.surgery import get_module, weight_of
@@ -170,8 +179,11 @@ def sensitivity(
         for h in handles:
             h.remove()
     suffix = Suffix(model, calib, list(targets)) if criterion == "model" else None
+    reference = real_rows(suffix.reference, token_mask(calib)) if suffix is not None else None
     inputs = {fqn: torch.cat(p) for fqn, p in parts.items() if p}
     per_example = {k: v[:1].to("meta") for k, v in inputs.items()}
+    mask = token_mask(calib)  # errors over the real tokens of padded batches only
+    inputs = {k: real_rows(v, mask) for k, v in inputs.items()}
     macs = count_macs(model, example)
     curves: dict[str, LayerCurve] = {}
     for fqn, method in progress(targets.items(), total=len(targets), desc=f"sensitivity ({criterion})"):
@@ -192,8 +204,8 @@ def sensitivity(
                     assert dense_out is not None
                     err = relative_error(fact.module(inputs[fqn]), dense_out)
                 else:
-                    assert suffix is not None
-                    err = relative_error(suffix.outputs(fqn, fact.module), suffix.reference)
+                    assert suffix is not None and reference is not None
+                    err = relative_error(real_rows(suffix.outputs(fqn, fact.module), mask), reference)
             curve.options.append(Option(rank, cost.params, cost.macs, err))
         curve.options.append(Option(None, dense_cost.params, dense_cost.macs, 0.0))
         curves[fqn] = curve

@@ -25,7 +25,7 @@ from rankdown.measurement.bench import measure_latency
 from rankdown.methods import METHODS, Method, Rank
 from rankdown.planning.allocate import relative_error
 from rankdown.planning.rank import Choice
-from rankdown.probe import Inputs, batch_slice, forward, to_layout
+from rankdown.probe import Inputs, batch_slice, forward, real_rows, to_layout, token_mask
 from rankdown.progress import progress
 from rankdown.storage import default_cache_dir
 from rankdown.surgery import get_module
@@ -245,6 +245,9 @@ def layer_options(
             raise RankdownError("criterion='model' needs the calibration batch")
         model = model.eval()
         suffix = Suffix(model, calibration, targets)
+    mask = token_mask(calibration) if calibration is not None else None  # errors over real tokens only
+    if criterion == "model":
+        reference = real_rows(suffix.reference, mask)
     out: dict[str, LayerOptions] = {}
     for fqn in progress(targets, total=len(targets), desc="latency candidates"):
         module = get_module(model, fqn)
@@ -267,9 +270,9 @@ def layer_options(
                     continue
                 with torch.no_grad():
                     if criterion == "layer":
-                        err = relative_error(fact.module(x), ref)
+                        err = relative_error(real_rows(fact.module(x), mask), real_rows(ref, mask))
                     else:
-                        err = relative_error(suffix.outputs(fqn, fact.module), suffix.reference)
+                        err = relative_error(real_rows(suffix.outputs(fqn, fact.module), mask), reference)
                 macs = sum(count_macs(fact.module, x[:1]).values())
                 ms = table.time(_clone(fact.module), in_shape)
                 opts.candidates.append(Candidate(name, rank, ms, err, macs))
