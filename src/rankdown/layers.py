@@ -10,13 +10,13 @@ every method's module without branching on its class.
 from __future__ import annotations
 
 import itertools
-from typing import ClassVar
+from typing import Any, ClassVar, TypeVar, overload
 
 import torch
 from torch import nn
 
 
-class FactorizedLayer:
+class FactorizedLayer(nn.Module):
     """What the data-aware steps ask of a factorized module. A new method's module subclasses
     :class:`FactorChain` (a chain of stock layers) and overrides only what differs; the defaults
     say "not available", so a step that needs more refuses the method rather than guessing."""
@@ -28,11 +28,11 @@ class FactorizedLayer:
     def reconstruct_weight(self) -> torch.Tensor:
         raise NotImplementedError
 
-    def input_factor(self) -> nn.Module:
+    def input_factor(self) -> nn.Conv2d | nn.Linear:
         """The factor that mixes the input channels (where an input metric is undone)."""
         raise NotImplementedError(type(self).__name__)
 
-    def output_factor(self) -> nn.Module:
+    def output_factor(self) -> nn.Conv2d | nn.Linear:
         """The factor that writes the outputs (and holds the bias)."""
         raise NotImplementedError(type(self).__name__)
 
@@ -76,11 +76,21 @@ class FactorChain(nn.Sequential, FactorizedLayer):
 
     weighted_metrics = True
 
-    def input_factor(self) -> nn.Module:
-        return self[0]
+    # Typed, checked views of the chain's parts (an nn.Sequential's items are plain Modules).
+    def conv(self, i: int) -> nn.Conv2d:
+        return _part(self[i], nn.Conv2d)
 
-    def output_factor(self) -> nn.Module:
-        return self[-1]
+    def linear(self, i: int) -> nn.Linear:
+        return _part(self[i], nn.Linear)
+
+    def permute(self, i: int) -> Permute:
+        return _part(self[i], Permute)
+
+    def input_factor(self) -> nn.Conv2d | nn.Linear:
+        return _part(self[0], (nn.Conv2d, nn.Linear))
+
+    def output_factor(self) -> nn.Conv2d | nn.Linear:
+        return _part(self[-1], (nn.Conv2d, nn.Linear))
 
     def last_factor(self) -> tuple[nn.Module, nn.Module] | None:
         if len(self) < 2 or not plain_matmul(self[-1]):
@@ -99,6 +109,30 @@ class FactorChain(nn.Sequential, FactorizedLayer):
     @torch.no_grad()
     def balance(self) -> int:
         return _balance_pairs(self)
+
+
+_M = TypeVar("_M", bound=nn.Module)
+
+
+@overload
+def _part(module: nn.Module, kind: type[_M]) -> _M: ...
+@overload
+def _part(module: nn.Module, kind: tuple[type[nn.Conv2d], type[nn.Linear]]) -> nn.Conv2d | nn.Linear: ...
+def _part(module: nn.Module, kind: Any) -> Any:
+    if not isinstance(module, kind):
+        raise TypeError(f"expected {kind} in the chain, found {type(module).__name__}")
+    return module
+
+
+def _pair(size: tuple[int, ...]) -> tuple[int, int]:
+    """A conv's kernel size as the pair it is (the stubs type it as a tuple of any length)."""
+    return (size[0], size[1])
+
+
+def _bias(layer: nn.Conv2d | nn.Linear) -> torch.Tensor:
+    if layer.bias is None:
+        raise TypeError("the chain's last factor has no bias")
+    return layer.bias
 
 
 def _divide_rows(weight: torch.Tensor, d: torch.Tensor) -> None:
@@ -121,24 +155,24 @@ class LowRankLinear(FactorChain):
     def from_factors(cls, dense: nn.Linear, a: torch.Tensor, b: torch.Tensor) -> LowRankLinear:
         layer = cls.build(dense, a.shape[1])
         with torch.no_grad():
-            layer[0].weight.copy_(b)
-            layer[1].weight.copy_(a)
+            layer.linear(0).weight.copy_(b)
+            layer.linear(1).weight.copy_(a)
             if dense.bias is not None:
-                layer[1].bias.copy_(dense.bias)
+                _bias(layer.linear(1)).copy_(dense.bias)
         return layer
 
     @property
     def rank(self) -> int:
-        return self[0].out_features
+        return self.linear(0).out_features
 
     def closed_form(self, dense: nn.Module) -> bool:
         return True
 
     def reconstruct_weight(self) -> torch.Tensor:
-        return self[1].weight @ self[0].weight
+        return self.linear(1).weight @ self.linear(0).weight
 
 
-def _conv_kwargs(dense: nn.Conv2d) -> dict:
+def _conv_kwargs(dense: nn.Conv2d) -> dict[str, Any]:
     return {
         "stride": dense.stride,
         "padding": dense.padding,
@@ -161,29 +195,29 @@ class ChannelSVDConv2d(FactorChain):
 
     @classmethod
     def build(cls, dense: nn.Conv2d, rank: int) -> ChannelSVDConv2d:
-        first = nn.Conv2d(dense.in_channels, rank, dense.kernel_size, bias=False, **_conv_kwargs(dense))
+        first = nn.Conv2d(dense.in_channels, rank, _pair(dense.kernel_size), bias=False, **_conv_kwargs(dense))
         return cls(first, _pointwise(rank, dense.out_channels, dense.bias is not None, dense))
 
     @classmethod
     def from_factors(cls, dense: nn.Conv2d, a: torch.Tensor, b: torch.Tensor) -> ChannelSVDConv2d:
         layer = cls.build(dense, a.shape[1])
         with torch.no_grad():
-            layer[0].weight.copy_(b.reshape(layer[0].weight.shape))
-            layer[1].weight.copy_(a[:, :, None, None])
+            layer.conv(0).weight.copy_(b.reshape(layer.conv(0).weight.shape))
+            layer.conv(1).weight.copy_(a[:, :, None, None])
             if dense.bias is not None:
-                layer[1].bias.copy_(dense.bias)
+                _bias(layer.conv(1)).copy_(dense.bias)
         return layer
 
     @property
     def rank(self) -> int:
-        return self[0].out_channels
+        return self.conv(0).out_channels
 
     def closed_form(self, dense: nn.Module) -> bool:
         return plain_matmul(dense)  # the first factor pads as the dense layer does: zeros only
 
     def reconstruct_weight(self) -> torch.Tensor:
-        a = self[1].weight[:, :, 0, 0]
-        return torch.einsum("nr,rcij->ncij", a, self[0].weight)
+        a = self.conv(1).weight[:, :, 0, 0]
+        return torch.einsum("nr,rcij->ncij", a, self.conv(0).weight)
 
 
 class Tucker2Conv2d(FactorChain):
@@ -197,7 +231,7 @@ class Tucker2Conv2d(FactorChain):
     def build(cls, dense: nn.Conv2d, ranks: tuple[int, int]) -> Tucker2Conv2d:
         r_out, r_in = ranks
         first = _pointwise(dense.in_channels, r_in, False, dense)
-        core = nn.Conv2d(r_in, r_out, dense.kernel_size, bias=False, **_conv_kwargs(dense))
+        core = nn.Conv2d(r_in, r_out, _pair(dense.kernel_size), bias=False, **_conv_kwargs(dense))
         last = _pointwise(r_out, dense.out_channels, dense.bias is not None, dense)
         return cls(first, core, last)
 
@@ -207,19 +241,21 @@ class Tucker2Conv2d(FactorChain):
     ) -> Tucker2Conv2d:
         layer = cls.build(dense, (u_out.shape[1], u_in.shape[1]))
         with torch.no_grad():
-            layer[0].weight.copy_(u_in.T[:, :, None, None])
-            layer[1].weight.copy_(core)
-            layer[2].weight.copy_(u_out[:, :, None, None])
+            layer.conv(0).weight.copy_(u_in.T[:, :, None, None])
+            layer.conv(1).weight.copy_(core)
+            layer.conv(2).weight.copy_(u_out[:, :, None, None])
             if dense.bias is not None:
-                layer[2].bias.copy_(dense.bias)
+                _bias(layer.conv(2)).copy_(dense.bias)
         return layer
 
     @property
     def rank(self) -> tuple[int, int]:
-        return (self[1].out_channels, self[1].in_channels)
+        return (self.conv(1).out_channels, self.conv(1).in_channels)
 
     def reconstruct_weight(self) -> torch.Tensor:
-        return torch.einsum("abij,na,bc->ncij", self[1].weight, self[2].weight[:, :, 0, 0], self[0].weight[:, :, 0, 0])
+        return torch.einsum(
+            "abij,na,bc->ncij", self.conv(1).weight, self.conv(2).weight[:, :, 0, 0], self.conv(0).weight[:, :, 0, 0]
+        )
 
 
 def _axis_convs(
@@ -230,7 +266,11 @@ def _axis_convs(
     separable by axis too, so every padding mode is carried exactly. (One home for CP and scheme 2.)"""
     if isinstance(dense.padding, str):
         raise ValueError("string padding ('same'/'valid') must be resolved before splitting a conv by axis")
-    kw = {"device": dense.weight.device, "dtype": dense.weight.dtype, "padding_mode": dense.padding_mode}
+    kw: dict[str, Any] = {
+        "device": dense.weight.device,
+        "dtype": dense.weight.dtype,
+        "padding_mode": dense.padding_mode,
+    }
     (kh, kw_), (sh, sw), (dh, dw), (ph, pw) = dense.kernel_size, dense.stride, dense.dilation, dense.padding
     g_v, g_h = groups if isinstance(groups, tuple) else (groups, groups)
     vert = nn.Conv2d(
@@ -261,25 +301,25 @@ class CPConv2d(FactorChain):
         a, b, c, d = factors  # (N,R), (C,R), (kh,R), (kw,R)
         layer = cls.build(dense, weights.numel())
         with torch.no_grad():
-            layer[0].weight.copy_(b.T[:, :, None, None])
-            layer[1].weight.copy_(c.T[:, None, :, None])
-            layer[2].weight.copy_((d * weights).T[:, None, None, :])
-            layer[3].weight.copy_(a[:, :, None, None])
+            layer.conv(0).weight.copy_(b.T[:, :, None, None])
+            layer.conv(1).weight.copy_(c.T[:, None, :, None])
+            layer.conv(2).weight.copy_((d * weights).T[:, None, None, :])
+            layer.conv(3).weight.copy_(a[:, :, None, None])
             if dense.bias is not None:
-                layer[3].bias.copy_(dense.bias)
+                _bias(layer.conv(3)).copy_(dense.bias)
         return layer
 
     @property
     def rank(self) -> int:
-        return self[0].out_channels
+        return self.conv(0).out_channels
 
     def reconstruct_weight(self) -> torch.Tensor:
-        a, b = self[3].weight[:, :, 0, 0], self[0].weight[:, :, 0, 0]
-        c, d = self[1].weight[:, 0, :, 0], self[2].weight[:, 0, 0, :]
+        a, b = self.conv(3).weight[:, :, 0, 0], self.conv(0).weight[:, :, 0, 0]
+        c, d = self.conv(1).weight[:, 0, :, 0], self.conv(2).weight[:, 0, 0, :]
         return torch.einsum("nr,rc,ri,rj->ncij", a, b, c, d)
 
 
-class TTLinear(nn.Module, FactorizedLayer):
+class TTLinear(FactorizedLayer):
     """A Linear layer whose weight is a tensor-train matrix (Novikov et al.), applied core by core.
 
     Not a chain of stock layers: the contraction has no stock-module equivalent. It declares its
@@ -359,18 +399,18 @@ class SeparableConv2d(FactorChain):
     def from_factors(cls, dense: nn.Conv2d, vertical: torch.Tensor, horizontal: torch.Tensor) -> SeparableConv2d:
         layer = cls.build(dense, vertical.shape[0])
         with torch.no_grad():
-            layer[0].weight.copy_(vertical)
-            layer[-1].weight.copy_(horizontal)
+            layer.conv(0).weight.copy_(vertical)
+            layer.conv(-1).weight.copy_(horizontal)
             if dense.bias is not None:
-                layer[-1].bias.copy_(dense.bias)
+                _bias(layer.conv(-1)).copy_(dense.bias)
         return layer
 
     @property
     def rank(self) -> int:
-        return self[0].out_channels
+        return self.conv(0).out_channels
 
     def reconstruct_weight(self) -> torch.Tensor:
-        v, h = self[0].weight[:, :, :, 0], self[-1].weight[:, :, 0, :]  # (K, C, kh), (N, K, kw)
+        v, h = self.conv(0).weight[:, :, :, 0], self.conv(-1).weight[:, :, 0, :]  # (K, C, kh), (N, K, kw)
         return torch.einsum("kci,nkj->ncij", v, h)
 
 
@@ -396,42 +436,44 @@ class BasisConv2d(FactorChain):
         n, c, m = coeffs.shape
         layer = cls.build(dense, m)
         with torch.no_grad():
-            layer[0].weight.copy_(vertical.repeat(c, 1)[:, None, :, None])
-            layer[1].weight.copy_(horizontal.repeat(c, 1)[:, None, None, :])
-            layer[2].weight.copy_(coeffs.reshape(n, c * m)[:, :, None, None])
+            layer.conv(0).weight.copy_(vertical.repeat(c, 1)[:, None, :, None])
+            layer.conv(1).weight.copy_(horizontal.repeat(c, 1)[:, None, None, :])
+            layer.conv(2).weight.copy_(coeffs.reshape(n, c * m)[:, :, None, None])
             if dense.bias is not None:
-                layer[2].bias.copy_(dense.bias)
+                _bias(layer.conv(2)).copy_(dense.bias)
         return layer
 
     @property
     def rank(self) -> int:
-        return self[0].out_channels // self[0].in_channels
+        return self.conv(0).out_channels // self.conv(0).in_channels
 
-    def input_factor(self) -> nn.Module:
-        return self[2]  # the depthwise basis keeps channels apart; the 1×1 mixes them
+    def input_factor(self) -> nn.Conv2d | nn.Linear:
+        return self.conv(2)  # the depthwise basis keeps channels apart; the 1×1 mixes them
 
     @torch.no_grad()
     def undo_metric(self, t_in: torch.Tensor | None, d_out: torch.Tensor | None) -> None:
         if t_in is not None:  # the 1×1 reads channel c of each (c, m) pair
-            w = self[2].weight.detach().double()
+            w = self.conv(2).weight.detach().double()
             n, cm = w.shape[:2]
             c = t_in.shape[0]
             inv = torch.linalg.inv(t_in.double())
             w = torch.einsum("ncm,cd->ndm", w.reshape(n, c, cm // c), inv).reshape(w.shape)
-            self[2].weight.copy_(w.to(self[2].weight.dtype))
+            self.conv(2).weight.copy_(w.to(self.conv(2).weight.dtype))
         if d_out is not None:
-            _divide_rows(self[2].weight, d_out)
+            _divide_rows(self.conv(2).weight, d_out)
 
     def reconstruct_weight(self) -> torch.Tensor:
-        c, m = self[0].in_channels, self.rank
-        v = self[0].weight[:, 0, :, 0].reshape(c, m, -1)
-        h = self[1].weight[:, 0, 0, :].reshape(c, m, -1)
-        a = self[2].weight[:, :, 0, 0].reshape(-1, c, m)
+        c, m = self.conv(0).in_channels, self.rank
+        v = self.conv(0).weight[:, 0, :, 0].reshape(c, m, -1)
+        h = self.conv(1).weight[:, 0, 0, :].reshape(c, m, -1)
+        a = self.conv(2).weight[:, :, 0, 0].reshape(-1, c, m)
         return torch.einsum("ncm,cmi,cmj->ncij", a, v, h)
 
 
 class Permute(nn.Module):
     """Channel gather ``x[:, index]``. The index is a buffer, so it travels in the state dict."""
+
+    index: torch.Tensor
 
     def __init__(self, channels: int, device=None) -> None:
         super().__init__()
@@ -452,7 +494,7 @@ class MonochromaticConv2d(FactorChain):
         f = dense.out_channels
         colour = _pointwise(dense.in_channels, n_colours, False, dense)
         spatial = nn.Conv2d(
-            n_colours, f, dense.kernel_size, groups=n_colours, bias=dense.bias is not None, **_conv_kwargs(dense)
+            n_colours, f, _pair(dense.kernel_size), groups=n_colours, bias=dense.bias is not None, **_conv_kwargs(dense)
         )
         return cls(colour, spatial, Permute(f, device=dense.weight.device))
 
@@ -460,22 +502,22 @@ class MonochromaticConv2d(FactorChain):
     def from_factors(cls, dense: nn.Conv2d, colours: torch.Tensor, spatial: torch.Tensor, order: torch.Tensor):
         layer = cls.build(dense, colours.shape[0])
         with torch.no_grad():
-            layer[0].weight.copy_(colours[:, :, None, None])
-            layer[1].weight.copy_(spatial[:, None])
+            layer.conv(0).weight.copy_(colours[:, :, None, None])
+            layer.conv(1).weight.copy_(spatial[:, None])
             if dense.bias is not None:
-                layer[1].bias.copy_(dense.bias[order])
-            layer[2].index.copy_(torch.argsort(order))
+                _bias(layer.conv(1)).copy_(dense.bias[order])
+            layer.permute(2).index.copy_(torch.argsort(order))
         return layer
 
     @property
     def rank(self) -> int:
-        return self[0].out_channels
+        return self.conv(0).out_channels
 
     def reconstruct_weight(self) -> torch.Tensor:
-        k, f = self.rank, self[1].out_channels
-        cluster = torch.arange(f, device=self[0].weight.device) // (f // k)
-        w = torch.einsum("fc,fxy->fcxy", self[0].weight[:, :, 0, 0][cluster], self[1].weight[:, 0])
-        return w.index_select(0, self[2].index)
+        k, f = self.rank, self.conv(1).out_channels
+        cluster = torch.arange(f, device=self.conv(0).weight.device) // (f // k)
+        w = torch.einsum("fc,fxy->fcxy", self.conv(0).weight[:, :, 0, 0][cluster], self.conv(1).weight[:, 0])
+        return w.index_select(0, self.permute(2).index)
 
 
 class _Clustered(FactorChain):
@@ -491,14 +533,14 @@ class _Clustered(FactorChain):
             t = t_in.double()
             if not torch.equal(t, torch.diag(t.diagonal())):
                 raise NotImplementedError("biclustering keeps its groups only under a diagonal metric: use mahalanobis")
-            scale = t.diagonal()[self[0].index]  # input channels in grouped order
-            g = self[1].groups
-            w = self[1].weight.detach().double()
+            scale = t.diagonal()[self.permute(0).index]  # input channels in grouped order
+            g = self.conv(1).groups
+            w = self.conv(1).weight.detach().double()
             w = w.reshape(g, -1, *w.shape[1:]) / scale.reshape(g, -1)[:, None, :, None, None]
-            self[1].weight.copy_(w.reshape(self[1].weight.shape).to(self[1].weight.dtype))
+            self.conv(1).weight.copy_(w.reshape(self.conv(1).weight.shape).to(self.conv(1).weight.dtype))
         if d_out is not None:
-            order = torch.argsort(self[-1].index)  # filter at each grouped position
-            _divide_rows(self[-2].weight, d_out.double()[order])
+            order = torch.argsort(self.permute(-1).index)  # filter at each grouped position
+            _divide_rows(self.conv(-2).weight, d_out.double()[order])
 
 
 class BiclusterConv2d(_Clustered):
@@ -510,7 +552,7 @@ class BiclusterConv2d(_Clustered):
     def build(cls, dense: nn.Conv2d, rank: tuple[int, int, int]) -> BiclusterConv2d:
         g, h, k = rank
         c, f = dense.in_channels, dense.out_channels
-        first = nn.Conv2d(c, g * h * k, dense.kernel_size, groups=g, bias=False, **_conv_kwargs(dense))
+        first = nn.Conv2d(c, g * h * k, _pair(dense.kernel_size), groups=g, bias=False, **_conv_kwargs(dense))
         second = nn.Conv2d(
             g * h * k, f, 1, groups=h, bias=dense.bias is not None, device=dense.weight.device, dtype=dense.weight.dtype
         )
@@ -523,28 +565,28 @@ class BiclusterConv2d(_Clustered):
         g, h, k = bc.first.shape[:3]
         layer = cls.build(dense, (g, h, k))
         with torch.no_grad():
-            layer[0].index.copy_(bc.in_order)
-            layer[1].weight.copy_(bc.first.reshape(layer[1].weight.shape))
-            layer[3].weight.copy_(bc.second.permute(0, 1, 3, 2).reshape(layer[3].weight.shape))
+            layer.permute(0).index.copy_(bc.in_order)
+            layer.conv(1).weight.copy_(bc.first.reshape(layer.conv(1).weight.shape))
+            layer.conv(3).weight.copy_(bc.second.permute(0, 1, 3, 2).reshape(layer.conv(3).weight.shape))
             if dense.bias is not None:
-                layer[3].bias.copy_(dense.bias[bc.out_order])
-            layer[4].index.copy_(torch.argsort(bc.out_order))
+                _bias(layer.conv(3)).copy_(dense.bias[bc.out_order])
+            layer.permute(4).index.copy_(torch.argsort(bc.out_order))
         return layer
 
     @property
     def rank(self) -> tuple[int, int, int]:
-        g, h = self[1].groups, self[3].groups
-        return (g, h, self[1].out_channels // (g * h))
+        g, h = self.conv(1).groups, self.conv(3).groups
+        return (g, h, self.conv(1).out_channels // (g * h))
 
     def reconstruct_weight(self) -> torch.Tensor:
         g, h, k = self.rank
-        f = self[3].out_channels
-        cg = self[1].in_channels // g
-        first = self[1].weight.reshape(g, h, k, cg, *self[1].kernel_size)
-        second = self[3].weight.reshape(h, f // h, k, g)
-        block = torch.einsum("hfkg,ghkcxy->hfgcxy", second, first).reshape(f, g * cg, *self[1].kernel_size)
-        in_inv = torch.argsort(self[0].index)
-        return block.index_select(0, self[4].index).index_select(1, in_inv)
+        f = self.conv(3).out_channels
+        cg = self.conv(1).in_channels // g
+        first = self.conv(1).weight.reshape(g, h, k, cg, *self.conv(1).kernel_size)
+        second = self.conv(3).weight.reshape(h, f // h, k, g)
+        block = torch.einsum("hfkg,ghkcxy->hfgcxy", second, first).reshape(f, g * cg, *self.conv(1).kernel_size)
+        in_inv = torch.argsort(self.permute(0).index)
+        return block.index_select(0, self.permute(4).index).index_select(1, in_inv)
 
 
 class BiclusterCPConv2d(_Clustered):
@@ -560,7 +602,7 @@ class BiclusterCPConv2d(_Clustered):
         c, f, mid = dense.in_channels, dense.out_channels, g * h * k
         dev, dt = dense.weight.device, dense.weight.dtype
         mix = nn.Conv2d(c, mid, 1, groups=g, bias=False, device=dev, dtype=dt)
-        spatial = nn.Conv2d(mid, mid, dense.kernel_size, groups=mid, bias=False, **_conv_kwargs(dense))
+        spatial = nn.Conv2d(mid, mid, _pair(dense.kernel_size), groups=mid, bias=False, **_conv_kwargs(dense))
         spread = nn.Conv2d(mid, f, 1, groups=h, bias=dense.bias is not None, device=dev, dtype=dt)
         return cls(Permute(c, device=dev), mix, spatial, nn.ChannelShuffle(g), spread, Permute(f, device=dev))
 
@@ -570,46 +612,48 @@ class BiclusterCPConv2d(_Clustered):
         g, h, k = bc.alpha.shape[:3]
         layer = cls.build(dense, (g, h, k))
         with torch.no_grad():
-            layer[0].index.copy_(bc.in_order)
-            layer[1].weight.copy_(bc.alpha.reshape(layer[1].weight.shape))
-            layer[2].weight.copy_(bc.beta.reshape(layer[2].weight.shape))
-            layer[4].weight.copy_(bc.gamma.permute(1, 3, 2, 0).reshape(layer[4].weight.shape))
+            layer.permute(0).index.copy_(bc.in_order)
+            layer.conv(1).weight.copy_(bc.alpha.reshape(layer.conv(1).weight.shape))
+            layer.conv(2).weight.copy_(bc.beta.reshape(layer.conv(2).weight.shape))
+            layer.conv(4).weight.copy_(bc.gamma.permute(1, 3, 2, 0).reshape(layer.conv(4).weight.shape))
             if dense.bias is not None:
-                layer[4].bias.copy_(dense.bias[bc.out_order])
-            layer[5].index.copy_(torch.argsort(bc.out_order))
+                _bias(layer.conv(4)).copy_(dense.bias[bc.out_order])
+            layer.permute(5).index.copy_(torch.argsort(bc.out_order))
         return layer
 
     @property
     def rank(self) -> tuple[int, int, int]:
-        g, h = self[1].groups, self[4].groups
-        return (g, h, self[1].out_channels // (g * h))
+        g, h = self.conv(1).groups, self.conv(4).groups
+        return (g, h, self.conv(1).out_channels // (g * h))
 
     @torch.no_grad()
     def balance(self) -> int:
         """Equal norms for the α, β and γ of every term (see :func:`balance_factors`)."""
         g, h, k = self.rank
-        a = self[1].weight.detach().double().reshape(g, h, k, -1)
-        b = self[2].weight.detach().double().reshape(g, h, k, -1)
-        c = self[4].weight.detach().double().reshape(h, -1, k, g).permute(3, 0, 2, 1)  # (g, h, k, F/H)
+        a = self.conv(1).weight.detach().double().reshape(g, h, k, -1)
+        b = self.conv(2).weight.detach().double().reshape(g, h, k, -1)
+        c = self.conv(4).weight.detach().double().reshape(h, -1, k, g).permute(3, 0, 2, 1)  # (g, h, k, F/H)
         norms = [t.norm(dim=-1) for t in (a, b, c)]
         ok = (norms[0] > 0) & (norms[1] > 0) & (norms[2] > 0)
         target = (norms[0] * norms[1] * norms[2]).clamp_min(1e-300) ** (1 / 3)
         scales = [torch.where(ok, target / n.clamp_min(1e-300), 1.0)[..., None] for n in norms]
         a, b, c = a * scales[0], b * scales[1], c * scales[2]
-        self[1].weight.copy_(a.reshape(self[1].weight.shape).to(self[1].weight.dtype))
-        self[2].weight.copy_(b.reshape(self[2].weight.shape).to(self[2].weight.dtype))
-        self[4].weight.copy_(c.permute(1, 3, 2, 0).reshape(self[4].weight.shape).to(self[4].weight.dtype))
+        self.conv(1).weight.copy_(a.reshape(self.conv(1).weight.shape).to(self.conv(1).weight.dtype))
+        self.conv(2).weight.copy_(b.reshape(self.conv(2).weight.shape).to(self.conv(2).weight.dtype))
+        self.conv(4).weight.copy_(
+            c.permute(1, 3, 2, 0).reshape(self.conv(4).weight.shape).to(self.conv(4).weight.dtype)
+        )
         return 1
 
     def reconstruct_weight(self) -> torch.Tensor:
         g, h, k = self.rank
-        f, c = self[4].out_channels, self[1].in_channels
-        kx, ky = self[2].kernel_size
-        alpha = self[1].weight.reshape(g, h, k, c // g)
-        beta = self[2].weight.reshape(g, h, k, kx, ky)
-        gamma = self[4].weight.reshape(h, f // h, k, g)
+        f, c = self.conv(4).out_channels, self.conv(1).in_channels
+        kx, ky = self.conv(2).kernel_size
+        alpha = self.conv(1).weight.reshape(g, h, k, c // g)
+        beta = self.conv(2).weight.reshape(g, h, k, kx, ky)
+        gamma = self.conv(4).weight.reshape(h, f // h, k, g)
         block = torch.einsum("hfkg,ghkc,ghkxy->hfgcxy", gamma, alpha, beta).reshape(f, c, kx, ky)
-        return block.index_select(0, self[5].index).index_select(1, torch.argsort(self[0].index))
+        return block.index_select(0, self.permute(5).index).index_select(1, torch.argsort(self.permute(0).index))
 
 
 def balance_factors(module: nn.Module) -> int:
@@ -626,7 +670,9 @@ def _balance_pairs(chain: nn.Sequential) -> int:
     done = 0
     for a, b in itertools.pairwise(list(chain)):
         dense_read = isinstance(b, nn.Linear) or (isinstance(b, nn.Conv2d) and b.groups == 1)
-        if not isinstance(a, (nn.Conv2d, nn.Linear)) or not dense_read or a.weight.shape[0] != b.weight.shape[1]:
+        if not isinstance(a, (nn.Conv2d, nn.Linear)) or not isinstance(b, (nn.Conv2d, nn.Linear)) or not dense_read:
+            continue
+        if a.weight.shape[0] != b.weight.shape[1]:
             continue
         wa = a.weight.detach().double()
         wb = b.weight.detach().double()

@@ -26,7 +26,7 @@ from rankdown.layers import (
     BiclusterCPConv2d,
     ChannelSVDConv2d,
     CPConv2d,
-    FactorizedLayer,
+    FactorChain,
     LowRankLinear,
     MonochromaticConv2d,
     SeparableConv2d,
@@ -105,7 +105,7 @@ class Method(ABC):
     @abstractmethod
     def factorize(self, module: nn.Module, rank: Rank) -> Factorized: ...
 
-    def whitened_fit(self, module: nn.Module, rank: Rank, patch_gram: torch.Tensor) -> FactorizedLayer | None:
+    def whitened_fit(self, module: nn.Module, rank: Rank, patch_gram: torch.Tensor) -> FactorChain | None:
         """The fit that minimises the output error under the Gram of the layer's im2col rows, in
         closed form (SVD-LLM's whitening), where the method's module is one rank-r product of the
         unfolded weight; None where it is not (the caller then fits the transformed weight)."""
@@ -281,7 +281,7 @@ class LinearSVD(Method):
         layer = LowRankLinear.from_factors(module, a, b)
         return Factorized(layer, _rel_error(module.weight, layer.reconstruct_weight()))
 
-    def whitened_fit(self, module: nn.Module, rank: Rank, patch_gram: torch.Tensor) -> FactorizedLayer | None:
+    def whitened_fit(self, module: nn.Module, rank: Rank, patch_gram: torch.Tensor) -> FactorChain | None:
         return LowRankLinear.from_factors(module, *_whitened(module, rank, patch_gram))
 
 
@@ -319,7 +319,7 @@ class ChannelSVD(_ConvMethod):
         layer = ChannelSVDConv2d.from_factors(module, a, b)
         return Factorized(layer, _rel_error(w, layer.reconstruct_weight()))
 
-    def whitened_fit(self, module: nn.Module, rank: Rank, patch_gram: torch.Tensor) -> FactorizedLayer | None:
+    def whitened_fit(self, module: nn.Module, rank: Rank, patch_gram: torch.Tensor) -> FactorChain | None:
         return ChannelSVDConv2d.from_factors(module, *_whitened(module, rank, patch_gram))
 
 

@@ -16,13 +16,14 @@ from rankdown.layers import Permute
 def _last_conv(module: nn.Module) -> nn.Conv2d | None:
     if type(module) is nn.Conv2d:
         return module
-    if isinstance(module, nn.Sequential) and len(module) and type(module[-1]) is nn.Conv2d:
-        return module[-1]
-    return None
+    last = module[-1] if isinstance(module, nn.Sequential) and len(module) else None
+    return last if type(last) is nn.Conv2d else None
 
 
 def _fuse(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> bool:
     if type(bn) is not nn.BatchNorm2d or not bn.track_running_stats or bn.num_features != conv.out_channels:
+        return False
+    if bn.running_mean is None or bn.running_var is None:
         return False
     bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
     w, b = fuse_conv_bn_weights(conv.weight, bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
@@ -66,17 +67,23 @@ def _fold_traced(model: nn.Module) -> int:
     calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
     folded = 0
     for node in graph.nodes:
         if node.op != "call_module" or len(node.args) != 1 or not isinstance(node.args[0], torch.fx.Node):
             continue
         src = node.args[0]
-        if src.op != "call_module" or len(src.users) != 1 or calls[src.target] > 1 or calls[node.target] > 1:
+        conv_name, bn_name = str(src.target), str(node.target)
+        if src.op != "call_module" or len(src.users) != 1 or calls[conv_name] > 1 or calls[bn_name] > 1:
             continue  # the conv's output is used elsewhere too, or a module is called twice: not foldable
-        conv, bn = model.get_submodule(src.target), model.get_submodule(node.target)
-        if type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d and _fuse(conv, bn):
-            replace_module(model, node.target, nn.Identity())
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        if (
+            isinstance(conv, nn.Conv2d)
+            and type(conv) is nn.Conv2d
+            and isinstance(bn, nn.BatchNorm2d)
+            and _fuse(conv, bn)
+        ):
+            replace_module(model, bn_name, nn.Identity())
             folded += 1
     return folded
 
@@ -107,35 +114,29 @@ def _permute_bn(bn: nn.BatchNorm2d, index: torch.Tensor) -> None:
             t.data = t.data[index]
 
 
-def _plain(conv: nn.Module) -> bool:
-    return type(conv) is nn.Conv2d and conv.groups == 1
+def _plain(conv: nn.Module) -> nn.Conv2d | None:
+    return conv if isinstance(conv, nn.Conv2d) and type(conv) is nn.Conv2d and conv.groups == 1 else None
 
 
-def _writer(module: nn.Module) -> tuple[str, nn.Module] | None:
+def _end(module: nn.Module, at: int) -> nn.Conv2d | Permute | None:
+    """A plain conv, or the conv or gather at position ``at`` of a chain."""
+    if _plain(module):
+        return _plain(module)
+    if isinstance(module, nn.Sequential) and len(module):
+        end = module[at]
+        return end if isinstance(end, Permute) else _plain(end)
+    return None
+
+
+def _writer(module: nn.Module) -> nn.Conv2d | Permute | None:
     """What produces ``module``'s output channels and can reorder them: a dense conv, the last
     conv of a factorized chain, or the gather that ends a chain."""
-    if _plain(module):
-        return "conv", module
-    if isinstance(module, nn.Sequential) and len(module):
-        last = module[-1]
-        if isinstance(last, Permute):
-            return "gather", last
-        if _plain(last):
-            return "conv", last
-    return None
+    return _end(module, -1)
 
 
-def _reader(module: nn.Module) -> tuple[str, nn.Module] | None:
+def _reader(module: nn.Module) -> nn.Conv2d | Permute | None:
     """What consumes ``module``'s input channels and can absorb a reordering of them."""
-    if _plain(module):
-        return "conv", module
-    if isinstance(module, nn.Sequential) and len(module):
-        first = module[0]
-        if isinstance(first, Permute):
-            return "gather", first
-        if _plain(first):
-            return "conv", first
-    return None
+    return _end(module, 0)
 
 
 def _neighbour(parent: nn.Sequential, names: list[str], i: int, step: int) -> tuple[list[nn.Module], nn.Module | None]:
@@ -171,11 +172,10 @@ def fold_permutations(model: nn.Module) -> int:
             first = block[0]
             if isinstance(first, Permute):
                 between, neighbour = _neighbour(parent, names, i, -1)
-                found = None if neighbour is None else _writer(neighbour)
-                if found is not None:
-                    kind, w = found
+                w = None if neighbour is None else _writer(neighbour)
+                if w is not None:
                     idx = first.index
-                    if kind == "conv":
+                    if isinstance(w, nn.Conv2d):
                         w.weight.data = w.weight.data[idx]
                         if w.bias is not None:
                             w.bias.data = w.bias.data[idx]
@@ -190,12 +190,11 @@ def fold_permutations(model: nn.Module) -> int:
             last = block[-1]
             if isinstance(last, Permute):
                 between, neighbour = _neighbour(parent, names, i, +1)
-                found = None if neighbour is None else _reader(neighbour)
-                if found is not None:
-                    kind, r = found
+                r = None if neighbour is None else _reader(neighbour)
+                if r is not None:
                     idx = last.index  # y_out[:, c] = y[:, idx[c]]
                     inv = torch.argsort(idx)
-                    if kind == "conv":
+                    if isinstance(r, nn.Conv2d):
                         r.weight.data = r.weight.data[:, inv]
                     else:
                         r.index.copy_(idx[r.index])
@@ -207,25 +206,29 @@ def fold_permutations(model: nn.Module) -> int:
     return folded
 
 
-def _pointwise(m: nn.Module | None) -> bool:
-    if type(m) is nn.Linear:
-        return True
-    return (
-        type(m) is nn.Conv2d
+def _pointwise(m: nn.Module | None) -> nn.Conv2d | nn.Linear | None:
+    """``m`` when it is a plain Linear or a plain 1×1 conv (a matrix on channels), else None."""
+    if isinstance(m, nn.Linear) and type(m) is nn.Linear:
+        return m
+    plain = (
+        isinstance(m, nn.Conv2d)
+        and type(m) is nn.Conv2d
         and m.kernel_size == (1, 1)
         and m.stride == (1, 1)
         and m.padding in ((0, 0), "valid")
         and m.groups == 1
     )
+    return m if plain and isinstance(m, nn.Conv2d) else None
 
 
-def _matrix(m: nn.Module) -> torch.Tensor:
+def _matrix(m: nn.Conv2d | nn.Linear) -> torch.Tensor:
     return m.weight.reshape(m.weight.shape[0], -1)
 
 
-def _merged(first: nn.Module, second: nn.Module) -> nn.Module | None:
+def _merged(first_module: nn.Module, second_module: nn.Module) -> nn.Module | None:
     """``second ∘ first`` as one layer of the same kind, when it costs fewer MACs than the pair."""
-    if type(first) is not type(second) or not (_pointwise(first) and _pointwise(second)):
+    first, second = _pointwise(first_module), _pointwise(second_module)
+    if first is None or second is None or type(first) is not type(second):
         return None
     a, b = _matrix(first), _matrix(second)
     if a.shape[0] != b.shape[1] or b.shape[0] * a.shape[1] >= a.numel() + b.numel():
@@ -235,13 +238,13 @@ def _merged(first: nn.Module, second: nn.Module) -> nn.Module | None:
     bias = second.bias.clone() if second.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
     if first.bias is not None:
         bias = bias + b @ first.bias
-    kw = {"bias": has_bias, "device": w.device, "dtype": w.dtype}
+    out: nn.Conv2d | nn.Linear
     if isinstance(first, nn.Linear):
-        out = nn.Linear(w.shape[1], w.shape[0], **kw)
+        out = nn.Linear(w.shape[1], w.shape[0], bias=has_bias, device=w.device, dtype=w.dtype)
     else:
-        out = nn.Conv2d(w.shape[1], w.shape[0], 1, **kw)
+        out = nn.Conv2d(w.shape[1], w.shape[0], 1, bias=has_bias, device=w.device, dtype=w.dtype)
     out.weight.copy_(w.reshape(out.weight.shape))
-    if has_bias:
+    if out.bias is not None:
         out.bias.copy_(bias)
     return out
 

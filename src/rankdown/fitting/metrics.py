@@ -47,6 +47,7 @@ from rankdown.probe import (
     real_rows,
     token_mask,
 )
+from rankdown.surgery import weight_of
 
 METRICS = ("frobenius", "mahalanobis", "covariance", "activation")
 ASVD_ALPHA = 0.5
@@ -151,7 +152,7 @@ def collect(
                 out[fqn] = LayerMetric(t_in=decompose.shifted_cholesky(grams[fqn]), patch_gram=pg)
         return out
     # mahalanobis: squared gradients of the loss against the model's own predictions
-    sq = {fqn: torch.zeros_like(m.weight, dtype=torch.float64) for fqn, m in mods.items()}
+    sq = {fqn: torch.zeros_like(weight_of(m), dtype=torch.float64) for fqn, m in mods.items()}
     for i in range(0, batch_len(inputs), batch_size):
         xb = batch_slice(inputs, i, i + batch_size)
         with torch.no_grad():
@@ -166,8 +167,9 @@ def collect(
         logits = primary_output(forward(model, xb))
         F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)).backward()
         for fqn, m in mods.items():
-            if m.weight.grad is not None:
-                sq[fqn] += m.weight.grad.double() ** 2
+            grad = weight_of(m).grad
+            if grad is not None:
+                sq[fqn] += grad.double() ** 2
     model.zero_grad(set_to_none=True)
     for fqn, s in sq.items():
         alpha = s.sqrt()
@@ -175,21 +177,25 @@ def collect(
         a_out = alpha.pow(2).mean(dim=dims_out).sqrt()
         a_in = alpha.transpose(0, 1).reshape(alpha.shape[1], -1).pow(2).mean(1).sqrt()
         # floor: a weight that never moved the loss still gets a little weight (avoids division by 0)
-        floor = lambda v: v.clamp_min(1e-3 * float(v.max()) if float(v.max()) > 0 else 1.0)  # noqa: E731
-        out[fqn] = LayerMetric(t_in=torch.diag(floor(a_in)), d_out=floor(a_out))
+        out[fqn] = LayerMetric(t_in=torch.diag(_floored(a_in)), d_out=_floored(a_out))
     return out
+
+
+def _floored(v: torch.Tensor) -> torch.Tensor:
+    """A weight that never moved the loss still gets a little weight (no division by 0)."""
+    return v.clamp_min(1e-3 * float(v.max()) if float(v.max()) > 0 else 1.0)
 
 
 def transformed(module: nn.Module, metric: LayerMetric) -> nn.Module:
     """A copy of ``module`` whose weight is diag(d_out) · W ×_in t_inᵀ: the tensor to decompose."""
     clone = copy.deepcopy(module)
-    w = module.weight.detach().double()
+    w = weight_of(module).detach().double()
     if metric.t_in is not None:
         w = torch.einsum("nc...,cd->nd...", w, metric.t_in.double())
     if metric.d_out is not None:
         w = w * metric.d_out.double().view(-1, *([1] * (w.ndim - 1)))
     with torch.no_grad():
-        clone.weight.copy_(w.to(module.weight.dtype))
+        weight_of(clone).copy_(w.to(weight_of(module).dtype))
     return clone
 
 
@@ -213,7 +219,7 @@ def factorize_weighted(handler, fqn: str, module: nn.Module, rank, metric: Layer
     whitened = handler.whitened_fit(module, rank, metric.patch_gram) if metric.patch_gram is not None else None
     if whitened is not None:
         balance_factors(whitened)
-        err = _rel_error(module.weight, whitened.reconstruct_weight())
+        err = _rel_error(weight_of(module), whitened.reconstruct_weight())
         return Factorized(whitened, err, {"metric": "covariance (im2col)"})
     fact = handler.factorize(transformed(module, metric), rank)
     if fact.module is None:
@@ -228,4 +234,5 @@ def factorize_weighted(handler, fqn: str, module: nn.Module, rank, metric: Layer
         raise RankdownError(f"layer {fqn!r}: {exc}") from None
     balance_factors(fact.module)
     info = {**fact.info, "metric": "weighted"}
-    return Factorized(fact.module, _rel_error(module.weight, fact.module.reconstruct_weight()), info, fact.failure)
+    err = _rel_error(weight_of(module), fact.module.reconstruct_weight())
+    return Factorized(fact.module, err, info, fact.failure)
