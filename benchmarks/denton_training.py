@@ -93,7 +93,7 @@ def run(args) -> dict:
                     if schedule.startswith("joint"):
                         cc = CalibrationConfig(mode="joint", nonlinear=schedule.endswith("nonlinear"))
                         fit = reconstruct(model, m, list(LAYERS), calib, cc)
-                        row["output_error"] = {k: v["output_error_after"] for k, v in fit.items()}
+                        row["output_error"] = {k: v.output_error_after for k, v in fit.items()}
                     row["accuracy"] = acc(m)
                     finetune(m, train, ft_all)
                     row["accuracy_finetuned"] = acc(m)

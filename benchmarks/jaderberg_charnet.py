@@ -102,7 +102,7 @@ def run(args) -> dict:
                 layers = {}
                 if fit != "filter":
                     cfg = CalibrationConfig(mode=fit, epochs=args.calibration_epochs)
-                    layers = reconstruct(model, m, list(LAYERS), calib, cfg)
+                    layers = {k: f.to_dict() for k, f in reconstruct(model, m, list(LAYERS), calib, cfg).items()}
                 row = {**base, "fit": fit, "accuracy": acc(m), "calibration": layers, "fit_seconds": time.time() - t1}
                 rows.append(row)
                 keys = ("method", "target_speedup", "fit", "accuracy", "measured_speedup")

@@ -77,7 +77,7 @@ def test_blockwise_refit_equals_the_layer_by_layer_refit(mode, monkeypatch):
     a, b = blockwise.state_dict(), layerwise.state_dict()
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-9, atol=1e-12), k
-    assert all(f["output_error_after"] <= f["output_error_before"] + 1e-12 for f in fitted.values())
+    assert all(f.output_error_after <= f.output_error_before + 1e-12 for f in fitted.values())
 
 
 def test_blocks_that_do_not_chain_are_refitted_layer_by_layer(monkeypatch):
@@ -145,7 +145,7 @@ def test_a_plain_sequential_cnn_with_inplace_relus_is_refitted_block_by_block(mo
     blockwise, layerwise, fitted = _both_paths(model, x, "joint", monkeypatch)
     fitted.pop("_blocks")
     assert {"0", "2", "6", "9"} <= set(fitted)
-    assert any("relu response" in f["how"] for f in fitted.values())
+    assert any("relu response" in f.how for f in fitted.values())
     a, b = blockwise.state_dict(), layerwise.state_dict()
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-7, atol=1e-9), k

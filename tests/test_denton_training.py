@@ -71,7 +71,7 @@ def test_response_fit_lowers_the_error_after_the_relu(method, rank):
     linear, nonlinear = copy.deepcopy(res.model), copy.deepcopy(res.model)
     reconstruct(dense, linear, ["0"], x, CalibrationConfig(mode="data", nonlinear=False, epochs=0))
     out = reconstruct(dense, nonlinear, ["0"], x, CalibrationConfig(mode="data", epochs=0))
-    assert "relu response" in out["0"]["how"] and out["0"]["response"] == "after BatchNorm2d → ReLU"
+    assert "relu response" in out["0"].how and out["0"].response == "after BatchNorm2d → ReLU"
     held = _images(128, seed=1)
     assert _response_error(dense, nonlinear, held) < _response_error(dense, linear, held)
 
@@ -84,7 +84,7 @@ def test_nonlinear_off_or_no_relu_leaves_the_linear_fit():
     x = _images(64)
     res = compress(dense, CompressConfig("channel-svd", FixedRank(3), layers=["3"]), x[:1])
     out = reconstruct(dense, res.model, ["3"], x, CalibrationConfig(mode="data"))
-    assert out["3"]["how"] == "closed form" and out["3"]["response"] == "linear"
+    assert out["3"].how == "closed form" and out["3"].response == "linear"
 
 
 def test_progressive_freezes_each_layer_and_everything_before_it():

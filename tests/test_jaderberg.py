@@ -143,7 +143,7 @@ def test_data_reconstruction_lowers_output_error(method, rank, mode):
     after = rel(res.model(x), dense(x))
     assert after < before
     for r in fitted.values():
-        assert r["output_error_after"] <= r["output_error_before"]
+        assert r.output_error_after <= r.output_error_before
     held_out = _correlated_images(64, seed=1)  # it generalises: not only the calibration examples
     filt = compress(dense, CompressConfig(method, FixedRank(rank)), x[:1]).model
     assert rel(res.model(held_out), dense(held_out)) < rel(filt(held_out), dense(held_out))
@@ -160,7 +160,7 @@ def test_closed_form_data_fit_is_the_least_squares_optimum_for_svd_layers():
     res = compress(dense, CompressConfig("svd", FixedRank(3)), x[:1])
     # one batch: no held-out split, so the fit is the exact optimum on these examples
     out = reconstruct(dense, res.model, ["0"], x, CalibrationConfig(mode="data", batch_size=400))
-    assert out["0"]["how"] == "closed form"
+    assert out["0"].how == "closed form"
     err = rel(res.model(x), dense(x))
     # a gradient refit from the closed form cannot find a better point
     cm = copy.deepcopy(res.model)

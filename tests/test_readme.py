@@ -92,4 +92,4 @@ def test_readme_workload_example_runs(tmp_path, monkeypatch, has_bundled_weights
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
     exec(compile(blocks[1], "README.md", "exec"), scope)
-    assert scope["report"]["quality"]["examples"] == 256
+    assert scope["report"].quality["examples"] == 256

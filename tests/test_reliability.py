@@ -537,7 +537,7 @@ def test_finetune_is_all_new_or_all_old(tmp_path, fake_fashion, has_bundled_weig
     assert {k: v for k, v in after.items() if not k.startswith("checkpoints")} == before  # all old
     monkeypatch.undo()
     report = run_finetune(out, cfg, train_limit=32, opts=opts)
-    assert report["finetune"]["history"] and _state(out) == "complete"
+    assert report.finetune and report.finetune["history"] and _state(out) == "complete"
     assert (out / "checkpoints" / "last" / "meta.json").is_file()  # carried over into the new folder
     assert load_compressed(out, pipe.build_model("fashion-vgg", pretrained=False)) is not None
     assert sorted(q.name for q in tmp_path.iterdir()) == ["out"]

@@ -132,8 +132,9 @@ def test_python_api_with_a_dataloader():
         finetune_config=rankdown.TrainConfig(epochs=1, batch_size=16, max_steps_per_epoch=2),
         opts=opts,
     )
-    assert 1.9 < report["totals"]["macs_reduction"] < 2.4
-    assert report["quality"]["examples"] == 64 and "top1" in report["quality"]["metrics"]
+    assert 1.9 < report.totals.macs_reduction < 2.4
+    assert report.quality is not None and report.quality["examples"] == 64 and "top1" in report.quality["metrics"]
+    assert json.loads(json.dumps(report.to_dict()))["totals"]["macs_reduction"] == report.totals.macs_reduction
     assert result.plan.meta["calibration_data"] == "my images"
 
 

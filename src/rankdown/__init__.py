@@ -42,6 +42,7 @@ _EXPORTS = {
     "TensorFile": "rankdown.data.sources",
     "evaluate": "rankdown.measurement.quality",
     "run_job": "rankdown.app.pipeline",
+    "Report": "rankdown.app.report",
     "MeasureOptions": "rankdown.app.pipeline",
     "AllocationOptions": "rankdown.app.pipeline",
     "LatencyOptions": "rankdown.app.pipeline",
@@ -77,6 +78,7 @@ if TYPE_CHECKING:
         ReconstructionOptions,
         run_job,
     )
+    from rankdown.app.report import Report
     from rankdown.data.sources import Data, ImageFolder, ImageOptions, TensorFile
     from rankdown.data.text import text_data
     from rankdown.deployment.deploy import deploy

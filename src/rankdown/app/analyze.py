@@ -4,7 +4,9 @@ and sensitivity curves, as a table, JSON and PNG plots."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,7 +15,7 @@ from rankdown import decompose
 from rankdown.measurement.bench import count_macs
 from rankdown.planning.allocate import sensitivity
 from rankdown.planning.compress import CompressConfig, _handler, select_targets
-from rankdown.probe import batch_slice
+from rankdown.probe import Inputs, batch_len, batch_slice
 from rankdown.storage import atomic_write_dir
 from rankdown.surgery import record_inputs, weight_of
 
@@ -24,14 +26,45 @@ def _unfoldings(w: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"out": w.reshape(w.shape[0], -1), "in": w.transpose(0, 1).reshape(w.shape[1], -1)}
 
 
+@dataclass
+class LayerAnalysis:
+    """One layer: its spectra per unfolding, EVBMF and energy ranks, and its sensitivity curve
+    (relative error against the fraction of the layer's MACs kept)."""
+
+    name: str
+    type: str
+    shape: list[int]
+    method: str
+    macs: int
+    macs_share: float
+    spectra: dict[str, list[float]] = field(default_factory=dict)
+    evbmf: dict[str, int] = field(default_factory=dict)
+    energy_rank: dict[str, dict[str, int]] = field(default_factory=dict)
+    sensitivity: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Analysis:
+    """What ``rankdown analyze`` found; ``to_dict()`` is analysis.json."""
+
+    criterion: str
+    calibration_examples: int
+    layers: list[LayerAnalysis]
+    skipped: dict[str, str]
+    model: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 def analyze_model(
     model: nn.Module,
     config: CompressConfig,
-    calibration: torch.Tensor,
+    calibration: Inputs,
     *,
     criterion: str = "layer",
     cache_dir: str | Path | None = None,
-) -> dict:
+) -> Analysis:
     """Per-layer spectra, EVBMF and energy ranks, and sensitivity (error vs kept MACs)."""
     model = model.eval()
     selection = select_targets(model, config)
@@ -46,37 +79,29 @@ def analyze_model(
     layers = []
     for name, method in targets.items():
         w = weight_of(model.get_submodule(name)).detach()
-        row: dict = {
-            "name": name,
-            "type": type(model.get_submodule(name)).__name__,
-            "shape": list(w.shape),
-            "method": method.name,
-            "macs": macs.get(name, 0),
-            "macs_share": macs.get(name, 0) / total_macs,
-            "spectra": {},
-            "evbmf": {},
-            "energy_rank": {},
-        }
+        row = LayerAnalysis(
+            name,
+            type(model.get_submodule(name)).__name__,
+            list(w.shape),
+            method.name,
+            macs.get(name, 0),
+            macs.get(name, 0) / total_macs,
+        )
         for mode, mat in _unfoldings(w).items():
             s = decompose.singular_values(mat)
-            row["spectra"][mode] = s.tolist()
-            row["evbmf"][mode] = decompose.evbmf(mat).rank
-            row["energy_rank"][mode] = {str(e): decompose.energy_rank(s, e) for e in (0.9, 0.95, 0.99)}
+            row.spectra[mode] = s.tolist()
+            row.evbmf[mode] = decompose.evbmf(mat).rank
+            row.energy_rank[mode] = {str(e): decompose.energy_rank(s, e) for e in (0.9, 0.95, 0.99)}
         dense = curves[name].options[-1]
-        row["sensitivity"] = [
+        row.sensitivity = [
             {"rank": o.rank, "macs_kept": o.macs / max(dense.macs, 1), "error": o.error}
             for o in curves[name].options[:-1]
         ]
         layers.append(row)
-    return {
-        "criterion": criterion,
-        "calibration_examples": int(calibration.shape[0]),
-        "layers": layers,
-        "skipped": selection.skipped,
-    }
+    return Analysis(criterion, batch_len(calibration), layers, dict(selection.skipped))
 
 
-def plot_analysis(result: dict, folder: Path) -> list[Path]:
+def plot_analysis(result: Analysis, folder: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,9 +109,9 @@ def plot_analysis(result: dict, folder: Path) -> list[Path]:
 
     paths = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for row in result["layers"]:
-        s = torch.tensor(row["spectra"]["out"])
-        ax.semilogy(torch.arange(1, len(s) + 1) / len(s), s / s[0], label=row["name"])
+    for row in result.layers:
+        s = torch.tensor(row.spectra["out"])
+        ax.semilogy(torch.arange(1, len(s) + 1) / len(s), s / s[0], label=row.name)
     ax.set(
         xlabel="rank / full rank (output-mode unfolding)",
         ylabel="singular value / largest",
@@ -99,9 +124,9 @@ def plot_analysis(result: dict, folder: Path) -> list[Path]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for row in result["layers"]:
-        s2 = torch.tensor(row["spectra"]["out"]) ** 2
-        ax.plot(torch.arange(1, len(s2) + 1) / len(s2), torch.cumsum(s2, 0) / s2.sum(), label=row["name"])
+    for row in result.layers:
+        s2 = torch.tensor(row.spectra["out"]) ** 2
+        ax.plot(torch.arange(1, len(s2) + 1) / len(s2), torch.cumsum(s2, 0) / s2.sum(), label=row.name)
     for e in (0.9, 0.95, 0.99):
         ax.axhline(e, color="gray", lw=0.5, ls=":")
     ax.set(xlabel="rank / full rank", ylabel="energy kept", title="Energy curves (output mode)")
@@ -112,13 +137,13 @@ def plot_analysis(result: dict, folder: Path) -> list[Path]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for row in result["layers"]:
-        pts = sorted((p["macs_kept"], p["error"]) for p in row["sensitivity"])
+    for row in result.layers:
+        pts = sorted((p["macs_kept"], p["error"]) for p in row.sensitivity)
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=f"{row['name']} ({row['method']})")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=f"{row.name} ({row.method})")
     ax.set(
         xlabel="fraction of the layer's MACs kept",
-        ylabel=f"relative error ({result['criterion']} output)",
+        ylabel=f"relative error ({result.criterion} output)",
         title="Sensitivity",
         yscale="log",
     )
@@ -130,16 +155,16 @@ def plot_analysis(result: dict, folder: Path) -> list[Path]:
     return paths
 
 
-def save_analysis(result: dict, out: str | Path, *, force: bool = False) -> Path:
+def save_analysis(result: Analysis, out: str | Path, *, force: bool = False) -> Path:
     def write(tmp: Path) -> None:
-        (tmp / "analysis.json").write_text(json.dumps(result, indent=1) + "\n")
+        (tmp / "analysis.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
         plot_analysis(result, tmp)
 
     atomic_write_dir(Path(out), write, force)
     return Path(out)
 
 
-def render_analysis(result: dict) -> None:
+def render_analysis(result: Analysis) -> None:
     import sys
 
     from rich.console import Console
@@ -149,16 +174,16 @@ def render_analysis(result: dict) -> None:
     if not console.is_terminal:
         console = Console(file=sys.stdout, width=150)
     t = Table(
-        title=f"rankdown analyze — sensitivity: {result['criterion']} output, "
-        f"{result['calibration_examples']} calibration examples",
+        title=f"rankdown analyze — sensitivity: {result.criterion} output, "
+        f"{result.calibration_examples} calibration examples",
         title_justify="left",
     )
     for col in ("layer", "shape", "MACs %", "EVBMF out/in", "energy 90/95/99% (out)", "error at ½ MACs"):
         t.add_column(col, justify="left" if col in ("layer", "shape") else "right")
-    for row in result["layers"]:
-        ev = "/".join(str(row["evbmf"][m]) for m in ("out", "in") if m in row["evbmf"])
-        en = "/".join(str(v) for v in row["energy_rank"]["out"].values())
-        half = [p for p in row["sensitivity"] if p["macs_kept"] <= 0.5]
+    for row in result.layers:
+        ev = "/".join(str(row.evbmf[m]) for m in ("out", "in") if m in row.evbmf)
+        en = "/".join(str(v) for v in row.energy_rank["out"].values())
+        half = [p for p in row.sensitivity if p["macs_kept"] <= 0.5]
         err = f"{max(half, key=lambda p: p['macs_kept'])['error']:.3f}" if half else "-"
-        t.add_row(row["name"], "×".join(map(str, row["shape"])), f"{100 * row['macs_share']:.1f}", ev, en, err)
+        t.add_row(row.name, "×".join(map(str, row.shape)), f"{100 * row.macs_share:.1f}", ev, en, err)
     console.print(t)

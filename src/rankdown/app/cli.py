@@ -6,11 +6,15 @@ import json
 import math
 import os
 import sys
+from typing import TYPE_CHECKING
 
 import click
 import torch
 
 from rankdown.errors import RankdownError
+
+if TYPE_CHECKING:
+    from rankdown.app.report import Report
 
 
 class Finite(click.ParamType):
@@ -346,7 +350,7 @@ def _opts(data_dir, eval_limit, batch_sizes, latency_runs, threads, no_latency, 
     )
 
 
-def _finish(report: dict, json_out: str | None) -> None:
+def _finish(report: Report, json_out: str | None) -> None:
     from rankdown.app.report import render
 
     render(report)
@@ -355,7 +359,7 @@ def _finish(report: dict, json_out: str | None) -> None:
 
         from rankdown.storage import atomic_write_text
 
-        atomic_write_text(Path(json_out), json.dumps(report, indent=2) + "\n")
+        atomic_write_text(Path(json_out), json.dumps(report.to_dict(), indent=2) + "\n")
 
 
 def _train_options(f):
@@ -918,9 +922,9 @@ def finetune(
         argv=["rankdown", *sys.argv[1:]],
     )
     _finish(report, json_out)
-    before = report["finetune"]["accuracy_before_finetune"]
-    if before is not None and report.get("accuracy"):
-        click.echo(f"accuracy before fine-tuning {100 * before:.2f}% -> after {100 * report['accuracy']['after']:.2f}%")
+    before = report.finetune["accuracy_before_finetune"] if report.finetune else None
+    if before is not None and report.accuracy:
+        click.echo(f"accuracy before fine-tuning {100 * before:.2f}% -> after {100 * report.accuracy['after']:.2f}%")
 
 
 @main.command()
@@ -1076,7 +1080,7 @@ def analyze(
     calib = calib_inputs(workload.need("calib", "--calib-data", "analyze"), calibration, workload.model)
     config = CompressConfig(method, skip=workload.skip)
     result = analyze_model(workload.model, config, calib, criterion=sensitivity, cache_dir=cache_dir)
-    result["model"] = model_spec
+    result.model = model_spec
     save_analysis(result, out, force=force)
     render_analysis(result)
     click.echo(f"wrote {out}/analysis.json, spectra.png, energy.png, sensitivity.png")

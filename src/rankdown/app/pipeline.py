@@ -15,10 +15,10 @@ import torch
 from torch import nn
 from torch.utils.data import default_collate
 
-from rankdown.app.report import build_report
+from rankdown.app.report import Report, build_report
 from rankdown.data.sources import Data
 from rankdown.errors import RankdownError
-from rankdown.fitting.calibrate import CalibrationConfig
+from rankdown.fitting.calibrate import CalibrationConfig, LayerFit
 from rankdown.measurement.bench import compare_latency, model_cost
 from rankdown.measurement.quality import MetricFn, evaluate
 from rankdown.planning.allocate import Budget, relative_error
@@ -96,7 +96,9 @@ class ReconstructionOptions:
     config: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
 
 
-def reconstruct_layers(result: CompressResult, dense: nn.Module, calib: Data, opts: ReconstructionOptions) -> dict:
+def reconstruct_layers(
+    result: CompressResult, dense: nn.Module, calib: Data, opts: ReconstructionOptions
+) -> dict[str, LayerFit]:
     """Refit ``result``'s factorized layers to the dense layers' outputs; notes go in the report rows."""
     from rankdown.fitting.calibrate import reconstruct
 
@@ -106,9 +108,9 @@ def reconstruct_layers(result: CompressResult, dense: nn.Module, calib: Data, op
     for row in result.layers:
         if row.name in fitted:
             f = fitted[row.name]
-            row.info["calibration"] = f
-            errs = f"{f['output_error_before']:.3f}→{f['output_error_after']:.3f}"
-            row.note = (row.note + "; " if row.note else "") + f"{opts.config.mode} fit ({f['how']}): out err {errs}"
+            row.info["calibration"] = f.to_dict()
+            errs = f"{f.output_error_before:.3f}→{f.output_error_after:.3f}"
+            row.note = (row.note + "; " if row.note else "") + f"{opts.config.mode} fit ({f.how}): out err {errs}"
     result.plan.meta["calibration"] = {"mode": opts.config.mode, "examples": opts.examples, "data": calib.describe()}
     return fitted
 
@@ -275,7 +277,7 @@ def run_job(
     metric_examples: int = 256,
     weights: str | None = None,
     warn: Callable[[str], None] | None = None,
-) -> tuple[CompressResult, dict]:
+) -> tuple[CompressResult, Report]:
     """The end-to-end job on a workload (a model and its data): plan, factorize, refit, fine-tune,
     measure quality and latency, save. Every data-aware step uses the workload's data, and one
     with none fails before any work, naming the flag that provides it.
@@ -401,18 +403,15 @@ def run_job(
         **measured,
     )
     if allocation is not None:
-        report["budget"] = budget_check(allocation.budget, report["totals"], result)
-        if report["budget"]["missed"] and warn is not None:
-            warn(report["budget"]["missed"])
-    if warning:
-        report["warning"] = warning
-    if tokens is not None:
-        report["tokens_per_s"] = tokens
-    if ft is not None:
-        report["finetune"] = ft
-    report["seconds"] = clock.seconds
+        report.budget = budget_check(allocation.budget, report.totals.to_dict(), result)
+        if report.budget["missed"] and warn is not None:
+            warn(report.budget["missed"])
+    report.warning = warning or None
+    report.tokens_per_s = tokens
+    report.finetune = ft
+    report.seconds = clock.seconds
     if out is not None:
-        save_compressed(out, result.model, result.plan, report, force=force)
+        save_compressed(out, result.model, result.plan, report.to_dict(), force=force)
     return result, report
 
 
@@ -491,7 +490,7 @@ def run_compress(
     metric_fn: MetricFn | None = None,
     opts: MeasureOptions | None = None,
     **job,
-) -> tuple[CompressResult, dict]:
+) -> tuple[CompressResult, Report]:
     """The job for a model named on the command line: a bundled name (with its own data, unless
     ``data`` replaces it) or package.module:factory (with ``data``: "calib", "eval", "train")."""
     opts = opts or MeasureOptions()
@@ -591,7 +590,7 @@ def open_saved(
     return Saved(plan, workload, model, workload.model if available else None)
 
 
-def remeasure(saved: Saved, opts: MeasureOptions, argv: list[str] | None) -> dict:
+def remeasure(saved: Saved, opts: MeasureOptions, argv: list[str] | None) -> Report:
     from rankdown.measurement.bench import layer_costs
     from rankdown.planning.compress import LayerReport
 
@@ -624,7 +623,7 @@ def run_eval(
     argv: list[str] | None = None,
     model_spec: str | None = None,
     data: dict[str, Data] | None = None,
-) -> dict:
+) -> Report:
     """Rebuild a saved compressed model from its plan and measure it again."""
     opts = opts or MeasureOptions()
     return remeasure(open_saved(folder, opts, weights, model_spec, data), opts, argv)
@@ -708,7 +707,7 @@ def run_finetune(
     argv: list[str] | None = None,
     model_spec: str | None = None,
     data: dict[str, Data] | None = None,
-) -> dict:
+) -> Report:
     """Fine-tune a saved compressed model in place. The folder changes in one step at the end
     (new weights, plan and report together, or nothing); epoch checkpoints go to
     FOLDER/checkpoints (``resume`` continues them) and are carried over."""
@@ -731,8 +730,8 @@ def run_finetune(
         resume=resume,
     )
     report = remeasure(saved, opts, argv)
-    report["finetune"] = _finetune_record(config, history, q0)
-    save_compressed(folder, saved.model, saved.plan, report, force=True, keep=("checkpoints",))
+    report.finetune = _finetune_record(config, history, q0)
+    save_compressed(folder, saved.model, saved.plan, report.to_dict(), force=True, keep=("checkpoints",))
     return report
 
 

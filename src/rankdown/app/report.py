@@ -1,17 +1,91 @@
-"""Reports: one JSON-able dict per run, and its rendering as terminal tables."""
+"""Reports: one typed result per run (its ``to_dict()`` is report.json), and its rendering as
+terminal tables."""
 
 from __future__ import annotations
 
 import datetime
 import sys
-from typing import cast
+from dataclasses import asdict, dataclass, field
+from typing import Any, cast
 
 from rich.console import Console, JustifyMethod
 from rich.table import Table
 
 from rankdown import __version__
 from rankdown.measurement.bench import Cost, environment
-from rankdown.planning.compress import CompressResult
+from rankdown.planning.compress import CompressResult, LayerReport
+
+NOTES = (
+    "totals: all parameters of the model and the MACs of all its Conv2d/Linear layers, per example; "
+    "latency: median ms in the faster of NCHW and channels_last, guarded against foreign CPU load."
+)
+
+
+@dataclass
+class Totals:
+    """Whole-model costs: all parameters, and the MACs of every Conv2d/Linear, per example."""
+
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    params_reduction: float
+    macs_reduction: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Report:
+    """What one run measured. The nested dicts (quality, latency, budget, fine-tuning) are the
+    JSON records of the steps that wrote them; the optional parts are left out of ``to_dict()``
+    when a run had no such step."""
+
+    model: str | None
+    plan_meta: dict[str, Any]
+    layers: list[LayerReport]
+    totals: Totals
+    accuracy: dict[str, Any] | None = None
+    quality: dict[str, Any] | None = None
+    output_rel_error: float | None = None
+    output_rel_error_on: str | None = None
+    latency: dict[str, Any] | None = None
+    command: list[str] | None = None
+    rankdown: str = __version__
+    created: str = field(
+        default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    )
+    environment: dict[str, str] = field(default_factory=environment)
+    notes: str = NOTES
+    # the steps a run may add
+    budget: dict[str, Any] | None = None
+    warning: str | None = None
+    tokens_per_s: dict[str, Any] | None = None
+    finetune: dict[str, Any] | None = None
+    seconds: dict[str, float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "rankdown": self.rankdown,
+            "created": self.created,
+            "command": self.command,
+            "model": self.model,
+            "plan_meta": self.plan_meta,
+            "layers": [r.to_dict() for r in self.layers],
+            "totals": self.totals.to_dict(),
+            "accuracy": self.accuracy,
+            "quality": self.quality,
+            "output_rel_error": self.output_rel_error,
+            "output_rel_error_on": self.output_rel_error_on,
+            "latency": self.latency,
+            "environment": self.environment,
+            "notes": self.notes,
+        }
+        for key in ("budget", "warning", "tokens_per_s", "finetune", "seconds"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
 
 
 def _fmt_int(n: int) -> str:
@@ -33,39 +107,33 @@ def build_report(
     quality: dict | None = None,
     output_rel_error_on: str | None = None,
     argv: list[str] | None = None,
-) -> dict:
-    """Totals are whole-model: all parameters, and the MACs of every Conv2d/Linear."""
+) -> Report:
     before, after = model_before, model_after
-    totals = {
-        "params_before": before.params,
-        "params_after": after.params,
-        "macs_before": before.macs,
-        "macs_after": after.macs,
-        "params_reduction": before.params / max(after.params, 1),
-        "macs_reduction": before.macs / max(after.macs, 1),
-    }
+    totals = Totals(
+        before.params,
+        after.params,
+        before.macs,
+        after.macs,
+        before.params / max(after.params, 1),
+        before.macs / max(after.macs, 1),
+    )
     if latency:
         for row in latency.values():
             if "speedup" in row:
-                row["theoretical_speedup"] = totals["macs_reduction"]
-                row["measured_over_theoretical"] = row["speedup"] / totals["macs_reduction"]
-    return {
-        "rankdown": __version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": argv,
-        "model": model_spec,
-        "plan_meta": result.plan.meta,
-        "layers": [r.to_dict() for r in result.layers],
-        "totals": totals,
-        "accuracy": accuracy,
-        "quality": quality,
-        "output_rel_error": output_rel_error,
-        "output_rel_error_on": output_rel_error_on,
-        "latency": latency,
-        "environment": environment(),
-        "notes": "totals: all parameters of the model and the MACs of all its Conv2d/Linear layers, per example; "
-        "latency: median ms in the faster of NCHW and channels_last, guarded against foreign CPU load.",
-    }
+                row["theoretical_speedup"] = totals.macs_reduction
+                row["measured_over_theoretical"] = row["speedup"] / totals.macs_reduction
+    return Report(
+        model_spec,
+        result.plan.meta,
+        list(result.layers),
+        totals,
+        accuracy=accuracy,
+        quality=quality,
+        output_rel_error=output_rel_error,
+        output_rel_error_on=output_rel_error_on,
+        latency=latency,
+        command=argv,
+    )
 
 
 def _rank_str(rank) -> str:
@@ -74,7 +142,10 @@ def _rank_str(rank) -> str:
     return "×".join(str(r) for r in rank) if isinstance(rank, (list, tuple)) else str(rank)
 
 
-def render(report: dict, console: Console | None = None) -> None:
+def render(report: Report | dict, console: Console | None = None) -> None:
+    """The report as terminal tables (from a run, or from a saved report.json)."""
+    if isinstance(report, Report):
+        report = report.to_dict()
     if console is None:
         console = Console(file=sys.stdout)
         if not console.is_terminal:  # logs and pipes: do not squeeze the table into 80 columns

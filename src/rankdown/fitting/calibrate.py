@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -497,7 +497,21 @@ def _kept_dense(dense: nn.Module, module: nn.Module, fqn: str) -> bool:
     return type(module) is type(dense.get_submodule(fqn))
 
 
-def _refit(dense: nn.Module, fqn: str, module: nn.Module, pairs: _Pairs, config: CalibrationConfig) -> dict:
+@dataclass
+class LayerFit:
+    """What the refit of one layer did: how (closed form, last factor by least squares, ReLU
+    response, Adam), what error it was judged by, and the relative output error before and after."""
+
+    how: str
+    response: str
+    output_error_before: float
+    output_error_after: float
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _refit(dense: nn.Module, fqn: str, module: nn.Module, pairs: _Pairs, config: CalibrationConfig) -> LayerFit:
     """Refit one factorized module to its dense layer on ``pairs``; returns what was done."""
     dense_layer = dense.get_submodule(fqn)
     act = pairs.act
@@ -521,12 +535,12 @@ def _refit(dense: nn.Module, fqn: str, module: nn.Module, pairs: _Pairs, config:
                 _gradient(module, pairs, config, desc=f"refit {fqn}")
         how = how or "unchanged"
     balance_factors(module)  # the whitened closed form leaves Σ's scale in one factor
-    return {
-        "how": how,
-        "response": "after " + " → ".join(type(m).__name__ for m in act.modules) if act else "linear",
-        "output_error_before": before,
-        "output_error_after": _rel_output_error(module, pairs),
-    }
+    return LayerFit(
+        how,
+        "after " + " → ".join(type(m).__name__ for m in act.modules) if act else "linear",
+        before,
+        _rel_output_error(module, pairs),
+    )
 
 
 # Block by block. A network whose targets sit in a stack of repeated blocks (a transformer's
@@ -670,14 +684,14 @@ def _dense_block_pass(
 
 def _blockwise(
     dense: nn.Module, compressed: nn.Module, blocks: list[str], order: list[str], inputs: Inputs, config
-) -> dict[str, dict]:
+) -> dict[str, LayerFit]:
     bs = config.batch_size
     starts = list(range(0, batch_len(inputs), bs))
     n = len(starts)
     dense_calls = [_block_calls(dense, blocks, batch_slice(inputs, i, i + bs), True)[0] for i in starts]
     masks = [token_mask(batch_slice(inputs, i, i + bs)) for i in starts]  # the fits see real tokens only
     comp_h = [_hidden_of(_block_calls(compressed, blocks, batch_slice(inputs, i, i + bs), True)[0]) for i in starts]
-    results: dict[str, dict] = {}
+    results: dict[str, LayerFit] = {}
     bar = progress(blocks, total=len(blocks), desc=f"calibrate ({config.mode}, block by block)")
     for block in bar:
         dblock, cblock = dense.get_submodule(block), compressed.get_submodule(block)
@@ -710,7 +724,7 @@ def reconstruct(
     fqns: list[str],
     inputs: Inputs,
     config: CalibrationConfig | None = None,
-) -> dict[str, dict]:
+) -> dict[str, LayerFit]:
     """Refit the factorized modules at ``fqns`` of ``compressed`` (in place) to ``dense``'s layer
     outputs on ``inputs``; returns per layer the relative output error before and after."""
     config = config or CalibrationConfig()
@@ -738,7 +752,7 @@ def reconstruct(
         inside = []  # a target outside the stack runs between its blocks: layer by layer
     before = order[: order.index(inside[0])] if inside else order
     after = order[order.index(inside[-1]) + 1 :] if inside else []
-    results: dict[str, dict] = {}
+    results: dict[str, LayerFit] = {}
 
     def one_by_one(names: list[str]) -> None:
         if not names:
