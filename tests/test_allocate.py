@@ -179,8 +179,9 @@ def test_a_mixed_method_plan_is_at_least_as_good_as_each_single_method_plan(tmp_
 
     import nets
     from rankdown import CompressConfig, ParamFraction, compress
-    from rankdown.planning.allocate import Budget, relative_error
+    from rankdown.planning.allocate import Budget
     from rankdown.planning.compress import allocate_ranks
+    from rankdown.planning.sweep import relative_error
 
     torch.manual_seed(1)
     model = nets.randomize_bn(nets.tiny_vgg(), 1).eval()

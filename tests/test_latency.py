@@ -166,16 +166,8 @@ def test_model_criterion_scores_each_candidate_by_the_models_output(tmp_path):
     before = copy.deepcopy(model.state_dict())
     calib = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     targets = ["features.3", "classifier.1"]
-    inputs = {}
-    hooks = [
-        get_module(model, t).register_forward_pre_hook(lambda _m, a, t=t: inputs.setdefault(t, a[0])) for t in targets
-    ]
-    with torch.no_grad():
-        model(calib)
-    for h in hooks:
-        h.remove()
     table = LatencyTable(DeviceKey.current(batch=1, threads=1), tmp_path, runs=2, guard=False)
-    opts = layer_options(model, targets, inputs, table, ["tucker2", "svd"], criterion="model", calibration=calib)
+    opts = layer_options(model, targets, calib, table, ["tucker2", "svd"], criterion="model")
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     checked = 0
     for fqn, o in opts.items():
@@ -191,9 +183,7 @@ def test_model_criterion_scores_each_candidate_by_the_models_output(tmp_path):
             checked += 1
     assert checked >= 4
     with pytest.raises(RankdownError, match="criterion"):
-        layer_options(model, targets, inputs, table, ["svd"], criterion="output")
-    with pytest.raises(RankdownError, match="calibration"):
-        layer_options(model, targets, inputs, table, ["svd"], criterion="model")
+        layer_options(model, targets, calib, table, ["svd"], criterion="output")
 
 
 def test_fold_batchnorm_is_exact_in_float64():

@@ -21,9 +21,10 @@ from rankdown.errors import RankdownError
 from rankdown.fitting.calibrate import CalibrationConfig, LayerFit
 from rankdown.measurement.bench import compare_latency, model_cost
 from rankdown.measurement.quality import MetricFn, evaluate
-from rankdown.planning.allocate import Budget, relative_error
+from rankdown.planning.allocate import Budget
 from rankdown.planning.compress import CompressConfig, CompressResult, allocate_ranks, compress, select_targets
 from rankdown.planning.plan import Plan, load_compressed, read_plan, save_compressed
+from rankdown.planning.sweep import relative_error
 from rankdown.probe import (
     Inputs,
     batch_size_for,

@@ -26,20 +26,14 @@ from torch import nn
 
 from rankdown import __version__
 from rankdown.errors import RankdownError
-from rankdown.fitting.metrics import LayerMetric, factorize_weighted, metrics_digest, transformed
-from rankdown.fitting.replay import Suffix
-from rankdown.measurement.bench import Cost, count_macs, n_params
+from rankdown.fitting.metrics import LayerMetric, metrics_digest, transformed
+from rankdown.measurement.bench import Cost
 from rankdown.methods import Method, Rank
 from rankdown.planning.rank import Choice, candidate_cost
+from rankdown.planning.sweep import Scorer, sweep
+from rankdown.planning.sweep import dense_cost as dense_layer_cost
 from rankdown.probe import (
     Inputs,
-    batch_len,
-    batch_size_for,
-    batch_slice,
-    forward,
-    primary_output,
-    real_rows,
-    token_mask,
 )
 from rankdown.progress import progress
 from rankdown.storage import atomic_write_text, default_cache_dir
@@ -109,11 +103,6 @@ def _grid(method: Method, module: nn.Module, points: int, round_to: int) -> list
     return [cands[i] for i in idx]
 
 
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    """‖a − b‖ / ‖b‖: b is the reference."""
-    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-30))
-
-
 def fingerprint(model: nn.Module, calib, settings: dict) -> str:
     """Hash of everything the sweep depends on: weights, architecture, data and settings."""
     h = hashlib.sha256()
@@ -163,51 +152,14 @@ def sensitivity(
             pass  # a damaged or tampered cache file is recomputed, never trusted
     if on_compute:
         on_compute(key)
-    model = model.eval()
-    example = batch_slice(calib, 0, 1)
-    parts: dict[str, list[torch.Tensor]] = {fqn: [] for fqn in targets}
-    handles = []
-    for fqn in targets:
-
-        def hook(_m, args, fqn=fqn):
-            parts[fqn].append(args[0].detach())
-
-        handles.append(get_module(model, fqn).register_forward_pre_hook(hook))
-    try:
-        _outputs(model, calib)  # for the hooks: every layer's inputs
-    finally:
-        for h in handles:
-            h.remove()
-    suffix = Suffix(model, calib, list(targets)) if criterion == "model" else None
-    reference = real_rows(suffix.reference, token_mask(calib)) if suffix is not None else None
-    inputs = {fqn: torch.cat(p) for fqn, p in parts.items() if p}
-    per_example = {k: v[:1].to("meta") for k, v in inputs.items()}
-    mask = token_mask(calib)  # errors over the real tokens of padded batches only
-    inputs = {k: real_rows(v, mask) for k, v in inputs.items()}
-    macs = count_macs(model, example)
+    scorer = Scorer(model, list(targets), calib, criterion)
+    grid = {fqn: [(m, _grid(m, get_module(model, fqn), points, round_to))] for fqn, m in targets.items()}
+    scored = sweep(model, scorer, grid, metrics=weighted, desc=f"sensitivity ({criterion})")
     curves: dict[str, LayerCurve] = {}
-    for fqn, method in progress(targets.items(), total=len(targets), desc=f"sensitivity ({criterion})"):
-        module = get_module(model, fqn)
-        dense_cost = Cost(n_params(module), sum(v for k, v in macs.items() if k == fqn or k.startswith(fqn + ".")))
-        curve = LayerCurve(fqn, method.name)
-        with torch.no_grad():
-            dense_out = module(inputs[fqn]) if criterion == "layer" else None
-        for rank in _grid(method, module, points, round_to):
-            cost = candidate_cost(method, module, rank, per_example[fqn])
-            if cost.params >= dense_cost.params and cost.macs >= dense_cost.macs:
-                continue  # never pays: staying dense is cheaper
-            fact = factorize_weighted(method, fqn, module, rank, weighted.get(fqn))
-            if fact.module is None:
-                continue
-            with torch.no_grad():
-                if criterion == "layer":
-                    assert dense_out is not None
-                    err = relative_error(fact.module(inputs[fqn]), dense_out)
-                else:
-                    assert suffix is not None and reference is not None
-                    err = relative_error(real_rows(suffix.outputs(fqn, fact.module), mask), reference)
-            curve.options.append(Option(rank, cost.params, cost.macs, err))
-        curve.options.append(Option(None, dense_cost.params, dense_cost.macs, 0.0))
+    for fqn, method in targets.items():
+        dense = dense_layer_cost(model, fqn, scorer.inputs[fqn][:1].to("meta"))
+        curve = LayerCurve(fqn, method.name, [Option(c.rank, c.params, c.macs, c.error) for c in scored[fqn]])
+        curve.options.append(Option(None, dense.params, dense.macs, 0.0))
         curves[fqn] = curve
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps({"key": key, "curves": _dump_curves(curves)}, indent=1))
@@ -256,7 +208,7 @@ def spectrum_curves(
         sq = torch.linalg.svdvals(mat) ** 2
         tail = sq.flip(0).cumsum(0).flip(0)  # tail[i] = Σ_{j>=i} σ_j²
         total = float(tail[0]) if len(tail) else 0.0
-        dense_cost = Cost(n_params(module), candidate_cost_dense(module, example_inputs[fqn]))
+        dense_cost = dense_layer_cost(model, fqn, example_inputs[fqn])
         curve = LayerCurve(fqn, method.name)
         grid = _grid(method, module, points, round_to)
         for rank, cost in zip(grid, _costs_linear_in_rank(method, module, grid, example_inputs[fqn]), strict=True):
@@ -291,25 +243,7 @@ def _costs_linear_in_rank(method: Method, module: nn.Module, ranks: list, exampl
     return [Cost(line("params", int(r)), line("macs", int(r))) for r in ranks]
 
 
-def candidate_cost_dense(module: nn.Module, example: torch.Tensor) -> int:
-    """MACs of the dense layer on one example (meta device: nothing computed)."""
-    from rankdown.measurement.bench import module_cost
-    from rankdown.planning.rank import _meta_copy
-
-    return module_cost(_meta_copy(module), example.to("meta")).macs
-
-
 @torch.no_grad()
-def _outputs(model: nn.Module, calib, batch_size: int | None = None) -> torch.Tensor:
-    """The model's output tensor on the calibration data, computed in batches (memory stays at one
-    batch's activations)."""
-    n = batch_len(calib)
-    batch_size = batch_size or batch_size_for(calib)
-    return torch.cat(
-        [primary_output(forward(model, batch_slice(calib, i, i + batch_size))) for i in range(0, n, batch_size)]
-    )
-
-
 def _dump_curves(curves: dict[str, LayerCurve]) -> dict:
     return {
         k: {

@@ -322,9 +322,9 @@ def allocate_ranks(
     # The allocation equalises per-layer errors, which do not add up exactly: the mixed plan is
     # checked against each single-method plan on the calibration data, and the best one is taken,
     # so that a mix is never worse there than the best single method.
-    from rankdown.planning.allocate import _outputs, relative_error
+    from rankdown.planning.sweep import model_outputs, relative_error
 
-    reference = _outputs(model, calibration)
+    reference = model_outputs(model, calibration)
     candidates = {"mixed": mixed, **{m: plan([m]) for m in methods if m in by_method}}
     errors: dict[str, float] = {}
     for label, ranks in candidates.items():
@@ -335,7 +335,7 @@ def allocate_ranks(
         trial = compress(model, dataclasses.replace(config, rank=LayerRanks(ranks, "trial")), example)
         if refit is not None:
             refit(trial.model, list(trial.plan.layers))
-        errors[label] = relative_error(_outputs(trial.model, calibration), reference)
+        errors[label] = relative_error(model_outputs(trial.model, calibration), reference)
     best = min(errors, key=lambda k: (errors[k], k != "mixed"))
     detail = ", ".join(f"{k} {v:.4f}" for k, v in errors.items())
     after = " after a refit" if refit is not None else ""

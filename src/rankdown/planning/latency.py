@@ -20,12 +20,11 @@ from torch import nn
 
 from rankdown import __version__
 from rankdown.errors import RankdownError
-from rankdown.fitting.replay import Suffix
 from rankdown.measurement.bench import measure_latency
 from rankdown.methods import METHODS, Method, Rank
-from rankdown.planning.allocate import relative_error
 from rankdown.planning.rank import Choice
-from rankdown.probe import Inputs, batch_slice, forward, real_rows, to_layout, token_mask
+from rankdown.planning.sweep import Scorer, dense_cost, sweep
+from rankdown.probe import Inputs, batch_slice, to_layout
 from rankdown.progress import progress
 from rankdown.storage import default_cache_dir
 from rankdown.surgery import get_module
@@ -222,60 +221,39 @@ def _applicable(fqn: str, module: nn.Module, methods: list[str]) -> list[tuple[s
 def layer_options(
     model: nn.Module,
     targets: list[str],
-    inputs: dict[str, torch.Tensor],
+    calibration: Inputs,
     table: LatencyTable,
     methods: list[str],
     fractions: tuple[float, ...] = (0.125, 0.25, 0.375, 0.5, 0.75),
     multiple: int = 8,
     *,
     criterion: str = "layer",
-    calibration: Inputs | None = None,
 ) -> dict[str, LayerOptions]:
     """For each target layer: its dense time, and every (method, rank) candidate with its measured
-    time and its output error on the calibration data. ``criterion="layer"``: the layer's own
-    output on ``inputs`` (cheap, but blind to how much the model cares: a 0.3 error in an early
-    conv can cost far more accuracy than in the classifier). ``"model"``: the whole model's output
-    on ``calibration`` with only this layer replaced (one forward pass per candidate)."""
-    from rankdown.measurement.bench import count_macs
-
-    if criterion not in ("layer", "model"):
-        raise RankdownError(f"error criterion must be 'layer' or 'model', got {criterion!r}")
-    if criterion == "model":
-        if calibration is None:
-            raise RankdownError("criterion='model' needs the calibration batch")
-        model = model.eval()
-        suffix = Suffix(model, calibration, targets)
-    mask = token_mask(calibration) if calibration is not None else None  # errors over real tokens only
-    if criterion == "model":
-        reference = real_rows(suffix.reference, mask)
-    out: dict[str, LayerOptions] = {}
-    for fqn in progress(targets, total=len(targets), desc="latency candidates"):
+    time and its output error on the calibration data, from the sweep the budget planner uses too
+    (:mod:`rankdown.planning.sweep`). ``criterion="layer"``: the layer's own output (cheap, but
+    blind to how much the model cares: a 0.3 error in an early conv can cost far more accuracy than
+    in the classifier). ``"model"``: the whole model's output with only this layer replaced."""
+    scorer = Scorer(model, targets, calibration, criterion)
+    targets = [t for t in targets if t in scorer.inputs]
+    ranks: dict[str, list[tuple[Method, list[Rank]]]] = {}
+    for fqn in targets:
         module = get_module(model, fqn)
-        x = inputs[fqn]
-        in_shape = tuple(x.shape[1:])
-        opts = LayerOptions(fqn, table.time(_clone(module), in_shape))
-        with torch.no_grad():
-            ref = module(x)
-        dense_macs = sum(count_macs(module, x[:1]).values())
-        opts.candidates.append(Candidate(None, None, opts.dense_ms, 0.0, dense_macs))
-        for name, handler in _applicable(fqn, module, methods):
-            seen = set()
-            for f in fractions:
-                rank = _round_rank(handler, module, f, multiple)
-                if rank in seen:
-                    continue
-                seen.add(rank)
-                fact = handler.factorize(module, rank)
-                if fact.module is None:
-                    continue
-                with torch.no_grad():
-                    if criterion == "layer":
-                        err = relative_error(real_rows(fact.module(x), mask), real_rows(ref, mask))
-                    else:
-                        err = relative_error(real_rows(suffix.outputs(fqn, fact.module), mask), reference)
-                macs = sum(count_macs(fact.module, x[:1]).values())
-                ms = table.time(_clone(fact.module), in_shape)
-                opts.candidates.append(Candidate(name, rank, ms, err, macs))
+        ranks[fqn] = []
+        for _, handler in _applicable(fqn, module, methods):
+            per_method = dict.fromkeys(_round_rank(handler, module, f, multiple) for f in fractions)  # in order, once
+            ranks[fqn].append((handler, list(per_method)))
+
+    def timed(candidate: nn.Module, in_shape: tuple[int, ...]) -> float:
+        return table.time(_clone(candidate), in_shape)
+
+    scored = sweep(model, scorer, ranks, timer=timed, only_paying=False, desc="latency candidates")
+    out: dict[str, LayerOptions] = {}
+    for fqn in targets:
+        x = scorer.inputs[fqn]
+        opts = LayerOptions(fqn, timed(get_module(model, fqn), tuple(x.shape[1:])))
+        opts.candidates.append(Candidate(None, None, opts.dense_ms, 0.0, dense_cost(model, fqn, x[:1]).macs))
+        opts.candidates += [Candidate(c.method, c.rank, c.ms or 0.0, c.error, c.macs) for c in scored[fqn]]
         out[fqn] = opts
     table.save()
     return out
@@ -490,27 +468,8 @@ def latency_ranks(
     from rankdown.planning.rank import LayerRanks
 
     selection = select_targets(model, config)
-    inputs: dict[str, torch.Tensor] = {}
-    hooks = [
-        get_module(model, t).register_forward_pre_hook(lambda _m, a, t=t: inputs.__setitem__(t, a[0].detach()))
-        for t in selection.targets
-    ]
-    try:
-        with torch.no_grad():
-            forward(model.eval(), calibration)
-    finally:
-        for h in hooks:
-            h.remove()
     table = LatencyTable(key, cache_dir, runs=runs, guard=guard)
-    options = layer_options(
-        model,
-        [t for t in selection.targets if t in inputs],
-        inputs,
-        table,
-        methods,
-        criterion=criterion,
-        calibration=calibration,
-    )
+    options = layer_options(model, selection.targets, calibration, table, methods, criterion=criterion)
     if mac_only:
         plan = plan_by_macs(options, max_error)
     elif scope == "sum":
