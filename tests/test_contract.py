@@ -53,12 +53,17 @@ def test_method_contract(key):
     costs = [candidate_cost(method, layer, r, example) for r in cands]
     assert all(a.macs <= b.macs for a, b in itertools.pairwise(costs)), f"{name}: MACs not monotone in rank"
     assert all(a.params <= b.params for a, b in itertools.pairwise(costs)), f"{name}: params not monotone"
+    typed = int if method.rank_arity == 1 else method.rank_type
+    assert typed is not None and all(isinstance(r, typed) for r in cands), f"{name}: untyped candidate ranks"
     for multiple in (1, 4, 8):
         for r in cands:
-            method.validate_rank(layer, method.round_rank(layer, r, multiple))
+            rounded = method.round_rank(layer, r, multiple)
+            assert isinstance(rounded, typed), f"{name}: rounding loses the rank's type"
+            method.validate_rank(layer, rounded)
     for r in {cands[0], cands[len(cands) // 2], cands[-1]}:
         method.validate_rank(layer, r)
-        assert method.rank_from_json(json.loads(json.dumps(method.rank_to_json(r)))) == r
+        back = method.rank_from_json(json.loads(json.dumps(method.rank_to_json(r))))
+        assert back == r and isinstance(back, typed), name
         fact = method.factorize(layer, r)
         if fact.module is None:  # a fit may fail (a degenerate CP): it must say why
             assert fact.failure

@@ -59,6 +59,8 @@ _EXPORTS = {
     "count_macs": "rankdown.measurement.bench",
     "measure_latency": "rankdown.measurement.bench",
     "register": "rankdown.methods",
+    "TuckerRank": "rankdown.methods",
+    "GroupedRank": "rankdown.methods",
     "Method": "rankdown.methods",
 }
 __all__ = sorted(_EXPORTS)
@@ -86,7 +88,7 @@ if TYPE_CHECKING:
     from rankdown.fitting.calibrate import CalibrationConfig, reconstruct
     from rankdown.measurement.bench import count_macs, measure_latency
     from rankdown.measurement.quality import evaluate
-    from rankdown.methods import Method, register
+    from rankdown.methods import GroupedRank, Method, TuckerRank, register
     from rankdown.planning.allocate import Budget
     from rankdown.planning.compress import CompressConfig, CompressResult, allocate_ranks, compress
     from rankdown.planning.plan import Plan, apply_plan, load_compressed, save_compressed

@@ -11,9 +11,9 @@ import copy
 import math
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -34,7 +34,25 @@ from rankdown.layers import (
     Tucker2Conv2d,
 )
 
-Rank = int | tuple[int, ...]
+
+class TuckerRank(NamedTuple):
+    """Tucker-2's ranks: of the output mode and of the input mode."""
+
+    out: int
+    in_: int
+
+
+class GroupedRank(NamedTuple):
+    """Biclustering's rank: input-channel groups, filter groups, and the rank of each block."""
+
+    groups_in: int
+    groups_out: int
+    k: int
+
+
+# A method's rank: an integer, or the NamedTuple the method defines (its fields say what each size
+# is; shared code never indexes into one, the method rounds and scales its own).
+Rank = int | TuckerRank | GroupedRank
 
 
 @dataclass
@@ -60,6 +78,7 @@ class Method(ABC):
     name: ClassVar[str]
     layer_type: ClassVar[type[nn.Module]]
     rank_arity: ClassVar[int] = 1  # 1: an integer rank; n > 1: a tuple of n integers
+    rank_type: ClassVar[Callable[..., Rank] | None] = None  # the NamedTuple of a tuple rank
 
     def check(self, fqn: str, module: nn.Module) -> None:
         """Raise UnsupportedLayerError unless the layer can be represented exactly."""
@@ -138,7 +157,8 @@ class Method(ABC):
             return int(value)
         if not (isinstance(value, list) and len(value) == self.rank_arity and all(positive_int(v) for v in value)):
             raise RankError(f"{self.name} rank must be a list of {self.rank_arity} positive integers, got {value!r}")
-        return tuple(int(v) for v in value)
+        assert self.rank_type is not None, f"{self.name}: a tuple rank needs its rank_type"
+        return self.rank_type(*(int(v) for v in value))
 
 
 _PROBED: weakref.WeakKeyDictionary[nn.Module, tuple[int, bool]] = weakref.WeakKeyDictionary()
@@ -329,6 +349,7 @@ class Tucker2(_ConvMethod):
 
     name = "tucker2"
     rank_arity = 2
+    rank_type = TuckerRank
 
     def max_rank(self, module: nn.Module) -> int:
         return max(module.out_channels, module.in_channels)
@@ -339,12 +360,14 @@ class Tucker2(_ConvMethod):
             raise RankError(f"Tucker-2 ranks must be (r_out, r_in) within (1..{n}, 1..{c}), got {rank!r}")
 
     def round_rank(self, module: nn.Module, rank: Rank, multiple: int) -> Rank:
-        r_out, r_in = rank  # type: ignore[misc]
-        return (_round_to(r_out, multiple, module.out_channels), _round_to(r_in, multiple, module.in_channels))
+        r = TuckerRank(*rank)  # type: ignore[misc]
+        return TuckerRank(
+            _round_to(r.out, multiple, module.out_channels), _round_to(r.in_, multiple, module.in_channels)
+        )
 
     def rank_from_int(self, module: nn.Module, rank: int) -> Rank:
         _check_int_rank(self, module, rank)
-        return (min(rank, module.out_channels), min(rank, module.in_channels))
+        return TuckerRank(min(rank, module.out_channels), min(rank, module.in_channels))
 
     def candidates(self, module: nn.Module) -> Sequence[Rank]:
         # Both modes shrink in proportion, so one scalar orders the candidates by cost.
@@ -353,21 +376,21 @@ class Tucker2(_ConvMethod):
         for r_out in range(1, n + 1):
             r_in = min(c, max(1, round(r_out * c / n)))
             if not out or out[-1] != (r_out, r_in):
-                out.append((r_out, r_in))
+                out.append(TuckerRank(r_out, r_in))
         if out[-1] != (n, c):
-            out.append((n, c))
+            out.append(TuckerRank(n, c))
         return out
 
     def energy_rank(self, module: nn.Module, energy: float) -> Rank:
         w = module.weight
         s_out = decompose.singular_values(w.reshape(w.shape[0], -1))
         s_in = decompose.singular_values(w.transpose(0, 1).reshape(w.shape[1], -1))
-        return (decompose.energy_rank(s_out, energy), decompose.energy_rank(s_in, energy))
+        return TuckerRank(decompose.energy_rank(s_out, energy), decompose.energy_rank(s_in, energy))
 
     def evbmf_rank(self, module: nn.Module, weakening: float) -> Rank:
         """Kim et al. 2016: EVBMF on the output- and input-mode unfoldings."""
         w = module.weight
-        return (
+        return TuckerRank(
             _evbmf(w.reshape(w.shape[0], -1), weakening),
             _evbmf(w.transpose(0, 1).reshape(w.shape[1], -1), weakening),
         )
@@ -549,6 +572,7 @@ class Bicluster(_ConvMethod):
 
     name = "bicluster"
     rank_arity = 3
+    rank_type = GroupedRank
 
     def _groups(self, module: nn.Module) -> tuple[int, int]:
         return (2 if module.in_channels % 2 == 0 else 1, 2 if module.out_channels % 2 == 0 else 1)
@@ -562,7 +586,7 @@ class Bicluster(_ConvMethod):
 
     def rank_from_int(self, module: nn.Module, rank: int) -> Rank:
         _check_int_rank(self, module, rank)
-        return (*self._groups(module), rank)
+        return GroupedRank(*self._groups(module), rank)
 
     def validate_rank(self, module: nn.Module, rank: Rank) -> None:
         if not (isinstance(rank, tuple) and len(rank) == 3):
@@ -578,12 +602,12 @@ class Bicluster(_ConvMethod):
             )
 
     def round_rank(self, module: nn.Module, rank: Rank, multiple: int) -> Rank:
-        g, h, k = rank  # type: ignore[misc]
-        return (g, h, _round_to(k, multiple, self._block_max(module, g, h)))
+        r = GroupedRank(*rank)  # type: ignore[misc]
+        return r._replace(k=_round_to(r.k, multiple, self._block_max(module, r.groups_in, r.groups_out)))
 
     def candidates(self, module: nn.Module) -> Sequence[Rank]:
         g, h = self._groups(module)
-        return [(g, h, k) for k in range(1, self._block_max(module, g, h) + 1)]
+        return [GroupedRank(g, h, k) for k in range(1, self._block_max(module, g, h) + 1)]
 
     def energy_rank(self, module: nn.Module, energy: float) -> Rank:
         raise RankError("an energy threshold is not implemented for biclustered ranks; use --rank, --params or --macs")
