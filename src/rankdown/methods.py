@@ -33,6 +33,7 @@ from rankdown.layers import (
     TTLinear,
     Tucker2Conv2d,
 )
+from rankdown.surgery import weight_of
 
 
 class TuckerRank(NamedTuple):
@@ -182,28 +183,33 @@ def computes_as_plain(module: nn.Module, layer_type: type[nn.Module]) -> bool:
         probe = copy.deepcopy(module).double().eval()
         plain: nn.Module
         if layer_type is nn.Conv2d:
-            c = probe
+            c = _as_conv(probe)
+            geometry: dict[str, Any] = {  # the stubs type these as tuples of any length
+                "kernel_size": c.kernel_size,
+                "stride": c.stride,
+                "padding": c.padding,
+                "dilation": c.dilation,
+            }
             plain = nn.Conv2d(
                 c.in_channels,
                 c.out_channels,
-                c.kernel_size,
-                c.stride,
-                c.padding,
-                c.dilation,
-                c.groups,
-                c.bias is not None,
-                c.padding_mode,
+                groups=c.groups,
+                bias=c.bias is not None,
+                padding_mode=c.padding_mode,
                 dtype=torch.float64,
+                **geometry,
             )
             size = [d * (k - 1) + 1 + 2 * s + 3 for d, k, s in zip(c.dilation, c.kernel_size, c.stride, strict=True)]
             x = torch.randn(2, c.in_channels, *size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
         else:
-            plain = nn.Linear(probe.in_features, probe.out_features, probe.bias is not None, dtype=torch.float64)
-            x = torch.randn(3, probe.in_features, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+            lin = _as_linear(probe)
+            plain = nn.Linear(lin.in_features, lin.out_features, lin.bias is not None, dtype=torch.float64)
+            x = torch.randn(3, lin.in_features, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            plain.weight.copy_(probe.weight)
-            if probe.bias is not None:
-                plain.bias.copy_(probe.bias)
+            weight_of(plain).copy_(weight_of(probe))
+            bias, plain_bias = getattr(probe, "bias", None), getattr(plain, "bias", None)
+            if isinstance(bias, torch.Tensor) and isinstance(plain_bias, torch.Tensor):
+                plain_bias.copy_(bias)
             a, b = probe(x), plain(x)
         ok = isinstance(a, torch.Tensor) and a.shape == b.shape and bool(torch.allclose(a, b, rtol=1e-9, atol=1e-12))
     except Exception:  # a forward that needs other inputs, or fails on a probe: not a plain layer
@@ -251,6 +257,38 @@ def resolve_method(name: str, module: nn.Module) -> Method | None:
     return None
 
 
+def _as_conv(module: nn.Module) -> nn.Conv2d:
+    """A conv method's layer, typed (``check`` has already refused anything else)."""
+    if not isinstance(module, nn.Conv2d):
+        raise UnsupportedLayerError("layer", type(module).__name__, "this method handles Conv2d only")
+    return module
+
+
+def _as_linear(module: nn.Module) -> nn.Linear:
+    if not isinstance(module, nn.Linear):
+        raise UnsupportedLayerError("layer", type(module).__name__, "this method handles Linear only")
+    return module
+
+
+def _one(rank: Rank) -> int:
+    """An integer method's rank, typed."""
+    if not isinstance(rank, int):
+        raise RankError(f"expected an integer rank, got {rank!r}")
+    return rank
+
+
+def _tucker(rank: Rank) -> TuckerRank:
+    if isinstance(rank, int) or len(rank) != 2:
+        raise RankError(f"Tucker-2 ranks must be (r_out, r_in), got {rank!r}")
+    return TuckerRank(*rank)
+
+
+def _grouped(rank: Rank) -> GroupedRank:
+    if isinstance(rank, int) or len(rank) != 3:
+        raise RankError(f"grouped ranks must be (groups_in, groups_out, k), got {rank!r}")
+    return GroupedRank(*rank)
+
+
 def _rel_error(dense_weight: torch.Tensor, approx: torch.Tensor) -> float:
     w = dense_weight.detach().double()
     denom = float(torch.linalg.vector_norm(w)) or 1.0
@@ -258,8 +296,8 @@ def _rel_error(dense_weight: torch.Tensor, approx: torch.Tensor) -> float:
 
 
 def _whitened(module: nn.Module, rank: Rank, patch_gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    w = module.weight
-    return decompose.whitened_truncated_svd(w.reshape(w.shape[0], -1), patch_gram, int(rank))  # type: ignore[arg-type]
+    w = weight_of(module)
+    return decompose.whitened_truncated_svd(w.reshape(w.shape[0], -1), patch_gram, _one(rank))
 
 
 def _round_to(v: int, multiple: int, top: int) -> int:
@@ -285,23 +323,29 @@ class LinearSVD(Method):
     layer_type = nn.Linear
 
     def max_rank(self, module: nn.Module) -> int:
+        module = _as_linear(module)
         return min(module.weight.shape)
 
     def energy_rank(self, module: nn.Module, energy: float) -> Rank:
+        module = _as_linear(module)
         return decompose.energy_rank(decompose.singular_values(module.weight), energy)
 
     def evbmf_rank(self, module: nn.Module, weakening: float) -> Rank:
+        module = _as_linear(module)
         return _evbmf(module.weight, weakening)
 
     def build(self, module: nn.Module, rank: Rank) -> nn.Module:
-        return LowRankLinear.build(module, int(rank))
+        module = _as_linear(module)
+        return LowRankLinear.build(module, _one(rank))
 
     def factorize(self, module: nn.Module, rank: Rank) -> Factorized:
-        a, b = decompose.truncated_svd(module.weight, int(rank))
+        module = _as_linear(module)
+        a, b = decompose.truncated_svd(module.weight, _one(rank))
         layer = LowRankLinear.from_factors(module, a, b)
         return Factorized(layer, _rel_error(module.weight, layer.reconstruct_weight()))
 
     def whitened_fit(self, module: nn.Module, rank: Rank, patch_gram: torch.Tensor) -> FactorChain | None:
+        module = _as_linear(module)
         return LowRankLinear.from_factors(module, *_whitened(module, rank, patch_gram))
 
 
@@ -321,25 +365,31 @@ class ChannelSVD(_ConvMethod):
     name = "channel-svd"
 
     def max_rank(self, module: nn.Module) -> int:
+        module = _as_conv(module)
         return min(module.weight.shape[0], module.weight[0].numel())
 
     def energy_rank(self, module: nn.Module, energy: float) -> Rank:
+        module = _as_conv(module)
         w = module.weight
         return decompose.energy_rank(decompose.singular_values(w.reshape(w.shape[0], -1)), energy)
 
     def evbmf_rank(self, module: nn.Module, weakening: float) -> Rank:
+        module = _as_conv(module)
         return _evbmf(module.weight.reshape(module.weight.shape[0], -1), weakening)
 
     def build(self, module: nn.Module, rank: Rank) -> nn.Module:
-        return ChannelSVDConv2d.build(module, int(rank))
+        module = _as_conv(module)
+        return ChannelSVDConv2d.build(module, _one(rank))
 
     def factorize(self, module: nn.Module, rank: Rank) -> Factorized:
+        module = _as_conv(module)
         w = module.weight
-        a, b = decompose.truncated_svd(w.reshape(w.shape[0], -1), int(rank))
+        a, b = decompose.truncated_svd(w.reshape(w.shape[0], -1), _one(rank))
         layer = ChannelSVDConv2d.from_factors(module, a, b)
         return Factorized(layer, _rel_error(w, layer.reconstruct_weight()))
 
     def whitened_fit(self, module: nn.Module, rank: Rank, patch_gram: torch.Tensor) -> FactorChain | None:
+        module = _as_conv(module)
         return ChannelSVDConv2d.from_factors(module, *_whitened(module, rank, patch_gram))
 
 
@@ -352,24 +402,29 @@ class Tucker2(_ConvMethod):
     rank_type = TuckerRank
 
     def max_rank(self, module: nn.Module) -> int:
+        module = _as_conv(module)
         return max(module.out_channels, module.in_channels)
 
     def validate_rank(self, module: nn.Module, rank: Rank) -> None:
+        module = _as_conv(module)
         n, c = module.out_channels, module.in_channels
         if not (isinstance(rank, tuple) and len(rank) == 2 and 1 <= rank[0] <= n and 1 <= rank[1] <= c):
             raise RankError(f"Tucker-2 ranks must be (r_out, r_in) within (1..{n}, 1..{c}), got {rank!r}")
 
     def round_rank(self, module: nn.Module, rank: Rank, multiple: int) -> Rank:
+        module = _as_conv(module)
         r = TuckerRank(*rank)  # type: ignore[misc]
         return TuckerRank(
             _round_to(r.out, multiple, module.out_channels), _round_to(r.in_, multiple, module.in_channels)
         )
 
     def rank_from_int(self, module: nn.Module, rank: int) -> Rank:
+        module = _as_conv(module)
         _check_int_rank(self, module, rank)
         return TuckerRank(min(rank, module.out_channels), min(rank, module.in_channels))
 
     def candidates(self, module: nn.Module) -> Sequence[Rank]:
+        module = _as_conv(module)
         # Both modes shrink in proportion, so one scalar orders the candidates by cost.
         n, c = module.out_channels, module.in_channels
         out: list[Rank] = []
@@ -382,6 +437,7 @@ class Tucker2(_ConvMethod):
         return out
 
     def energy_rank(self, module: nn.Module, energy: float) -> Rank:
+        module = _as_conv(module)
         w = module.weight
         s_out = decompose.singular_values(w.reshape(w.shape[0], -1))
         s_in = decompose.singular_values(w.transpose(0, 1).reshape(w.shape[1], -1))
@@ -389,6 +445,7 @@ class Tucker2(_ConvMethod):
 
     def evbmf_rank(self, module: nn.Module, weakening: float) -> Rank:
         """Kim et al. 2016: EVBMF on the output- and input-mode unfoldings."""
+        module = _as_conv(module)
         w = module.weight
         return TuckerRank(
             _evbmf(w.reshape(w.shape[0], -1), weakening),
@@ -396,10 +453,12 @@ class Tucker2(_ConvMethod):
         )
 
     def build(self, module: nn.Module, rank: Rank) -> nn.Module:
-        return Tucker2Conv2d.build(module, tuple(rank))
+        module = _as_conv(module)
+        return Tucker2Conv2d.build(module, _tucker(rank))
 
     def factorize(self, module: nn.Module, rank: Rank) -> Factorized:
-        f = decompose.tucker2(module.weight, tuple(rank))
+        module = _as_conv(module)
+        f = decompose.tucker2(module.weight, _tucker(rank))
         layer = Tucker2Conv2d.from_factors(module, f.core, f.u_out, f.u_in)
         return Factorized(
             layer, _rel_error(module.weight, layer.reconstruct_weight()), {"hooi_iterations": f.iterations}
@@ -408,7 +467,7 @@ class Tucker2(_ConvMethod):
 
 def _resolved_padding(fqn: str, module: nn.Conv2d) -> tuple[int, int]:
     if not isinstance(module.padding, str):
-        return module.padding
+        return (module.padding[0], module.padding[1])
     if module.padding == "valid":
         return (0, 0)
     total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size, strict=True)]
@@ -425,9 +484,10 @@ class CP(_ConvMethod):
 
     def check(self, fqn: str, module: nn.Module) -> None:
         super().check(fqn, module)
-        _resolved_padding(fqn, module)
+        _resolved_padding(fqn, _as_conv(module))
 
     def max_rank(self, module: nn.Module) -> int:
+        module = _as_conv(module)
         # Past this rank a CP layer holds more parameters than the dense kernel.
         n, c, kh, kw = module.weight.shape
         return max(1, math.ceil(n * c * kh * kw / (n + c + kh + kw)))
@@ -436,12 +496,14 @@ class CP(_ConvMethod):
         raise RankError("an energy threshold has no meaning for CP ranks; use --rank, --params or --macs")
 
     def build(self, module: nn.Module, rank: Rank) -> nn.Module:
-        return CPConv2d.build(_with_padding(module), int(rank))
+        module = _as_conv(module)
+        return CPConv2d.build(_with_padding(module), _one(rank))
 
     def factorize(self, module: nn.Module, rank: Rank) -> Factorized:
-        fit = decompose.cp(module.weight, int(rank))
+        module = _as_conv(module)
+        fit = decompose.cp(module.weight, _one(rank))
         if fit.degenerate:  # one retry, damped hard, before giving up
-            fit = decompose.cp(module.weight, int(rank), damping=0.1)
+            fit = decompose.cp(module.weight, _one(rank), damping=0.1)
         info = {
             "cp_iterations": fit.iterations,
             "cp_converged": fit.converged,
@@ -472,22 +534,27 @@ class Separable(_ConvMethod):
 
     def check(self, fqn: str, module: nn.Module) -> None:
         super().check(fqn, module)
-        _resolved_padding(fqn, module)
+        _resolved_padding(fqn, _as_conv(module))
 
     def max_rank(self, module: nn.Module) -> int:
+        module = _as_conv(module)
         return min(decompose.separable_unfolding(module.weight).shape)
 
     def energy_rank(self, module: nn.Module, energy: float) -> Rank:
+        module = _as_conv(module)
         return decompose.energy_rank(decompose.singular_values(decompose.separable_unfolding(module.weight)), energy)
 
     def evbmf_rank(self, module: nn.Module, weakening: float) -> Rank:
+        module = _as_conv(module)
         return _evbmf(decompose.separable_unfolding(module.weight), weakening)
 
     def build(self, module: nn.Module, rank: Rank) -> nn.Module:
-        return SeparableConv2d.build(_with_padding(module), int(rank))
+        module = _as_conv(module)
+        return SeparableConv2d.build(_with_padding(module), _one(rank))
 
     def factorize(self, module: nn.Module, rank: Rank) -> Factorized:
-        v, h = decompose.separable(module.weight, int(rank))
+        module = _as_conv(module)
+        v, h = decompose.separable(module.weight, _one(rank))
         layer = SeparableConv2d.from_factors(_with_padding(module), v, h)
         return Factorized(layer, _rel_error(module.weight, layer.reconstruct_weight()))
 
@@ -500,23 +567,27 @@ class Basis(_ConvMethod):
 
     def check(self, fqn: str, module: nn.Module) -> None:
         super().check(fqn, module)
-        _resolved_padding(fqn, module)
+        _resolved_padding(fqn, _as_conv(module))
 
     def max_rank(self, module: nn.Module) -> int:
+        module = _as_conv(module)
         kh, kw = module.kernel_size
         return kh * kw
 
     def energy_rank(self, module: nn.Module, energy: float) -> Rank:
+        module = _as_conv(module)
         # The energy of the unconstrained basis (SVD of the N·C × kh·kw filter matrix): a lower
         # bound on the M the rank-1 basis needs for that energy.
         w = module.weight
         return decompose.energy_rank(decompose.singular_values(w.reshape(-1, w[0, 0].numel())), energy)
 
     def build(self, module: nn.Module, rank: Rank) -> nn.Module:
-        return BasisConv2d.build(_with_padding(module), int(rank))
+        module = _as_conv(module)
+        return BasisConv2d.build(_with_padding(module), _one(rank))
 
     def factorize(self, module: nn.Module, rank: Rank) -> Factorized:
-        f = decompose.basis_filters(module.weight, int(rank))
+        module = _as_conv(module)
+        f = decompose.basis_filters(module.weight, _one(rank))
         layer = BasisConv2d.from_factors(_with_padding(module), f.coeffs, f.vertical, f.horizontal)
         return Factorized(layer, _rel_error(module.weight, layer.reconstruct_weight()), {"iterations": f.iterations})
 
@@ -533,15 +604,18 @@ class MonochromaticMethod(_ConvMethod):
     name = "mono"
 
     def max_rank(self, module: nn.Module) -> int:
+        module = _as_conv(module)
         return module.out_channels
 
     def validate_rank(self, module: nn.Module, rank: Rank) -> None:
+        module = _as_conv(module)
         self.rank_from_int(module, rank)  # type: ignore[arg-type]
 
     def round_rank(self, module: nn.Module, rank: Rank, multiple: int) -> Rank:
         return rank  # a number of colours must divide the filters: not rounded
 
     def rank_from_int(self, module: nn.Module, rank: int) -> Rank:
+        module = _as_conv(module)
         _check_int_rank(self, module, rank)
         if module.out_channels % rank:
             raise RankError(
@@ -551,16 +625,19 @@ class MonochromaticMethod(_ConvMethod):
         return rank
 
     def candidates(self, module: nn.Module) -> Sequence[Rank]:
+        module = _as_conv(module)
         return _divisors(module.out_channels)
 
     def energy_rank(self, module: nn.Module, energy: float) -> Rank:
         raise RankError("an energy threshold has no meaning for monochromatic colours; use --rank")
 
     def build(self, module: nn.Module, rank: Rank) -> nn.Module:
-        return MonochromaticConv2d.build(module, int(rank))
+        module = _as_conv(module)
+        return MonochromaticConv2d.build(module, _one(rank))
 
     def factorize(self, module: nn.Module, rank: Rank) -> Factorized:
-        m = decompose.monochromatic(module.weight, int(rank))
+        module = _as_conv(module)
+        m = decompose.monochromatic(module.weight, _one(rank))
         layer = MonochromaticConv2d.from_factors(module, m.colours, m.spatial, m.order)
         return Factorized(layer, _rel_error(module.weight, layer.reconstruct_weight()))
 
@@ -575,20 +652,25 @@ class Bicluster(_ConvMethod):
     rank_type = GroupedRank
 
     def _groups(self, module: nn.Module) -> tuple[int, int]:
+        module = _as_conv(module)
         return (2 if module.in_channels % 2 == 0 else 1, 2 if module.out_channels % 2 == 0 else 1)
 
     def _block_max(self, module: nn.Module, g: int, h: int) -> int:
+        module = _as_conv(module)
         kh, kw = module.kernel_size
         return min(module.out_channels // h, module.in_channels // g * kh * kw)
 
     def max_rank(self, module: nn.Module) -> int:
+        module = _as_conv(module)
         return self._block_max(module, *self._groups(module))
 
     def rank_from_int(self, module: nn.Module, rank: int) -> Rank:
+        module = _as_conv(module)
         _check_int_rank(self, module, rank)
         return GroupedRank(*self._groups(module), rank)
 
     def validate_rank(self, module: nn.Module, rank: Rank) -> None:
+        module = _as_conv(module)
         if not (isinstance(rank, tuple) and len(rank) == 3):
             raise RankError(f"{self.name} rank must be (groups_in, groups_out, k), got {rank!r}")
         g, h, k = rank
@@ -602,10 +684,12 @@ class Bicluster(_ConvMethod):
             )
 
     def round_rank(self, module: nn.Module, rank: Rank, multiple: int) -> Rank:
+        module = _as_conv(module)
         r = GroupedRank(*rank)  # type: ignore[misc]
         return r._replace(k=_round_to(r.k, multiple, self._block_max(module, r.groups_in, r.groups_out)))
 
     def candidates(self, module: nn.Module) -> Sequence[Rank]:
+        module = _as_conv(module)
         g, h = self._groups(module)
         return [GroupedRank(g, h, k) for k in range(1, self._block_max(module, g, h) + 1)]
 
@@ -613,15 +697,18 @@ class Bicluster(_ConvMethod):
         raise RankError("an energy threshold is not implemented for biclustered ranks; use --rank, --params or --macs")
 
     def build(self, module: nn.Module, rank: Rank) -> nn.Module:
-        return BiclusterConv2d.build(module, tuple(rank))
+        module = _as_conv(module)
+        return BiclusterConv2d.build(module, _grouped(rank))
 
     def factorize(self, module: nn.Module, rank: Rank) -> Factorized:
+        module = _as_conv(module)
         self.validate_rank(module, rank)
-        g, h, k = rank  # type: ignore[misc]
+        g, h, k = _grouped(rank)
         layer = self._fit(module, g, h, k)
         return Factorized(layer, _rel_error(module.weight, layer.reconstruct_weight()), {"groups": [g, h]})
 
-    def _fit(self, module: nn.Module, g: int, h: int, k: int) -> nn.Module:
+    def _fit(self, module: nn.Module, g: int, h: int, k: int) -> FactorChain:
+        module = _as_conv(module)
         return BiclusterConv2d.from_factors(module, decompose.biclustered(module.weight, g, h, k))
 
 
@@ -634,13 +721,16 @@ class BiclusterCP(Bicluster):
     name = "bicluster-cp"
 
     def _block_max(self, module: nn.Module, g: int, h: int) -> int:
+        module = _as_conv(module)
         kh, kw = module.kernel_size
         return module.in_channels // g * kh * kw  # where the CP is exact by construction
 
     def build(self, module: nn.Module, rank: Rank) -> nn.Module:
-        return BiclusterCPConv2d.build(module, tuple(rank))
+        module = _as_conv(module)
+        return BiclusterCPConv2d.build(module, _grouped(rank))
 
-    def _fit(self, module: nn.Module, g: int, h: int, k: int) -> nn.Module:
+    def _fit(self, module: nn.Module, g: int, h: int, k: int) -> FactorChain:
+        module = _as_conv(module)
         return BiclusterCPConv2d.from_factors(module, decompose.biclustered_cp(module.weight, g, h, k))
 
 
@@ -653,40 +743,45 @@ class TensorTrain(Method):
     n_modes = 3
 
     def modes(self, module: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        module = _as_linear(module)
         return (
             decompose.factorize_dim(module.out_features, self.n_modes),
             decompose.factorize_dim(module.in_features, self.n_modes),
         )
 
     def max_rank(self, module: nn.Module) -> int:
+        module = _as_linear(module)
         return max(decompose.tt_full_ranks(*self.modes(module)))
 
     def energy_rank(self, module: nn.Module, energy: float) -> Rank:
         raise RankError("an energy threshold is not implemented for TT ranks; use --rank, --params or --macs")
 
     def _ranks(self, module: nn.Module, rank: int) -> tuple[int, ...]:
+        module = _as_linear(module)
         return (1, *(min(rank, f) for f in decompose.tt_full_ranks(*self.modes(module))))
 
-    def build(self, module: nn.Module, rank: Rank) -> nn.Module:
+    def build(self, module: nn.Module, rank: Rank) -> TTLinear:
+        module = _as_linear(module)
         out_modes, in_modes = self.modes(module)
         return TTLinear(
             module.in_features,
             module.out_features,
             out_modes,
             in_modes,
-            self._ranks(module, int(rank)),
+            self._ranks(module, _one(rank)),
             module.bias is not None,
             device=module.weight.device,
             dtype=module.weight.dtype,
         )
 
     def factorize(self, module: nn.Module, rank: Rank) -> Factorized:
+        module = _as_linear(module)
         out_modes, in_modes = self.modes(module)
-        tt = decompose.tt_matrix(module.weight, out_modes, in_modes, int(rank))
+        tt = decompose.tt_matrix(module.weight, out_modes, in_modes, _one(rank))
         layer = self.build(module, rank)
         with torch.no_grad():
             for dst, src in zip(layer.cores, tt.cores, strict=True):
                 dst.copy_(src)
-            if module.bias is not None:
+            if module.bias is not None and layer.bias is not None:
                 layer.bias.copy_(module.bias)
         return Factorized(layer, _rel_error(module.weight, layer.reconstruct_weight()), {"tt_ranks": list(tt.ranks)})
