@@ -1,4 +1,4 @@
-"""The core packages type-check (mypy, the files listed in pyproject.toml)."""
+"""The whole package type-checks (mypy, configured in pyproject.toml)."""
 
 import importlib.util
 import subprocess
@@ -9,7 +9,7 @@ import pytest
 
 
 @pytest.mark.slow
-def test_core_packages_type_check():
+def test_the_package_type_checks():
     if importlib.util.find_spec("mypy") is None:
         pytest.skip("mypy is not installed (pip install -e '.[dev]')")
     root = Path(__file__).resolve().parent.parent

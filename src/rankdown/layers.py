@@ -42,7 +42,7 @@ class FactorizedLayer(nn.Module):
         whitened SVD of the least-squares map)."""
         return False
 
-    def last_factor(self) -> tuple[nn.Module, nn.Module] | None:
+    def last_factor(self) -> tuple[nn.Module, nn.Conv2d | nn.Linear] | None:
         """(head, last) with ``last(head(x)) == self(x)`` and ``last`` one plain matmul on its
         im2col rows, so that the output is linear in its weight (least squares); None when the
         module ends in anything else."""
@@ -92,10 +92,10 @@ class FactorChain(nn.Sequential, FactorizedLayer):
     def output_factor(self) -> nn.Conv2d | nn.Linear:
         return _part(self[-1], (nn.Conv2d, nn.Linear))
 
-    def last_factor(self) -> tuple[nn.Module, nn.Module] | None:
+    def last_factor(self) -> tuple[nn.Module, nn.Conv2d | nn.Linear] | None:
         if len(self) < 2 or not plain_matmul(self[-1]):
             return None
-        return self[:-1], self[-1]
+        return self[:-1], self.output_factor()
 
     @torch.no_grad()
     def undo_metric(self, t_in: torch.Tensor | None, d_out: torch.Tensor | None) -> None:
@@ -523,7 +523,7 @@ class MonochromaticConv2d(FactorChain):
 class _Clustered(FactorChain):
     """Chains that gather channels into groups first and back into order last (biclustering)."""
 
-    def last_factor(self) -> tuple[nn.Module, nn.Module] | None:
+    def last_factor(self) -> tuple[nn.Module, nn.Conv2d | nn.Linear] | None:
         return None  # the last module is the gather
 
     @torch.no_grad()

@@ -134,7 +134,10 @@ def following_activation(model: nn.Module, fqn: str) -> Activation | None:
     chain: list[nn.Module] = []
     if after and type(after[0]) is nn.BatchNorm2d and isinstance(layer, nn.Conv2d):
         bn = after.pop(0)
+        assert isinstance(bn, nn.BatchNorm2d)
         if bn.training or not bn.track_running_stats or bn.num_features != n_out:
+            return None
+        if bn.running_var is None or bn.running_mean is None:
             return None
         with torch.no_grad():
             gamma = bn.weight.detach().float() if bn.affine else torch.ones(n_out)
@@ -215,6 +218,7 @@ def _rel_output_error(module: nn.Module, pairs: _Pairs) -> float:
 def patch_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Rows of im2col patches (conv) or features (linear), as the dense layer's matmul sees them."""
     if isinstance(layer, nn.Conv2d):
+        assert not isinstance(layer.padding, str), "string padding is resolved before fitting"
         cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])
     return x.reshape(-1, x.shape[-1])
@@ -253,6 +257,7 @@ def _gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def _closed_form(dense_layer: nn.Module, module: nn.Module, pairs: _Pairs, mode: str) -> None:
+    assert isinstance(module, FactorizedLayer) and isinstance(dense_layer, (nn.Conv2d, nn.Linear))
     d = dense_layer.weight[0].numel()
     s_hh = torch.zeros(d, d, dtype=torch.float64)
     s_zh = torch.zeros(d, d, dtype=torch.float64) if mode == "joint" else None
@@ -284,7 +289,7 @@ def _closed_form(dense_layer: nn.Module, module: nn.Module, pairs: _Pairs, mode:
         a, b = decompose.whitened_truncated_svd(m, s_hh, rank, shift=shift, chol=chol)
         first.weight.copy_(b.reshape(first.weight.shape).to(first.weight.dtype))
         last.weight.copy_(a.reshape(last.weight.shape).to(last.weight.dtype))
-        if biased:
+        if biased and last.bias is not None and dense_layer.bias is not None:
             bias_shift = (w @ mean_z - (a @ b) @ mean_h) / max(count, 1)
             last.bias.copy_((dense_layer.bias.detach().double() + bias_shift).to(last.bias.dtype))
         err = _heldout_error(module, pairs)
@@ -293,6 +298,15 @@ def _closed_form(dense_layer: nn.Module, module: nn.Module, pairs: _Pairs, mode:
         if err < best[0]:
             best = (err, {k: v.clone() for k, v in module.state_dict().items()})
     module.load_state_dict(best[1])
+
+
+@dataclass
+class _Normal:
+    """The sums of one least-squares problem over batches: FᵀF, FᵀT and ‖T‖²."""
+
+    gram: torch.Tensor
+    cross: torch.Tensor
+    energy: float = 0.0
 
 
 def _last_factor_least_squares(module: nn.Module, pairs: _Pairs) -> bool:
@@ -306,7 +320,7 @@ def _last_factor_least_squares(module: nn.Module, pairs: _Pairs) -> bool:
     d = last.weight[0].numel() + (last.bias is not None)
     n_out = last.weight.shape[0]
     stats = {
-        k: [torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, n_out, dtype=torch.float64), 0.0]
+        k: _Normal(torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, n_out, dtype=torch.float64))
         for k in ("fit", "val")
     }
     n_batches = pairs.n_batches
@@ -317,14 +331,14 @@ def _last_factor_least_squares(module: nn.Module, pairs: _Pairs) -> bool:
                 feats = torch.cat([feats, torch.ones(feats.shape[0], 1, dtype=feats.dtype)], 1)
             t = _output_rows(target)
             st = stats["val" if _holdout(i, n_batches) else "fit"]
-            st[0] += _gram(feats, feats)
-            st[1] += _gram(feats, t)
-            st[2] += float((t.double() ** 2).sum())
+            st.gram += _gram(feats, feats)
+            st.cross += _gram(feats, t)
+            st.energy += float((t.double() ** 2).sum())
         w0 = last.weight.detach().double().reshape(n_out, -1)
         if last.bias is not None:
             w0 = torch.cat([w0, last.bias.detach().double()[:, None]], 1)
-        gram, cross, _ = stats["fit"]
-        g_v, c_v, t_v = stats["val"]
+        gram, cross = stats["fit"].gram, stats["fit"].cross
+        g_v, c_v, t_v = stats["val"].gram, stats["val"].cross, stats["val"].energy
 
         def val_error(w: torch.Tensor) -> float:
             return t_v - 2 * float((w.T * c_v).sum()) + float(((w @ g_v) * w).sum())
@@ -373,17 +387,21 @@ def _response_fit(dense_layer: nn.Module, module: nn.Module, pairs: _Pairs, conf
     and is kept only if it lowers the held-out response error. Returns whether it applied."""
     act = pairs.act
     assert act is not None
-    closed = config.closed_form and closed_form_applies(dense_layer, module)
-    split = module.last_factor() if isinstance(module, FactorizedLayer) else None
-    if not closed and split is None:
+    if not isinstance(module, FactorizedLayer):
         return False
-    first = module.input_factor() if closed else None
-    head, last = (None, module.output_factor()) if closed or split is None else split
-    rank = first.weight.shape[0] if closed else None
+    closed = config.closed_form and closed_form_applies(dense_layer, module)
+    split = module.last_factor()
+    if closed:  # the whole rank-r product: first factor and last
+        first, head, last = module.input_factor(), None, module.output_factor()
+        rank = first.weight.shape[0]
+    elif split is not None:  # the last factor alone
+        first, (head, last), rank = None, split, 0
+    else:
+        return False
 
     n_batches = pairs.n_batches
     n_fit = sum(not _holdout(i, n_batches) for i in range(n_batches))
-    d = first.weight[0].numel() if closed else last.weight[0].numel()
+    d = first.weight[0].numel() if first is not None else last.weight[0].numel()
     budget = min(config.relu_rows, (256 * 2**20) // (4 * d))  # the sampled features stay under 256 MB
     per_batch = max(1, budget // max(n_fit, 1))
     gen = torch.Generator().manual_seed(config.seed)
@@ -398,11 +416,11 @@ def _response_fit(dense_layer: nn.Module, module: nn.Module, pairs: _Pairs, conf
         return t[picks[i]]
 
     def feats(i: int, zin: torch.Tensor) -> torch.Tensor:
-        return rows(i, patch_rows(dense_layer, zin) if closed else patch_rows(last, head(zin)))
+        return rows(i, patch_rows(dense_layer, zin) if head is None else patch_rows(last, head(zin)))
 
     def current_map() -> torch.Tensor:
         w = last.weight.detach().double().reshape(last.weight.shape[0], -1)
-        return w @ first.weight.detach().double().reshape(rank, -1) if closed else w
+        return w @ first.weight.detach().double().reshape(rank, -1) if first is not None else w
 
     sign, thr = act.sign.double(), act.threshold.double()
     weight = act.scale.double()  # per-channel weight of the response error
@@ -424,7 +442,7 @@ def _response_fit(dense_layer: nn.Module, module: nn.Module, pairs: _Pairs, conf
     chol = decompose.shifted_cholesky(g_c, 1e-4)
     y_v = (sign * (y.double() - thr)).float()  # in the activation's frame: act = scale · relu(y_v)
     w = current_map()
-    b = last.bias.detach().double() if has_bias else torch.zeros(w.shape[0], dtype=torch.float64)
+    b = last.bias.detach().double() if last.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
     n1, n2 = config.relu_iters
     for lam in [0.1] * n1 + [1.0] * n2:
         u = f @ w.T.float() + b.float()
@@ -439,12 +457,12 @@ def _response_fit(dense_layer: nn.Module, module: nn.Module, pairs: _Pairs, conf
         else:
             w = m
         b = mean_z - w @ mean_f
-    if closed:
+    if first is not None:
         first.weight.copy_(bb.reshape(first.weight.shape).to(first.weight.dtype))
         last.weight.copy_(a.reshape(last.weight.shape).to(last.weight.dtype))
     else:
         last.weight.copy_(w.reshape(last.weight.shape).to(last.weight.dtype))
-    if has_bias:
+    if last.bias is not None:
         last.bias.copy_(b.to(last.bias.dtype))
     after = _heldout_error(module, pairs)
     if math.isnan(before):
