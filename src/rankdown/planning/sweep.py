@@ -43,6 +43,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-30))
 
 
+@torch.no_grad()
 def model_outputs(model: nn.Module, calib: Inputs, batch_size: int | None = None) -> torch.Tensor:
     """The model's output tensor on the calibration data, computed in batches (memory stays at one
     batch's activations)."""
