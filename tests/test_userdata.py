@@ -247,6 +247,10 @@ quiet = true
     assert report["totals"]["macs_reduction"] >= 1.9 and report["finetune"]["history"]
     (tmp_path / "bad.toml").write_text("[plan]\nspeed_up = 2\n")
     assert_refused(["run", "bad.toml"], "[plan] has no option 'speed_up'", capsys, tmp_path)
+    (tmp_path / "misplaced.toml").write_text("[reconstruct]\ncalibration = 8\n")
+    assert_refused(
+        ["run", "misplaced.toml"], "[reconstruct] has no option 'calibration' (it belongs in [data])", capsys, tmp_path
+    )
     (tmp_path / "bad2.toml").write_text("[tuning]\nlr = 1\n")
     assert_refused(["run", "bad2.toml"], "unknown section [tuning]", capsys, tmp_path)
 

@@ -1237,9 +1237,9 @@ def recipe_args(path: str) -> list[str]:
         for key, value in table.items():
             flag = key.replace("_", "-")
             if flag not in RECIPE_SECTIONS[section]:
-                raise RankdownError(
-                    f"recipe {path}: [{section}] has no option {key!r} (known: {', '.join(RECIPE_SECTIONS[section])})"
-                )
+                home = next((k for k, flags in RECIPE_SECTIONS.items() if flag in flags), None)
+                where = f"it belongs in [{home}]" if home else f"known: {', '.join(RECIPE_SECTIONS[section])}"
+                raise RankdownError(f"recipe {path}: [{section}] has no option {key!r} ({where})")
             values = value if isinstance(value, list) and flag in ("layers", "skip") else [value]
             for v in values:
                 if isinstance(v, bool):
