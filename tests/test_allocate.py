@@ -256,3 +256,25 @@ def test_spectrum_costs_from_two_points_equal_counting_every_rank(layer, method,
     assert _costs_linear_in_rank(handler, layer, ranks, example) == [
         candidate_cost(handler, layer, r, example) for r in ranks
     ]
+
+
+def test_the_layer_sweep_scores_the_same_when_inputs_are_recorded_one_target_at_a_time(monkeypatch, tmp_path):
+    """Above the memory bound, each target's inputs are recorded when it is scored instead of all
+    at once: the curves must not change."""
+    import torch
+    from torch import nn
+
+    from rankdown.methods import get_method
+    from rankdown.planning import sweep as sweep_module
+    from rankdown.planning.allocate import sensitivity
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    calib = torch.randn(40, 12)
+    svd = get_method("svd", nn.Linear)
+    targets = {"0": svd, "2": svd}
+    held = sensitivity(model, targets, calib, cache_dir=tmp_path / "a")
+    monkeypatch.setattr(sweep_module, "HOLD_BYTES", 0)
+    lazy = sensitivity(model, targets, calib, cache_dir=tmp_path / "b")
+    for fqn in targets:
+        assert [o.error for o in held[fqn].options] == [o.error for o in lazy[fqn].options]

@@ -157,7 +157,7 @@ def sensitivity(
     scored = sweep(model, scorer, grid, metrics=weighted, desc=f"sensitivity ({criterion})")
     curves: dict[str, LayerCurve] = {}
     for fqn, method in targets.items():
-        dense = dense_layer_cost(model, fqn, scorer.inputs[fqn][:1].to("meta"))
+        dense = dense_layer_cost(model, fqn, scorer.examples[fqn])
         curve = LayerCurve(fqn, method.name, [Option(c.rank, c.params, c.macs, c.error) for c in scored[fqn]])
         curve.options.append(Option(None, dense.params, dense.macs, 0.0))
         curves[fqn] = curve

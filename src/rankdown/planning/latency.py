@@ -235,7 +235,7 @@ def layer_options(
     blind to how much the model cares: a 0.3 error in an early conv can cost far more accuracy than
     in the classifier). ``"model"``: the whole model's output with only this layer replaced."""
     scorer = Scorer(model, targets, calibration, criterion)
-    targets = [t for t in targets if t in scorer.inputs]
+    targets = [t for t in targets if t in scorer.examples]
     ranks: dict[str, list[tuple[Method, list[Rank]]]] = {}
     for fqn in targets:
         module = get_module(model, fqn)
@@ -250,9 +250,9 @@ def layer_options(
     scored = sweep(model, scorer, ranks, timer=timed, only_paying=False, desc="latency candidates")
     out: dict[str, LayerOptions] = {}
     for fqn in targets:
-        x = scorer.inputs[fqn]
+        x = scorer.examples[fqn]
         opts = LayerOptions(fqn, timed(get_module(model, fqn), tuple(x.shape[1:])))
-        opts.candidates.append(Candidate(None, None, opts.dense_ms, 0.0, dense_cost(model, fqn, x[:1]).macs))
+        opts.candidates.append(Candidate(None, None, opts.dense_ms, 0.0, dense_cost(model, fqn, x).macs))
         opts.candidates += [Candidate(c.method, c.rank, c.ms or 0.0, c.error, c.macs) for c in scored[fqn]]
         out[fqn] = opts
     table.save()

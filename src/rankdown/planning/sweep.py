@@ -10,6 +10,7 @@ padded batches only.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -54,43 +55,78 @@ def model_outputs(model: nn.Module, calib: Inputs, batch_size: int | None = None
     )
 
 
+# Layer inputs the layer criterion holds at once for all targets; above it, each target's inputs
+# are recorded when it is scored (one pass cut at the layer per target: time for memory). For a
+# 135M-parameter LM, 64 sequences of 256 tokens into all 210 matrices would be several GB.
+HOLD_BYTES = 1 << 30
+
+
+class _Stop(Exception):
+    pass
+
+
 class Scorer:
     """Errors of candidate layers on ``calib``, under one criterion (see the module docstring)."""
 
     def __init__(self, model: nn.Module, targets: list[str], calib: Inputs, criterion: str = "layer") -> None:
         if criterion not in CRITERIA:
             raise RankdownError(f"error criterion must be 'layer' or 'model', got {criterion!r}")
-        self.model, self.criterion = model.eval(), criterion
+        self.model, self.criterion, self.calib = model.eval(), criterion, calib
         self.mask = token_mask(calib)
+        first = batch_slice(calib, 0, batch_size_for(calib))
+        seen = self._record(targets, first)  # what each target takes: shapes, dtypes, bytes
+        # one example of every target's input, on the meta device (for costs and timing)
+        self.examples = {fqn: torch.empty((1, *x.shape[1:]), dtype=x.dtype, device="meta") for fqn, x in seen.items()}
+        per_example = sum(x[:1].numel() * x.element_size() for x in seen.values())
+        self._held: dict[str, torch.Tensor] | None = None
+        if criterion == "layer" and per_example * batch_len(calib) <= HOLD_BYTES:
+            self._held = self._record(list(self.examples), calib)
+        self._current: tuple[str, torch.Tensor, torch.Tensor] | None = None  # (fqn, rows, dense output)
+        self.suffix = Suffix(model, calib, list(targets)) if criterion == "model" else None
+        self.reference = real_rows(self.suffix.reference, self.mask) if self.suffix is not None else None
+
+    @torch.no_grad()
+    def _record(self, targets: list[str], data: Inputs) -> dict[str, torch.Tensor]:
+        """Every target's inputs on ``data`` (batch by batch), in one pass; a single target's pass
+        stops at it."""
         parts: dict[str, list[torch.Tensor]] = {fqn: [] for fqn in targets}
-        handles = []
-        for fqn in targets:
+        single = len(targets) == 1
 
-            def hook(_m, args, fqn=fqn):
-                parts[fqn].append(args[0].detach())
+        def hook(_m, args, fqn):
+            parts[fqn].append(args[0].detach())
+            if single:
+                raise _Stop
 
-            handles.append(get_module(model, fqn).register_forward_pre_hook(hook))
+        handles = [
+            get_module(self.model, f).register_forward_pre_hook(lambda m, a, f=f: hook(m, a, f)) for f in targets
+        ]
         try:
-            with torch.no_grad():
-                model_outputs(model, calib)  # for the hooks: every target's inputs
+            size = batch_size_for(data)
+            for i in range(0, batch_len(data), size):
+                with contextlib.suppress(_Stop):  # a single target's pass ends at it
+                    forward(self.model, batch_slice(data, i, i + size))
         finally:
             for h in handles:
                 h.remove()
-        # every target's inputs on the calibration data, as the layer sees them (shapes for costs
-        # and timing); the errors use their real-token rows
-        self.inputs = {fqn: torch.cat(p) for fqn, p in parts.items() if p}
-        self._rows = {fqn: real_rows(x, self.mask) for fqn, x in self.inputs.items()}
-        self._dense_out: dict[str, torch.Tensor] = {}
-        self.suffix = Suffix(model, calib, list(targets)) if criterion == "model" else None
-        self.reference = real_rows(self.suffix.reference, self.mask) if self.suffix is not None else None
+        return {fqn: torch.cat(p) for fqn, p in parts.items() if p}
+
+    def _layer(self, fqn: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the target's input rows at real tokens, the dense layer's output on them); one target
+        at a time is kept."""
+        if self._current is None or self._current[0] != fqn:
+            self._current = None  # free the previous target's tensors first
+            x = self._held[fqn] if self._held is not None else self._record([fqn], self.calib)[fqn]
+            rows = real_rows(x, self.mask)
+            with torch.no_grad():
+                self._current = (fqn, rows, get_module(self.model, fqn)(rows))
+        return self._current[1], self._current[2]
 
     @torch.no_grad()
     def error(self, fqn: str, candidate: nn.Module) -> float:
         if self.suffix is not None and self.reference is not None:
             return relative_error(real_rows(self.suffix.outputs(fqn, candidate), self.mask), self.reference)
-        if fqn not in self._dense_out:
-            self._dense_out[fqn] = get_module(self.model, fqn)(self._rows[fqn])
-        return relative_error(candidate(self._rows[fqn]), self._dense_out[fqn])
+        rows, dense = self._layer(fqn)
+        return relative_error(candidate(rows), dense)
 
 
 @dataclass
@@ -126,8 +162,7 @@ def sweep(
     out: dict[str, list[Scored]] = {}
     for fqn, options in progress(candidates.items(), total=len(candidates), desc=desc):
         module = get_module(model, fqn)
-        x = scorer.inputs[fqn]
-        example = x[:1].to("meta")
+        example = scorer.examples[fqn]
         dense = dense_cost(model, fqn, example)
         rows: list[Scored] = []
         for method, ranks in options:
@@ -138,7 +173,7 @@ def sweep(
                 fact = factorize_weighted(method, fqn, module, rank, (metrics or {}).get(fqn))
                 if fact.module is None:
                     continue
-                ms = timer(fact.module, tuple(x.shape[1:])) if timer is not None else None
+                ms = timer(fact.module, tuple(example.shape[1:])) if timer is not None else None
                 rows.append(Scored(method.name, rank, cost.params, cost.macs, scorer.error(fqn, fact.module), ms))
         out[fqn] = rows
     return out
