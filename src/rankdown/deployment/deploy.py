@@ -120,8 +120,9 @@ def _plain(conv: nn.Module) -> nn.Conv2d | None:
 
 def _end(module: nn.Module, at: int) -> nn.Conv2d | Permute | None:
     """A plain conv, or the conv or gather at position ``at`` of a chain."""
-    if _plain(module):
-        return _plain(module)
+    plain = _plain(module)
+    if plain is not None:
+        return plain
     if isinstance(module, nn.Sequential) and len(module):
         end = module[at]
         return end if isinstance(end, Permute) else _plain(end)

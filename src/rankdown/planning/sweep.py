@@ -34,7 +34,7 @@ from rankdown.probe import (
     token_mask,
 )
 from rankdown.progress import progress
-from rankdown.surgery import get_module
+from rankdown.surgery import get_module, record_inputs
 
 CRITERIA = ("layer", "model")
 
@@ -73,11 +73,9 @@ class Scorer:
             raise RankdownError(f"error criterion must be 'layer' or 'model', got {criterion!r}")
         self.model, self.criterion, self.calib = model.eval(), criterion, calib
         self.mask = token_mask(calib)
-        first = batch_slice(calib, 0, batch_size_for(calib))
-        seen = self._record(targets, first)  # what each target takes: shapes, dtypes, bytes
-        # one example of every target's input, on the meta device (for costs and timing)
-        self.examples = {fqn: torch.empty((1, *x.shape[1:]), dtype=x.dtype, device="meta") for fqn, x in seen.items()}
-        per_example = sum(x[:1].numel() * x.element_size() for x in seen.values())
+        # one example of every target's input, on the meta device (for costs, timing and the bound)
+        self.examples = record_inputs(self.model, batch_slice(calib, 0, 1), targets)
+        per_example = sum(x.numel() * x.element_size() for x in self.examples.values())
         self._held: dict[str, torch.Tensor] | None = None
         if criterion == "layer" and per_example * batch_len(calib) <= HOLD_BYTES:
             self._held = self._record(list(self.examples), calib)
