@@ -337,3 +337,99 @@ def test_padding_shapes_no_fit_and_no_error(monkeypatch, tmp_path):
         assert errs[0] == pytest.approx(errs[1], abs=1e-6), criterion
     fisher = [collect(dense, ["proj"], c, "mahalanobis", batch_size=4)["proj"] for c in batches]
     assert torch.allclose(fisher[0].t_in, fisher[1].t_in) and torch.allclose(fisher[0].d_out, fisher[1].d_out)
+
+
+class _Counted(torch.utils.data.Dataset):
+    """Examples read one at a time, counted: a stream that holds nothing reads them again on each pass."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x, self.reads = x, 0
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        self.reads += 1
+        return self.x[i]
+
+
+class _Widest(nn.Module):
+    """The model, noting the largest batch any forward pass gives it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.widest = model, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.widest = max(self.widest, x.shape[0])
+        return self.model(x)
+
+
+def test_a_stream_rebatches_and_holds_only_what_fits(monkeypatch):
+    from rankdown import probe
+
+    x = torch.arange(10.0).reshape(10, 1)
+    reads = []
+    s = probe.Batches(lambda: reads.append(1) or [x[:3], x[3:5], x[5:]])
+    assert [b.flatten().tolist() for b in s.rebatch(4)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert s.examples == 10 and s.first(3).flatten().tolist() == [0, 1, 2]
+    assert len(reads) == 1  # small: held after the first pass
+    # token batches padded to their own lengths are never joined
+    t = probe.Batches(lambda: [{"ids": torch.zeros(3, 5)}, {"ids": torch.zeros(2, 7)}, {"ids": torch.zeros(4, 7)}])
+    assert [tuple(b["ids"].shape) for b in t.rebatch(4)] == [(3, 5), (4, 7), (2, 7)]
+    monkeypatch.setattr(probe, "HOLD_BYTES", 16)
+    big = probe.Batches(lambda: reads.append(1) or [x[:3], x[3:]])
+    list(big), list(big)
+    assert len(reads) == 3  # too big to hold: read again on every pass
+
+
+@pytest.mark.slow
+def test_every_data_aware_step_streams_its_examples(monkeypatch, tmp_path):
+    """No data-aware step needs the calibration set as one tensor: from a stream that holds nothing
+    (each pass reads the dataset again), every step runs the model on batches of at most 64 of the
+    160 examples, and computes what it computes from the same examples as one tensor."""
+    from rankdown import CalibrationConfig, CompressConfig, FixedRank, compress, probe, reconstruct
+    from rankdown.data.sources import Data
+    from rankdown.fitting import calibrate
+    from rankdown.fitting.metrics import collect
+    from rankdown.methods import get_method
+    from rankdown.planning import sweep
+    from rankdown.planning.allocate import sensitivity
+
+    monkeypatch.setattr(probe, "HOLD_BYTES", 0)  # streams hold nothing
+    monkeypatch.setattr(sweep, "HOLD_BYTES", 0)  # the layer sweep records one target's inputs, batch by batch
+    torch.manual_seed(0)
+    dense = _Widest(nets.randomize_bn(nets.tiny_vgg()).eval())
+    counted = _Counted(torch.randn(200, 3, 16, 16))
+    data = Data(counted, "images", batch_size=16)
+    streamed, whole = data.stream(160), data.inputs(160)
+    assert isinstance(whole, torch.Tensor) and whole.shape[0] == 160
+    reads = counted.reads
+
+    def steps(calib) -> dict:
+        out: dict = {}
+        for metric in ("covariance", "mahalanobis"):
+            stats = collect(dense, ["model.features.3", "model.classifier.1"], calib, metric)
+            out[metric] = stats["model.features.3"].t_in
+        for method, hold_mb in (("channel-svd", calibrate.HOLD_MB), ("tucker2", 0)):  # block by block; layer by layer
+            monkeypatch.setattr(calibrate, "HOLD_MB", hold_mb)
+            res = compress(dense, CompressConfig(method=method, rank=FixedRank(8)), calib)
+            reconstruct(dense, res.model, list(res.plan.layers), calib, CalibrationConfig(mode="joint", epochs=1))
+            out[method] = res.model.state_dict()
+        svd = get_method("channel-svd", nn.Conv2d)
+        for criterion in ("layer", "model"):
+            curves = sensitivity(dense, {"model.features.7": svd}, calib, criterion=criterion, cache_dir=tmp_path)
+            out[criterion] = [o.error for o in curves["model.features.7"].options]
+        return out
+
+    got = steps(streamed)
+    assert dense.widest <= 64
+    assert streamed._held is None and counted.reads - reads >= 10 * 160  # read again, pass after pass
+    want = steps(whole)
+    for key, value in want.items():
+        if isinstance(value, dict):
+            assert all(torch.allclose(got[key][k], v, atol=1e-5) for k, v in value.items()), key
+        elif isinstance(value, list):
+            assert got[key] == pytest.approx(value, abs=1e-6), key
+        else:
+            assert torch.allclose(got[key], value), key

@@ -5,7 +5,7 @@ by (models return tuples, dicts and dataclasses, not only tensors)."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -141,6 +141,108 @@ def to_model(x: Inputs, model: nn.Module) -> Inputs:
         return t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device=device)
 
     return {k: move(v) for k, v in x.items()} if isinstance(x, Mapping) else move(x)
+
+
+# Examples a stream keeps in memory after its first full pass, all batches together; above this it
+# reads its source again on every pass (time for memory: an image folder is decoded again).
+HOLD_BYTES = 1 << 30
+
+
+def nbytes(x: Inputs) -> int:
+    return sum(t.numel() * t.element_size() for t in (x.values() if isinstance(x, Mapping) else [x]))
+
+
+class Batches:
+    """Examples as a stream of batches, read again on every pass: what every data-aware step takes,
+    so that none needs the examples as one tensor in memory (calibration sets can be thousands of
+    images). ``read()`` gives a fresh iterator of batches each time. A stream whose batches add up
+    to at most ``hold_bytes`` keeps them after its first full pass, so small sets are read (and
+    decoded) once."""
+
+    def __init__(
+        self, read: Callable[[], Iterable[Inputs]], examples: int | None = None, *, hold_bytes: int | None = None
+    ) -> None:
+        self._read, self._examples = read, examples
+        self.hold_bytes = HOLD_BYTES if hold_bytes is None else hold_bytes
+        self._held: list[Inputs] | None = None
+
+    def __iter__(self) -> Iterator[Inputs]:
+        if self._held is not None:
+            yield from self._held
+            return
+        held: list[Inputs] | None = []
+        size = n = 0
+        for batch in self._read():
+            n += batch_len(batch)
+            if held is not None:
+                size += nbytes(batch)
+                if size <= self.hold_bytes:
+                    held.append(batch)
+                else:
+                    held = None
+            yield batch
+        self._examples = n  # reached only when the pass went to the end
+        self._held = held
+
+    @property
+    def examples(self) -> int:
+        """How many examples a pass gives (one counting pass when the source did not say)."""
+        if self._examples is None:
+            self._examples = sum(batch_len(b) for b in self)
+        return self._examples
+
+    def rebatch(self, size: int) -> Iterator[Inputs]:
+        """The examples in batches of ``size``, whatever the source's batches (steps choose their
+        batch size by memory and by the holdout they need). Source batches are joined only where
+        their shapes agree past the batch dimension (token batches padded to their own longest
+        sequence do not), so a batch can come out smaller."""
+        parts: list[Inputs] = []
+        for batch in self:
+            if parts and _trailing(parts[0]) != _trailing(batch):
+                yield from _cut(_join(parts), size)
+                parts = []
+            parts.append(batch)
+            whole = _join(parts)
+            done = batch_len(whole) // size * size
+            yield from _cut(batch_slice(whole, 0, done), size)
+            parts = [batch_slice(whole, done, batch_len(whole))] if done < batch_len(whole) else []
+        if parts:
+            yield from _cut(_join(parts), size)
+
+    def first(self, n: int = 1) -> Inputs:
+        """The first ``n`` examples as one batch (for probes: a layer's input shape, a batch size)."""
+        for batch in self.rebatch(n):
+            return batch
+        raise RankdownError("no examples: the data gave an empty pass")
+
+    def map(self, fn: Callable[[Inputs], Inputs]) -> Batches:
+        """The stream with ``fn`` applied to each batch (e.g. :func:`to_model`); it holds nothing
+        itself: this stream holds what it read."""
+        return Batches(lambda: (fn(b) for b in self), self._examples, hold_bytes=0)
+
+
+def _trailing(x: Inputs) -> object:
+    if isinstance(x, Mapping):
+        return {k: tuple(v.shape[1:]) for k, v in x.items()}
+    return tuple(x.shape[1:])
+
+
+def _join(parts: list[Inputs]) -> Inputs:
+    return parts[0] if len(parts) == 1 else batch_cat(parts)
+
+
+def _cut(x: Inputs, size: int) -> Iterator[Inputs]:
+    n = batch_len(x)
+    for i in range(0, n, size):
+        yield batch_slice(x, i, min(i + size, n))
+
+
+Examples = Inputs | Batches  # what a data-aware step takes: one batch, or a stream of them
+
+
+def stream(x: Examples) -> Batches:
+    """``x`` as a stream: a batch already in memory is one batch of it, not a copy."""
+    return x if isinstance(x, Batches) else Batches(lambda: [x], batch_len(x))
 
 
 def to_layout(module: nn.Module, channels_last: bool) -> nn.Module:

@@ -15,7 +15,7 @@ from rankdown import decompose
 from rankdown.measurement.bench import count_macs
 from rankdown.planning.allocate import sensitivity
 from rankdown.planning.compress import CompressConfig, _handler, select_targets
-from rankdown.probe import Inputs, batch_len, batch_slice
+from rankdown.probe import Examples, stream
 from rankdown.storage import atomic_write_dir
 from rankdown.surgery import record_inputs, weight_of
 
@@ -60,7 +60,7 @@ class Analysis:
 def analyze_model(
     model: nn.Module,
     config: CompressConfig,
-    calibration: Inputs,
+    calibration: Examples,
     *,
     criterion: str = "layer",
     cache_dir: str | Path | None = None,
@@ -68,7 +68,8 @@ def analyze_model(
     """Per-layer spectra, EVBMF and energy ranks, and sensitivity (error vs kept MACs)."""
     model = model.eval()
     selection = select_targets(model, config)
-    example = batch_slice(calibration, 0, 1)
+    calibration = stream(calibration)
+    example = calibration.first(1)
     inputs = record_inputs(model, example, selection.targets)
     targets = {n: _handler(config, n, model.get_submodule(n)) for n in selection.targets if n in inputs}
     macs = count_macs(model, example)
@@ -98,7 +99,7 @@ def analyze_model(
             for o in curves[name].options[:-1]
         ]
         layers.append(row)
-    return Analysis(criterion, batch_len(calibration), layers, dict(selection.skipped))
+    return Analysis(criterion, calibration.examples, layers, dict(selection.skipped))
 
 
 def plot_analysis(result: Analysis, folder: Path) -> list[Path]:

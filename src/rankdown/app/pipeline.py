@@ -26,6 +26,7 @@ from rankdown.planning.compress import CompressConfig, CompressResult, allocate_
 from rankdown.planning.plan import Plan, load_compressed, read_plan, save_compressed
 from rankdown.planning.sweep import relative_error
 from rankdown.probe import (
+    Batches,
     Inputs,
     batch_size_for,
     batch_tile,
@@ -33,6 +34,7 @@ from rankdown.probe import (
     example_input,
     forward,
     primary_output,
+    stream,
     to_model,
 )
 from rankdown.storage import check_output_dir
@@ -127,16 +129,16 @@ def _quick_refit(
         return None
     from rankdown.fitting.calibrate import quick, reconstruct
 
-    pool = to_model(calib.inputs(min(opts.examples, 2 * SWEEP_EXAMPLES), seed=1), dense)
+    pool = calib_inputs(calib, min(opts.examples, 2 * SWEEP_EXAMPLES), dense, seed=1)
     return lambda model, fqns: reconstruct(dense, model, fqns, pool, quick(opts.config))
 
 
-def calib_inputs(data: Data, n: int, model: nn.Module) -> Inputs:
-    """``n`` calibration examples (a seeded draw, see ``Data.inputs``) as one batch, in the model's
-    dtype and device."""
+def calib_inputs(data: Data, n: int, model: nn.Module, seed: int = 0) -> Batches:
+    """``n`` calibration examples (a seeded draw, see ``Data.stream``) as a stream of batches in
+    the model's dtype and device: no step holds them as one tensor."""
     if n < 1:
         raise RankdownError(f"--calibration must be >= 1 example, got {n}")
-    return to_model(data.inputs(n), model)
+    return data.stream(n, seed).map(lambda x: to_model(x, model))
 
 
 def input_shape_for(spec: str, input_shape: tuple[int, ...] | None) -> tuple[int, ...] | None:
@@ -235,10 +237,15 @@ def collapse_warning(dense: nn.Module, compressed: nn.Module, workload: Workload
     """Say before committing when a plan will wreck the model: the compressed model's output on the
     calibration data (or the example) against the dense model's, with the next steps to try."""
     data = workload.get("calib")
-    x = calib_inputs(data, n, dense) if data is not None else workload.example
+    x = calib_inputs(data, n, dense) if data is not None else stream(workload.example)
+    refs, outs = [], []
     with torch.no_grad():
-        ref = primary_output(forward(dense.eval(), x)).float()
-        out = primary_output(forward(compressed.eval(), x)).float()
+        for b in x:
+            refs.append(primary_output(forward(dense.eval(), b)).float())
+            outs.append(primary_output(forward(compressed.eval(), b)).float())
+    if len({t.shape[1:] for t in refs}) > 1:  # token batches padded to their own lengths: token rows
+        refs, outs = [t.reshape(-1, t.shape[-1]) for t in refs], [t.reshape(-1, t.shape[-1]) for t in outs]
+    ref, out = torch.cat(refs), torch.cat(outs)  # outputs of at most n examples
     err = relative_error(out, ref)
     signal = float(torch.linalg.vector_norm(ref - ref.mean(0, keepdim=True))) if ref.shape[0] > 1 else 0.0
     err_signal = float(torch.linalg.vector_norm(out - ref)) / signal if signal > 0 else err

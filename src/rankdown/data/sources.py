@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from rankdown.errors import RankdownError, first_line
-from rankdown.probe import Inputs, batch_cat, batch_index, batch_len, batch_slice
+from rankdown.probe import Batches, Inputs, batch_cat, batch_index, batch_len, batch_slice
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 TENSOR_SUFFIXES = (".safetensors", ".npz", ".npy")
@@ -271,7 +271,7 @@ class Data:
     task: str | None = None
     classes: list[str] | None = field(default=None, repr=False)
     _first: tuple[Inputs, torch.Tensor | None] | None = field(default=None, repr=False)
-    _drawn: dict[tuple[int, int], Inputs] = field(default_factory=dict, repr=False)
+    _drawn: dict[tuple[int, int], Batches] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         s = self.source
@@ -345,27 +345,39 @@ class Data:
         fn = getattr(self.source, "collate_fn", None)
         return fn if isinstance(self.source, DataLoader) and fn is not None else default_collate
 
-    def inputs(self, n: int, seed: int = 0) -> Inputs:
-        """``n`` examples' inputs as one batch (calibration sets are small: hundreds), drawn by a
-        seeded permutation from a map-style dataset (an image folder is sorted by class: its first
-        examples are one class), else the first ``n`` batches' worth of an iterable."""
-        if (n, seed) in self._drawn:  # every data-aware step asks: read (and decode) once
-            return self._drawn[(n, seed)]
-        self._drawn[(n, seed)] = self._draw(n, seed)
+    def stream(self, n: int, seed: int = 0) -> Batches:
+        """``n`` examples' inputs as a stream of batches (see :class:`rankdown.probe.Batches`: read
+        once and kept while small, else read again on each pass), drawn by a seeded permutation
+        from a map-style dataset (an image folder is sorted by class: its first examples are one
+        class), else the first ``n`` examples of an iterable. The same (n, seed) is the same stream
+        for every step that asks."""
+        if (n, seed) not in self._drawn:
+            self._drawn[(n, seed)] = self._draw(n, seed)
         return self._drawn[(n, seed)]
 
-    def _draw(self, n: int, seed: int) -> Inputs:
+    def inputs(self, n: int, seed: int = 0) -> Inputs:
+        """The same draw as one batch, for a user who wants it in hand (the steps take the stream)."""
+        return batch_cat(list(self.stream(n, seed)))
+
+    def _draw(self, n: int, seed: int) -> Batches:
         ds = self.dataset
         if ds is not None and len(ds) > n:  # type: ignore[arg-type]
-            idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].sort().values  # type: ignore[arg-type]
+            g = torch.Generator().manual_seed(seed)
+            idx = torch.randperm(len(ds), generator=g)[:n].sort().values  # type: ignore[arg-type]
+            chunks = idx.split(self.batch_size)
             if isinstance(ds, _Pairs):
-                return batch_index(ds.inputs, idx)
-            items = [ds[int(i)] for i in idx]
-            return batch_cat([split_batch(self.collate(items[i : i + 256]), self.name)[0] for i in range(0, n, 256)])
-        parts = [x for x, _ in self.batches(limit=n)]
-        if not parts:
-            raise DataError(f"{self.name} is empty")
-        return batch_cat(parts)
+                pairs = ds
+                return Batches(lambda: (batch_index(pairs.inputs, c) for c in chunks), n)
+            source = ds
+
+            def read() -> Iterator[Inputs]:
+                for c in chunks:
+                    yield split_batch(self.collate([source[int(i)] for i in c]), self.name)[0]
+
+            return Batches(read, n)
+        if ds is not None:
+            return Batches(lambda: (x for x, _ in self.batches()), len(ds))  # type: ignore[arg-type]
+        return Batches(lambda: (x for x, _ in self.batches(limit=n)))
 
     def example(self) -> Inputs:
         assert self._first is not None

@@ -34,7 +34,7 @@ from torch import nn
 from rankdown import decompose
 from rankdown.errors import RankdownError
 from rankdown.layers import FactorizedLayer, balance_factors
-from rankdown.probe import Inputs, batch_len, batch_size_for, batch_slice, forward, real_rows, token_mask
+from rankdown.probe import Batches, Examples, Inputs, batch_len, batch_size_for, forward, real_rows, stream, token_mask
 from rankdown.progress import progress
 from rankdown.surgery import record_inputs
 
@@ -158,13 +158,12 @@ def following_activation(model: nn.Module, fqn: str) -> Activation | None:
 Source = Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]
 
 
-def _truncated_source(dense: nn.Module, compressed: nn.Module, fqn: str, inputs: Inputs, config) -> Source:
+def _truncated_source(dense: nn.Module, compressed: nn.Module, fqn: str, data: Batches, config) -> Source:
     """Inputs of ``fqn`` from forward passes of the whole networks, cut at the layer (at the real
     tokens only, for padded token batches)."""
 
     def gen() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for i in range(0, batch_len(inputs), config.batch_size):
-            xb = batch_slice(inputs, i, i + config.batch_size)
+        for xb in data.rebatch(config.batch_size):
             mask = token_mask(xb)
             z = real_rows(_layer_input(dense, fqn, xb), mask)
             yield z, (z if config.mode == "data" else real_rows(_layer_input(compressed, fqn, xb), mask))
@@ -701,14 +700,18 @@ def _dense_block_pass(
 
 
 def _blockwise(
-    dense: nn.Module, compressed: nn.Module, blocks: list[str], order: list[str], inputs: Inputs, config
+    dense: nn.Module, compressed: nn.Module, blocks: list[str], order: list[str], data: Batches, config
 ) -> dict[str, LayerFit]:
-    bs = config.batch_size
-    starts = list(range(0, batch_len(inputs), bs))
-    n = len(starts)
-    dense_calls = [_block_calls(dense, blocks, batch_slice(inputs, i, i + bs), True)[0] for i in starts]
-    masks = [token_mask(batch_slice(inputs, i, i + bs)) for i in starts]  # the fits see real tokens only
-    comp_h = [_hidden_of(_block_calls(compressed, blocks, batch_slice(inputs, i, i + bs), True)[0]) for i in starts]
+    # one pass over the examples: what the first block is called with, per batch (held: the caller
+    # checked that the hidden states fit), and the token masks (the fits see real tokens only)
+    dense_calls: list[Call] = []
+    masks: list[torch.Tensor | None] = []
+    comp_h: list[torch.Tensor | None] = []
+    for xb in data.rebatch(config.batch_size):
+        dense_calls.append(_block_calls(dense, blocks, xb, True)[0])
+        masks.append(token_mask(xb))
+        comp_h.append(_hidden_of(_block_calls(compressed, blocks, xb, True)[0]))
+    n = len(dense_calls)
     results: dict[str, LayerFit] = {}
     bar = progress(blocks, total=len(blocks), desc=f"calibrate ({config.mode}, block by block)")
     for block in bar:
@@ -740,29 +743,32 @@ def reconstruct(
     dense: nn.Module,
     compressed: nn.Module,
     fqns: list[str],
-    inputs: Inputs,
+    inputs: Examples,
     config: CalibrationConfig | None = None,
 ) -> dict[str, LayerFit]:
     """Refit the factorized modules at ``fqns`` of ``compressed`` (in place) to ``dense``'s layer
-    outputs on ``inputs``; returns per layer the relative output error before and after."""
+    outputs on ``inputs`` (one batch or a stream: every pass reads it in batches); returns per layer
+    the relative output error before and after."""
     config = config or CalibrationConfig()
-    if batch_len(inputs) < 1:
+    data = stream(inputs)
+    n_examples = data.examples
+    if n_examples < 1:
         raise RankdownError("data reconstruction needs at least one calibration example")
     # At least 4 batches whenever there are 4 examples, so that one is held out to choose the ridge
     # and keep a refit (see _holdout): 128 examples in batches of 64 had none, and an exact fit then
     # interpolated them (CharNet under a quick refit: output error 20× the signal). Token
     # sequences: batches by tokens too.
-    n_examples = batch_len(inputs)
-    size = min(config.batch_size, batch_size_for(inputs, config.batch_size), max(1, math.ceil(n_examples / 4)))
+    one = data.first(1)
+    size = min(config.batch_size, batch_size_for(one, config.batch_size), max(1, math.ceil(n_examples / 4)))
     config = replace(config, batch_size=size)
     dense.eval()
     compressed.eval()
-    order = execution_order(dense, list(fqns), batch_slice(inputs, 0, 1))
+    order = execution_order(dense, list(fqns), one)
     blocks = None
     for candidate in _stacks(dense, order):
-        per_example = _chain_bytes(dense, candidate, batch_slice(inputs, 0, 1))
+        per_example = _chain_bytes(dense, candidate, one)
         # held: the dense and compressed hidden states and a layer's inputs, for every example
-        if per_example is not None and 4 * per_example * batch_len(inputs) <= HOLD_MB * 2**20:
+        if per_example is not None and 4 * per_example * n_examples <= HOLD_MB * 2**20:
             blocks = candidate
             break
     inside = [f for f in order if blocks and any(f == b or f.startswith(b + ".") for b in blocks)]
@@ -780,13 +786,13 @@ def reconstruct(
             if _kept_dense(dense, module, fqn):
                 continue
             act = following_activation(dense, fqn) if config.nonlinear else None
-            n = math.ceil(batch_len(inputs) / config.batch_size)
-            source = _truncated_source(dense, compressed, fqn, inputs, config)
+            n = math.ceil(n_examples / config.batch_size)
+            source = _truncated_source(dense, compressed, fqn, data, config)
             results[fqn] = _refit(dense, fqn, module, _Pairs(dense_layer, source, n, config, act), config)
 
     one_by_one([f for f in before if f not in inside])
     if inside:
         assert blocks is not None
-        results.update(_blockwise(dense, compressed, blocks, inside, inputs, config))
+        results.update(_blockwise(dense, compressed, blocks, inside, data, config))
     one_by_one([f for f in after if f not in inside])
     return results

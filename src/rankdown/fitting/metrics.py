@@ -38,13 +38,12 @@ from rankdown.errors import RankdownError
 from rankdown.fitting.calibrate import patch_rows
 from rankdown.layers import FactorizedLayer, balance_factors
 from rankdown.probe import (
-    Inputs,
-    batch_len,
+    Examples,
     batch_size_for,
-    batch_slice,
     forward,
     primary_output,
     real_rows,
+    stream,
     token_mask,
 )
 from rankdown.surgery import weight_of
@@ -86,10 +85,11 @@ def _input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def collect(
-    model: nn.Module, fqns: list[str], inputs: Inputs, metric: str, *, batch_size: int | None = None
+    model: nn.Module, fqns: list[str], inputs: Examples, metric: str, *, batch_size: int | None = None
 ) -> dict[str, LayerMetric]:
     """Statistics for ``metric`` at each layer, streamed over ``inputs`` in batches."""
-    batch_size = batch_size or batch_size_for(inputs)
+    data = stream(inputs)
+    batch_size = batch_size or batch_size_for(data.first())
     if metric not in METRICS:
         raise RankdownError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
     out = {fqn: LayerMetric() for fqn in fqns}
@@ -133,8 +133,7 @@ def collect(
         handles = [m.register_forward_pre_hook(lambda m, a, f=f: hook(m, a, f)) for f, m in mods.items()]
         try:
             with torch.no_grad():
-                for i in range(0, batch_len(inputs), batch_size):
-                    batch = batch_slice(inputs, i, i + batch_size)
+                for batch in data.rebatch(batch_size):
                     mask[0] = token_mask(batch)
                     shared.clear()
                     forward(model, batch)
@@ -153,8 +152,7 @@ def collect(
         return out
     # mahalanobis: squared gradients of the loss against the model's own predictions
     sq = {fqn: torch.zeros_like(weight_of(m), dtype=torch.float64) for fqn, m in mods.items()}
-    for i in range(0, batch_len(inputs), batch_size):
-        xb = batch_slice(inputs, i, i + batch_size)
+    for xb in data.rebatch(batch_size):
         with torch.no_grad():
             logits = primary_output(forward(model, xb))
             labels = logits.argmax(-1)

@@ -24,7 +24,18 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from rankdown.probe import Inputs, batch_len, batch_size_for, batch_slice, forward, primary_output, to_layout
+from rankdown.probe import (
+    Examples,
+    Inputs,
+    batch_len,
+    batch_size_for,
+    batch_slice,
+    forward,
+    primary_output,
+    stream,
+    to_layout,
+    token_mask,
+)
 from rankdown.surgery import replace_module, swapped
 
 HOLD_MB = 2048  # recorded outputs held at once, all batches together
@@ -33,6 +44,11 @@ ACTIVATION_BYTES = 2 * 2**20  # image batches sized so that the widest activatio
 
 def _images(data: Inputs) -> bool:
     return isinstance(data, torch.Tensor) and data.ndim == 4 and data.is_floating_point()
+
+
+def _channels_last(x: Inputs) -> Inputs:
+    assert isinstance(x, torch.Tensor)
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 def _tree_map(out: object, fn: Callable[[torch.Tensor], torch.Tensor]) -> object:
@@ -79,41 +95,54 @@ class _Replay(nn.Module):
 
 
 class Suffix:
-    """Model outputs on ``data`` with one layer swapped, for layers ``fqns``: see the module docstring."""
+    """Model outputs on ``data`` with one layer swapped, for layers ``fqns``: see the module docstring.
+    ``data`` is one batch or a stream of them (:class:`rankdown.probe.Batches`); each run reads it
+    in batches, in the same order, so that recorded outputs line up with their batches."""
 
-    def __init__(self, model: nn.Module, data: Inputs, fqns: list[str]) -> None:
-        self.model, self.data, self.fqns = model, data, list(fqns)
+    def __init__(self, model: nn.Module, data: Examples, fqns: list[str]) -> None:
+        self.model, self.data, self.fqns = model, stream(data), list(fqns)
         self.channels_last = False
-        if _images(data) and any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        first = self.data.first(batch_size_for(self.data.first()))
+        if _images(first) and any(isinstance(m, nn.Conv2d) for m in model.modules()):
             # Measured on a small ResNet, 2 CPU cores: channels_last forwards 1.3x faster, and
             # batches whose activations stay near the cache size (below) 1.2x more.
             try:
                 fast = to_layout(copy.deepcopy(model), True)
-                assert isinstance(data, torch.Tensor)
                 with torch.no_grad():
-                    forward(fast, data[:2].contiguous(memory_format=torch.channels_last))
-                self.model, self.data, self.channels_last = (
-                    fast,
-                    data.contiguous(memory_format=torch.channels_last),
-                    True,
-                )
+                    forward(fast, _channels_last(batch_slice(first, 0, 2)))
+                self.model, self.channels_last = fast, True
+                first = _channels_last(first)
             except Exception:  # a forward that needs contiguous tensors (.view): the model as given
                 pass
-        self.n = batch_len(self.data)
-        self._probe(batch_slice(self.data, 0, batch_size_for(self.data)))
-        self.batch_size = batch_size_for(self.data)
-        if _images(self.data):
+        self.n = self.data.examples
+        self._probe(first)
+        self.batch_size = batch_size_for(first)
+        if _images(first):
             widest = max(self.bytes.values(), default=1)
             self.batch_size = max(1, min(self.batch_size, ACTIVATION_BYTES // max(widest, 1)))
-        self.batches = [batch_slice(self.data, i, i + self.batch_size) for i in range(0, self.n, self.batch_size)]
-        self.reference = self._run()
+        self.first_batch = batch_slice(first, 0, self.batch_size)
+        self.masks: list[torch.Tensor | None] = []  # real tokens of each batch (None: all)
+        self.reference_batches: list[torch.Tensor] = []
+        with torch.no_grad():
+            for b in self.batches():
+                self.masks.append(token_mask(b))
+                self.reference_batches.append(primary_output(forward(self.model, b)).detach())
         self.prefix = {f: self._prefix(f) for f in self.fqns}
         self.held: dict[str, list[object]] = {}
         self.verified: dict[str, bool] = {}
 
+    def batches(self) -> Iterator[Inputs]:
+        """The examples in this suffix's batches (channels_last where the model runs so)."""
+        for b in self.data.rebatch(self.batch_size):
+            yield _channels_last(b) if self.channels_last else b
+
+    @property
+    def reference(self) -> torch.Tensor:
+        return torch.cat(self.reference_batches)
+
     @torch.no_grad()
-    def _run(self) -> torch.Tensor:
-        return torch.cat([primary_output(forward(self.model, b)).detach() for b in self.batches])
+    def _run(self) -> list[torch.Tensor]:
+        return [primary_output(forward(self.model, b)).detach() for b in self.batches()]
 
     @torch.no_grad()
     def _probe(self, batch: Inputs) -> None:
@@ -185,7 +214,7 @@ class Suffix:
 
             handles.append(self.model.get_submodule(n).register_forward_hook(keep))
         try:
-            for b in self.batches:
+            for b in self.batches():
                 forward(self.model, b)
         finally:
             for h in handles:
@@ -213,10 +242,10 @@ class Suffix:
         if not all(n in self.held for n in self.prefix[fqn]):
             return False
         if fqn not in self.verified:
-            first = self.reference[: batch_len(self.batches[0])]
+            first = self.reference_batches[0]
             try:
                 with torch.no_grad(), self._replaying(fqn):
-                    out = primary_output(forward(self.model, self.batches[0]))
+                    out = primary_output(forward(self.model, self.first_batch))
                 self.verified[fqn] = out.shape == first.shape and bool(
                     torch.allclose(out, first, rtol=1e-5, atol=1e-6 * float(first.abs().max()))
                 )
@@ -225,8 +254,9 @@ class Suffix:
         return self.verified[fqn]
 
     @torch.no_grad()
-    def outputs(self, fqn: str, layer: nn.Module) -> torch.Tensor:
-        """The model's output on the data with ``layer`` in place of ``fqn``."""
+    def batch_outputs(self, fqn: str, layer: nn.Module) -> list[torch.Tensor]:
+        """The model's output on the data with ``layer`` in place of ``fqn``, batch by batch (as
+        ``reference_batches`` and ``masks``)."""
         if self.channels_last:
             layer = to_layout(copy.deepcopy(layer), True)
         if not self._ready(fqn):  # before the swap: recordings and the check are of the dense model
@@ -234,3 +264,7 @@ class Suffix:
                 return self._run()
         with swapped(self.model, fqn, layer), self._replaying(fqn):
             return self._run()
+
+    def outputs(self, fqn: str, layer: nn.Module) -> torch.Tensor:
+        """The same, as one tensor."""
+        return torch.cat(self.batch_outputs(fqn, layer))

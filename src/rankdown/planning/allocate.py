@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,9 +32,7 @@ from rankdown.methods import Method, Rank
 from rankdown.planning.rank import Choice, candidate_cost
 from rankdown.planning.sweep import Scorer, sweep
 from rankdown.planning.sweep import dense_cost as dense_layer_cost
-from rankdown.probe import (
-    Inputs,
-)
+from rankdown.probe import Examples, stream
 from rankdown.progress import progress
 from rankdown.storage import atomic_write_text, default_cache_dir
 from rankdown.surgery import get_module, weight_of
@@ -103,24 +101,26 @@ def _grid(method: Method, module: nn.Module, points: int, round_to: int) -> list
     return [cands[i] for i in idx]
 
 
-def fingerprint(model: nn.Module, calib, settings: dict) -> str:
-    """Hash of everything the sweep depends on: weights, architecture, data and settings."""
+def fingerprint(model: nn.Module, calib: Examples, settings: dict) -> str:
+    """Hash of everything the sweep depends on: weights, architecture, data (one pass over a
+    stream) and settings."""
     h = hashlib.sha256()
     h.update(json.dumps({**settings, "rankdown": __version__}, sort_keys=True, default=str).encode())
     h.update(str(model).encode())
     for k, v in model.state_dict().items():
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    for k, t in sorted(calib.items()) if isinstance(calib, dict) else [("", calib)]:
-        h.update(k.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    for batch in stream(calib):
+        for k, t in sorted(batch.items()) if isinstance(batch, Mapping) else [("", batch)]:
+            h.update(k.encode())
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:24]
 
 
 def sensitivity(
     model: nn.Module,
     targets: dict[str, Method],
-    calib: Inputs,
+    calib: Examples,
     *,
     criterion: str = "layer",
     points: int = 12,

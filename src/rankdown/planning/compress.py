@@ -27,7 +27,7 @@ from rankdown.planning.rank import (
     choose_rank,
     policy_to_dict,
 )
-from rankdown.probe import Inputs, batch_slice
+from rankdown.probe import Examples, stream
 from rankdown.progress import progress
 from rankdown.surgery import FilterFn, Selection, record_inputs, replace_module, select_layers, weight_of
 
@@ -119,7 +119,7 @@ def select_targets(model: nn.Module, config: CompressConfig) -> Selection:
 def compress(
     model: nn.Module,
     config: CompressConfig,
-    example_input: Inputs,
+    example_input: Examples,
     *,
     inplace: bool = False,
     model_spec: str | None = None,
@@ -127,8 +127,8 @@ def compress(
 ) -> CompressResult:
     """Factorize the selected layers of ``model``.
 
-    ``example_input`` (batch 1 is enough) drives a probe forward pass that records each layer's
-    input size, for MAC counts and MAC-budget ranks. ``metrics`` (from
+    ``example_input`` (batch 1 is enough; a stream's first example is taken) drives a probe forward
+    pass that records each layer's input size, for MAC counts and MAC-budget ranks. ``metrics`` (from
     :func:`rankdown.fitting.metrics.collect`) weighs each layer's fit by its data (Denton's Mahalanobis or
     data-covariance metric). Returns the compressed model (a copy unless
     ``inplace``), the plan that rebuilds it, and one report row per considered layer.
@@ -136,7 +136,7 @@ def compress(
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
-    example = batch_slice(example_input, 0, 1)
+    example = stream(example_input).first(1)
     selection = select_targets(model, config)
     for fqn in selection.targets:  # before any work: a NaN would end in a linear-algebra traceback
         w = weight_of(model.get_submodule(fqn))
@@ -226,7 +226,7 @@ def compress(
 def allocate_ranks(
     model: nn.Module,
     config: CompressConfig,
-    calibration: Inputs,
+    calibration: Examples,
     budget: Budget,
     *,
     criterion: str = "layer",
@@ -255,7 +255,8 @@ def allocate_ranks(
 
     model = model.eval()
     selection = select_targets(model, config)
-    example = batch_slice(calibration, 0, 1)
+    calibration = stream(calibration)
+    example = calibration.first(1)
     inputs = record_inputs(model, example, selection.targets)
     targets = {n: _handler(config, n, model.get_submodule(n)) for n in selection.targets if n in inputs}
     kind = budget.kind

@@ -24,7 +24,7 @@ from rankdown.measurement.bench import measure_latency
 from rankdown.methods import METHODS, Method, Rank
 from rankdown.planning.rank import Choice
 from rankdown.planning.sweep import Scorer, dense_cost, sweep
-from rankdown.probe import Inputs, batch_slice, to_layout
+from rankdown.probe import Examples, Inputs, batch_slice, to_layout
 from rankdown.progress import progress
 from rankdown.storage import default_cache_dir
 from rankdown.surgery import get_module
@@ -221,7 +221,7 @@ def _applicable(fqn: str, module: nn.Module, methods: list[str]) -> list[tuple[s
 def layer_options(
     model: nn.Module,
     targets: list[str],
-    calibration: Inputs,
+    calibration: Examples,
     table: LatencyTable,
     methods: list[str],
     fractions: tuple[float, ...] = (0.125, 0.25, 0.375, 0.5, 0.75),
@@ -446,7 +446,7 @@ def slower_than_dense(
 def latency_ranks(
     model: nn.Module,
     config,
-    calibration: Inputs,
+    calibration: Examples,
     key: DeviceKey,
     *,
     max_error: float,
