@@ -99,7 +99,7 @@ def quality(args: argparse.Namespace) -> None:
     base = CompressConfig("svd", ParamFraction(0.5), skip=skip)
     targets = select_targets(model, base).targets
     results["matrices"] = len(targets)
-    x = calib.inputs(args.calib)
+    x = calib.stream(args.calib)
     rows = results.setdefault("runs", {})
     for label, metric in METHODS.items():
         todo = [(alloc, r) for alloc in ("uniform", "allocated") for r in REMOVED if f"{label}|{alloc}|{r}" not in rows]
@@ -144,7 +144,7 @@ def speed(args: argparse.Namespace) -> None:
     model = build_model(spec)
     tok = load_tokenizer(spec)
     calib = text_data(LICENSES / "GPL-3", tok, seq_len=SEQ, max_sequences=args.calib, what="calibration")
-    x = calib.inputs(args.calib)
+    x = calib.stream(args.calib)
     base = CompressConfig("svd", ParamFraction(0.5), skip=tied_layers(model))
     targets = select_targets(model, base).targets
     t = time.perf_counter()
@@ -208,7 +208,7 @@ def calibration(args: argparse.Namespace) -> None:
             if name in study and all(k in study[name] for k in ("uniform", "allocated", "uniform + joint")):
                 continue
             calib = text_data(path, tok, seq_len=SEQ, max_sequences=n, what="calibration")
-            x = calib.inputs(n)
+            x = calib.stream(n)
             row = study.setdefault(name, {})
             row["data"] = calib.describe().split("(", 1)[1].rstrip(")")
             t = time.perf_counter()
@@ -262,7 +262,7 @@ def finetune_stage(args: argparse.Namespace) -> None:
         every = Path(tmp) / "licences.txt"
         every.write_text("\n\n".join((LICENSES / n).read_text() for n in CALIB_TEXTS))
         calib = text_data(every, tok, seq_len=SEQ, max_sequences=1024, what="calibration")
-    x = calib.inputs(1024)
+    x = calib.stream(1024)
     base = CompressConfig("svd", ParamFraction(1 - removed), skip=tied_layers(model))
     targets = select_targets(model, base).targets
     t = time.perf_counter()
@@ -345,7 +345,7 @@ def minilm(args: argparse.Namespace) -> None:
     calib = text_data(LICENSES / "GPL-3", tok, seq_len=128, max_sequences=64, task="embedding", what="calibration")
     with tempfile.TemporaryDirectory() as tmp:
         ev = text_data(eval_file(Path(tmp)), tok, seq_len=128, max_sequences=64, task="embedding", what="evaluation")
-    x = calib.inputs(64)
+    x = calib.stream(64)
     base = CompressConfig("svd", ParamFraction(0.5), skip=tied_layers(model))
     targets = select_targets(model, base).targets
     metrics = collect(model, targets, x, "covariance")

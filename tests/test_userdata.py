@@ -383,6 +383,25 @@ def test_a_stream_rebatches_and_holds_only_what_fits(monkeypatch):
     assert len(reads) == 3  # too big to hold: read again on every pass
 
 
+def test_a_source_that_changes_between_passes_is_refused(monkeypatch):
+    """A stream too large to hold is read again on each pass, and every pass must give the same
+    examples: a source that draws new ones each time is refused by name, not fitted on."""
+    from rankdown import probe
+    from rankdown.data.sources import Data
+    from rankdown.errors import RankdownError
+
+    class Fresh:  # an iterable of batches that draws new examples on every pass
+        def __iter__(self):
+            return iter([torch.randn(4, 3) for _ in range(2)])
+
+    assert len(list(Data(Fresh(), "mine").stream(8))) == 2  # held after one pass: read once, fine
+    monkeypatch.setattr(probe, "HOLD_BYTES", 0)
+    s = Data(Fresh(), "mine").stream(8)
+    assert s.examples == 8
+    with pytest.raises(RankdownError, match="mine gave other examples on a second pass"):
+        list(s)
+
+
 @pytest.mark.slow
 def test_every_data_aware_step_streams_its_examples(monkeypatch, tmp_path):
     """No data-aware step needs the calibration set as one tensor: from a stream that holds nothing

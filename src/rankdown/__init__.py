@@ -37,6 +37,7 @@ _EXPORTS = {
     "user_workload": "rankdown.workload",
     "bundled_workload": "rankdown.zoo",
     "Data": "rankdown.data.sources",
+    "Batches": "rankdown.probe",
     "ImageFolder": "rankdown.data.sources",
     "ImageOptions": "rankdown.data.sources",
     "TensorFile": "rankdown.data.sources",
@@ -93,6 +94,7 @@ if TYPE_CHECKING:
     from rankdown.planning.compress import CompressConfig, CompressResult, allocate_ranks, compress
     from rankdown.planning.plan import Plan, apply_plan, load_compressed, save_compressed
     from rankdown.planning.rank import Energy, Evbmf, FixedRank, LayerRanks, MacFraction, ParamFraction
+    from rankdown.probe import Batches
     from rankdown.training.train import TrainConfig, finetune
     from rankdown.workload import Workload, user_workload
     from rankdown.zoo import build_model, bundled_workload

@@ -4,7 +4,9 @@ by (models return tuples, dicts and dataclasses, not only tensors)."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
@@ -156,33 +158,66 @@ class Batches:
     """Examples as a stream of batches, read again on every pass: what every data-aware step takes,
     so that none needs the examples as one tensor in memory (calibration sets can be thousands of
     images). ``read()`` gives a fresh iterator of batches each time. A stream whose batches add up
-    to at most ``hold_bytes`` keeps them after its first full pass, so small sets are read (and
-    decoded) once."""
+    to at most ``hold_bytes`` keeps them, so small sets are read (and decoded) once; a larger one
+    is read again on every pass, and every pass must give the same examples (checked)."""
 
     def __init__(
-        self, read: Callable[[], Iterable[Inputs]], examples: int | None = None, *, hold_bytes: int | None = None
+        self,
+        read: Callable[[], Iterable[Inputs]],
+        examples: int | None = None,
+        *,
+        hold_bytes: int | None = None,
+        name: str = "the calibration data",
     ) -> None:
-        self._read, self._examples = read, examples
+        self._read, self._examples, self.name = read, examples, name
         self.hold_bytes = HOLD_BYTES if hold_bytes is None else hold_bytes
         self._held: list[Inputs] | None = None
+        self._too_big = False  # known after the first pass began
+        self._opening: Inputs | None = None  # the first batch of the first pass read again
 
     def __iter__(self) -> Iterator[Inputs]:
         if self._held is not None:
             yield from self._held
             return
-        held: list[Inputs] | None = []
-        size = n = 0
-        for batch in self._read():
-            n += batch_len(batch)
-            if held is not None:
+        reader = iter(self._read())
+        read: collections.deque[Inputs] = collections.deque()
+        if not self._too_big:
+            # first use: the pass is read whole before any of it is given, so that a set small
+            # enough to hold is read exactly once, even when the first caller wants one batch
+            size = 0
+            for batch in reader:
+                read.append(batch)
                 size += nbytes(batch)
-                if size <= self.hold_bytes:
-                    held.append(batch)
-                else:
-                    held = None
+                if size > self.hold_bytes:
+                    self._too_big = True
+                    break
+            else:
+                self._held, self._examples = list(read), sum(batch_len(b) for b in read)
+                yield from read
+                return
+        n = 0
+        for batch in itertools.chain(_drain(read), reader):  # given, the batches read so far are let go
+            if n == 0:
+                self._check_opening(batch)
+            n += batch_len(batch)
             yield batch
         self._examples = n  # reached only when the pass went to the end
-        self._held = held
+
+    def _check_opening(self, batch: Inputs) -> None:
+        """Every pass must give the same examples (fits, replays and errors line up batches across
+        passes): a source that shuffles or augments is caught at the first batch of a later pass."""
+        if self._opening is None or batch is self._opening:
+            self._opening = batch
+            return
+        same = _trailing(batch) == _trailing(self._opening) and batch_len(batch) == batch_len(self._opening)
+        if same:
+            pairs = zip(*(v.values() if isinstance(v, Mapping) else [v] for v in (batch, self._opening)), strict=True)
+            same = all(torch.equal(a, b) for a, b in pairs)
+        if not same:
+            raise RankdownError(
+                f"{self.name} gave other examples on a second pass (a shuffling or augmenting loader?); "
+                "give a map-style dataset or a loader without shuffle and random transforms"
+            )
 
     @property
     def examples(self) -> int:
@@ -218,7 +253,12 @@ class Batches:
     def map(self, fn: Callable[[Inputs], Inputs]) -> Batches:
         """The stream with ``fn`` applied to each batch (e.g. :func:`to_model`); it holds nothing
         itself: this stream holds what it read."""
-        return Batches(lambda: (fn(b) for b in self), self._examples, hold_bytes=0)
+        return Batches(lambda: (fn(b) for b in self), self._examples, hold_bytes=0, name=self.name)
+
+
+def _drain(q: collections.deque[Inputs]) -> Iterator[Inputs]:
+    while q:
+        yield q.popleft()
 
 
 def _trailing(x: Inputs) -> object:
@@ -242,7 +282,7 @@ Examples = Inputs | Batches  # what a data-aware step takes: one batch, or a str
 
 def stream(x: Examples) -> Batches:
     """``x`` as a stream: a batch already in memory is one batch of it, not a copy."""
-    return x if isinstance(x, Batches) else Batches(lambda: [x], batch_len(x))
+    return x if isinstance(x, Batches) else Batches(lambda: [x], batch_len(x), hold_bytes=0)
 
 
 def to_layout(module: nn.Module, channels_last: bool) -> nn.Module:

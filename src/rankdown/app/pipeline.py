@@ -138,7 +138,10 @@ def calib_inputs(data: Data, n: int, model: nn.Module, seed: int = 0) -> Batches
     the model's dtype and device: no step holds them as one tensor."""
     if n < 1:
         raise RankdownError(f"--calibration must be >= 1 example, got {n}")
-    return data.stream(n, seed).map(lambda x: to_model(x, model))
+    s = data.stream(n, seed)
+    s.first()
+    s.first()  # a set too large to hold is read on every pass: one that changes fails now, not mid-work
+    return s.map(lambda x: to_model(x, model))
 
 
 def input_shape_for(spec: str, input_shape: tuple[int, ...] | None) -> tuple[int, ...] | None:

@@ -361,23 +361,24 @@ class Data:
 
     def _draw(self, n: int, seed: int) -> Batches:
         ds = self.dataset
-        if ds is not None and len(ds) > n:  # type: ignore[arg-type]
+        if ds is not None:  # by index: the same examples on every pass, whatever the loader shuffles
+            size = len(ds)  # type: ignore[arg-type]
             g = torch.Generator().manual_seed(seed)
-            idx = torch.randperm(len(ds), generator=g)[:n].sort().values  # type: ignore[arg-type]
+            idx = torch.randperm(size, generator=g)[:n].sort().values if size > n else torch.arange(size)
             chunks = idx.split(self.batch_size)
             if isinstance(ds, _Pairs):
                 pairs = ds
-                return Batches(lambda: (batch_index(pairs.inputs, c) for c in chunks), n)
+                return Batches(lambda: (batch_index(pairs.inputs, c) for c in chunks), len(idx), name=self.name)
             source = ds
 
             def read() -> Iterator[Inputs]:
                 for c in chunks:
                     yield split_batch(self.collate([source[int(i)] for i in c]), self.name)[0]
 
-            return Batches(read, n)
-        if ds is not None:
-            return Batches(lambda: (x for x, _ in self.batches()), len(ds))  # type: ignore[arg-type]
-        return Batches(lambda: (x for x, _ in self.batches(limit=n)))
+            return Batches(read, len(idx), name=self.name)
+        # an iterable of batches is read again on each pass when too large to hold: the stream
+        # checks that it gives the same examples each time
+        return Batches(lambda: (x for x, _ in self.batches(limit=n)), name=self.name)
 
     def example(self) -> Inputs:
         assert self._first is not None

@@ -767,8 +767,12 @@ def reconstruct(
     blocks = None
     for candidate in _stacks(dense, order):
         per_example = _chain_bytes(dense, candidate, one)
-        # held: the dense and compressed hidden states and a layer's inputs, for every example
-        if per_example is not None and 4 * per_example * n_examples <= HOLD_MB * 2**20:
+        # held for every example, each about a hidden state's size: the dense and compressed inputs
+        # of the current block, the next block's dense inputs, the dense inputs of each of the
+        # block's layers and one layer's compressed inputs (a ResNet block of 3 layers: 7; counting
+        # 4, as this once did, let the held states reach about twice HOLD_MB)
+        per_block = max(sum(f == b or f.startswith(b + ".") for f in order) for b in candidate)
+        if per_example is not None and (4 + per_block) * per_example * n_examples <= HOLD_MB * 2**20:
             blocks = candidate
             break
     inside = [f for f in order if blocks and any(f == b or f.startswith(b + ".") for b in blocks)]
