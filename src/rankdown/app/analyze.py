@@ -14,10 +14,10 @@ from torch import nn
 from rankdown import decompose
 from rankdown.measurement.bench import count_macs
 from rankdown.planning.allocate import sensitivity
-from rankdown.planning.compress import CompressConfig, _handler, select_targets
+from rankdown.planning.compress import CompressConfig, data_targets
 from rankdown.probe import Examples, stream
 from rankdown.storage import atomic_write_dir
-from rankdown.surgery import record_inputs, weight_of
+from rankdown.surgery import weight_of
 
 
 def _unfoldings(w: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -67,12 +67,10 @@ def analyze_model(
 ) -> Analysis:
     """Per-layer spectra, EVBMF and energy ranks, and sensitivity (error vs kept MACs)."""
     model = model.eval()
-    selection = select_targets(model, config)
     calibration = stream(calibration)
-    example = calibration.first(1)
-    inputs = record_inputs(model, example, selection.targets)
-    targets = {n: _handler(config, n, model.get_submodule(n)) for n in selection.targets if n in inputs}
-    macs = count_macs(model, example)
+    found = data_targets(model, config, calibration)
+    selection, targets = found.selection, found.methods
+    macs = count_macs(model, found.example)
     total_macs = sum(macs.values()) or 1
     curves = sensitivity(
         model, targets, calibration, criterion=criterion, cache_dir=Path(cache_dir) if cache_dir else None

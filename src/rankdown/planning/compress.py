@@ -27,7 +27,7 @@ from rankdown.planning.rank import (
     choose_rank,
     policy_to_dict,
 )
-from rankdown.probe import Examples, stream
+from rankdown.probe import Examples, Inputs, stream
 from rankdown.progress import progress
 from rankdown.surgery import FilterFn, Selection, record_inputs, replace_module, select_layers, weight_of
 
@@ -223,6 +223,25 @@ def compress(
     return CompressResult(model, plan, rows)
 
 
+@dataclass
+class Targets:
+    """The layers a config selects that ran in a probe forward, with their methods: what the
+    data-aware planners start from."""
+
+    selection: Selection
+    example: Inputs  # the calibration data's first example
+    inputs: dict[str, torch.Tensor]  # each target's input, batch 1, on the meta device
+    methods: dict[str, Method]
+
+
+def data_targets(model: nn.Module, config: CompressConfig, calibration: Examples) -> Targets:
+    selection = select_targets(model, config)
+    example = stream(calibration).first(1)
+    inputs = record_inputs(model, example, selection.targets)
+    methods = {n: _handler(config, n, model.get_submodule(n)) for n in selection.targets if n in inputs}
+    return Targets(selection, example, inputs, methods)
+
+
 def allocate_ranks(
     model: nn.Module,
     config: CompressConfig,
@@ -254,11 +273,9 @@ def allocate_ranks(
     from rankdown.planning.allocate import LayerCurve, allocate, rank_ladders, sensitivity, spectrum_curves
 
     model = model.eval()
-    selection = select_targets(model, config)
     calibration = stream(calibration)
-    example = calibration.first(1)
-    inputs = record_inputs(model, example, selection.targets)
-    targets = {n: _handler(config, n, model.get_submodule(n)) for n in selection.targets if n in inputs}
+    found = data_targets(model, config, calibration)
+    example, inputs, targets = found.example, found.inputs, found.methods
     kind = budget.kind
 
     def curves_for(chosen: dict[str, Method]) -> dict[str, LayerCurve]:
