@@ -14,11 +14,28 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from rankdown.errors import LayerNotFoundError, RankdownError, UnsupportedLayerError
 from rankdown.probe import forward
 
 FilterFn = Callable[[nn.Module, str], bool]
+
+
+class StopForward(Exception):
+    """Raised from a hook to end a forward pass once it has what it came for."""
+
+
+@contextlib.contextmanager
+def hooked(handles: Iterable[RemovableHandle]) -> Iterator[None]:
+    """Hooks registered for the block only: removed when it ends, also when it raises. A
+    :class:`StopForward` raised by one of them ends the block quietly."""
+    try:
+        with contextlib.suppress(StopForward):
+            yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def get_module(model: nn.Module, fqn: str) -> nn.Module:
@@ -168,10 +185,6 @@ def record_inputs(model: nn.Module, example, fqns: list[str]) -> dict[str, torch
                 seen[fqn] = torch.empty((1, *args[0].shape[1:]), device="meta", dtype=args[0].dtype)
 
         handles.append(get_module(model, fqn).register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            forward(model, example)
-    finally:
-        for h in handles:
-            h.remove()
+    with hooked(handles), torch.no_grad():
+        forward(model, example)
     return seen

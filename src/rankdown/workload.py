@@ -13,6 +13,7 @@ from rankdown.data.sources import Data
 from rankdown.errors import RankdownError
 from rankdown.measurement.quality import MetricFn
 from rankdown.probe import Inputs, example_input, forward
+from rankdown.surgery import hooked
 
 
 @dataclass
@@ -69,12 +70,8 @@ def raw_input_layers(model: nn.Module, example: Inputs) -> tuple[str, ...]:
         for name, m in model.named_modules()
         if isinstance(m, (nn.Conv2d, nn.Linear)) and name
     ]
-    try:
-        with torch.no_grad():
-            forward(model, example)
-    finally:
-        for h in handles:
-            h.remove()
+    with hooked(handles), torch.no_grad():
+        forward(model, example)
     return tuple(dict.fromkeys(found))
 
 

@@ -100,6 +100,16 @@ def analyze_model(
     return Analysis(criterion, calibration.examples, layers, dict(selection.skipped))
 
 
+def _save(fig: Any, ax: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_analysis(result: Analysis, folder: Path) -> list[Path]:
     import matplotlib
 
@@ -116,11 +126,7 @@ def plot_analysis(result: Analysis, folder: Path) -> list[Path]:
         ylabel="singular value / largest",
         title="Singular-value spectra",
     )
-    ax.legend(fontsize=7)
-    paths.append(folder / "spectra.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(fig, ax, folder / "spectra.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for row in result.layers:
@@ -129,11 +135,7 @@ def plot_analysis(result: Analysis, folder: Path) -> list[Path]:
     for e in (0.9, 0.95, 0.99):
         ax.axhline(e, color="gray", lw=0.5, ls=":")
     ax.set(xlabel="rank / full rank", ylabel="energy kept", title="Energy curves (output mode)")
-    ax.legend(fontsize=7)
-    paths.append(folder / "energy.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(fig, ax, folder / "energy.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for row in result.layers:
@@ -146,11 +148,7 @@ def plot_analysis(result: Analysis, folder: Path) -> list[Path]:
         title="Sensitivity",
         yscale="log",
     )
-    ax.legend(fontsize=7)
-    paths.append(folder / "sensitivity.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(fig, ax, folder / "sensitivity.png"))
     return paths
 
 

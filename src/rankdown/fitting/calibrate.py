@@ -36,7 +36,7 @@ from rankdown.errors import RankdownError
 from rankdown.layers import FactorizedLayer, balance_factors
 from rankdown.probe import Batches, Examples, Inputs, batch_len, batch_size_for, forward, real_rows, stream, token_mask
 from rankdown.progress import progress
-from rankdown.surgery import record_inputs
+from rankdown.surgery import StopForward, hooked, record_inputs
 
 MODES = ("data", "joint")
 
@@ -67,26 +67,16 @@ def quick(config: CalibrationConfig) -> CalibrationConfig:
     return replace(config, epochs=0, relu_iters=(0, 0))
 
 
-class _Stop(Exception):
-    """Raised from a hook to end a forward pass once the layer of interest has its input."""
-
-
 def _capture_input(model: nn.Module, fqn: str, run: Callable[[], object]) -> torch.Tensor:
     """The input of ``model``'s submodule ``fqn`` during ``run()``, which is cut short there."""
     box: dict[str, torch.Tensor] = {}
 
     def hook(_m, args):
         box["x"] = args[0].detach()
-        raise _Stop
+        raise StopForward
 
-    handle = model.get_submodule(fqn).register_forward_pre_hook(hook)
-    try:
-        with torch.no_grad():
-            run()
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
+    with hooked([model.get_submodule(fqn).register_forward_pre_hook(hook)]), torch.no_grad():
+        run()
     if "x" not in box:
         raise RankdownError(f"layer {fqn!r} was not called in a forward pass on the calibration inputs")
     return box["x"]
@@ -618,17 +608,11 @@ def _block_calls(model: nn.Module, blocks: list[str], x: Inputs, stop_at_first: 
     def hook(_m, args, kwargs):
         calls.append((tuple(keep(a) for a in args), {k: keep(v) for k, v in kwargs.items()}))
         if stop_at_first:
-            raise _Stop
+            raise StopForward
 
     handles = [model.get_submodule(b).register_forward_pre_hook(hook, with_kwargs=True) for b in blocks]
-    try:
-        with torch.no_grad():
-            forward(model, x)
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
+    with hooked(handles), torch.no_grad():
+        forward(model, x)
     return calls
 
 
@@ -686,13 +670,10 @@ def _dense_block_pass(
 
     hooks = [dblock.get_submodule(f[len(block) + 1 :]).register_forward_pre_hook(recorder(f)) for f in layers]
     nxt: list[Call] = []
-    try:
+    with hooked(hooks):
         for i, c in enumerate(calls):
             batch[0] = i
             nxt.append(_with_hidden(c, _hidden(dblock(*c[0], **c[1]))))
-    finally:
-        for h in hooks:
-            h.remove()
     missing = [f for f in layers if len(z[f]) != len(calls)]
     if missing:
         raise RankdownError(f"layer {missing[0]!r} was not called in a forward pass of its block")

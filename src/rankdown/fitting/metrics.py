@@ -46,7 +46,7 @@ from rankdown.probe import (
     stream,
     token_mask,
 )
-from rankdown.surgery import weight_of
+from rankdown.surgery import hooked, weight_of
 
 METRICS = ("frobenius", "mahalanobis", "covariance", "activation")
 ASVD_ALPHA = 0.5
@@ -131,16 +131,12 @@ def collect(
                 patch[fqn] = patch.get(fqn, 0) + p.T @ p
 
         handles = [m.register_forward_pre_hook(lambda m, a, f=f: hook(m, a, f)) for f, m in mods.items()]
-        try:
-            with torch.no_grad():
-                for batch in data.rebatch(batch_size):
-                    mask[0] = token_mask(batch)
-                    shared.clear()
-                    forward(model, batch)
+        with hooked(handles), torch.no_grad():
+            for batch in data.rebatch(batch_size):
+                mask[0] = token_mask(batch)
                 shared.clear()
-        finally:
-            for h in handles:
-                h.remove()
+                forward(model, batch)
+            shared.clear()
         for fqn in fqns:
             if fqn in grams and metric == "activation":
                 scale = (grams[fqn] / max(counts[fqn], 1)).pow(ASVD_ALPHA)

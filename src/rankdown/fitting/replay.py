@@ -36,7 +36,7 @@ from rankdown.probe import (
     to_layout,
     token_mask,
 )
-from rankdown.surgery import replace_module, swapped
+from rankdown.surgery import hooked, replace_module, swapped
 
 HOLD_MB = 2048  # recorded outputs held at once, all batches together
 ACTIVATION_BYTES = 2 * 2**20  # image batches sized so that the widest activation is about this
@@ -166,11 +166,8 @@ class Suffix:
         handles = []
         for _, m in self.model.named_modules():
             handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
-        try:
+        with hooked(handles):
             forward(self.model, batch)
-        finally:
-            for h in handles:
-                h.remove()
 
     def _prefix(self, fqn: str) -> list[str]:
         """The modules to replay for ``fqn``: siblings of its ancestors that finished, called once,
@@ -213,12 +210,9 @@ class Suffix:
                 self.held[n].append(_clone(out))
 
             handles.append(self.model.get_submodule(n).register_forward_hook(keep))
-        try:
+        with hooked(handles):
             for b in self.batches():
                 forward(self.model, b)
-        finally:
-            for h in handles:
-                h.remove()
 
     @contextmanager
     def _replaying(self, fqn: str) -> Iterator[None]:

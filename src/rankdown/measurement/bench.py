@@ -22,6 +22,7 @@ from torch import nn
 from rankdown.layers import FactorizedLayer
 from rankdown.probe import Inputs, batch_len, forward, to_layout
 from rankdown.progress import progress
+from rankdown.surgery import hooked
 
 
 @dataclass(frozen=True)
@@ -58,12 +59,8 @@ def count_macs(model: nn.Module, example: Inputs) -> dict[str, int]:
                 macs[name] = macs.get(name, 0) + _leaf_macs(m, args[0], out)
 
             handles.append(mod.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            forward(model, example)
-    finally:
-        for h in handles:
-            h.remove()
+    with hooked(handles), torch.no_grad():
+        forward(model, example)
     return macs
 
 

@@ -10,7 +10,6 @@ padded batches only.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from rankdown.probe import (
     token_mask,
 )
 from rankdown.progress import progress
-from rankdown.surgery import get_module, record_inputs
+from rankdown.surgery import StopForward, get_module, hooked, record_inputs
 
 CRITERIA = ("layer", "model")
 
@@ -64,10 +63,6 @@ def model_outputs(model: nn.Module, calib: Examples, batch_size: int | None = No
 # candidates scored on each batch: time for memory). For a 135M-parameter LM, 64 sequences of 256
 # tokens into all 210 matrices would be several GB.
 HOLD_BYTES = 1 << 30
-
-
-class _Stop(Exception):
-    pass
 
 
 class Scorer:
@@ -101,7 +96,7 @@ class Scorer:
         def hook(_m, args, fqn):
             seen.setdefault(fqn, args[0].detach())  # a module called twice: its first call, as record_inputs
             if single:
-                raise _Stop
+                raise StopForward
 
         for batch in self.data.rebatch(self.batch_size):
             seen.clear()
@@ -109,12 +104,8 @@ class Scorer:
             handles = [
                 get_module(self.model, f).register_forward_pre_hook(lambda m, a, f=f: hook(m, a, f)) for f in targets
             ]
-            try:
-                with contextlib.suppress(_Stop):  # a single target's pass ends at it
-                    forward(self.model, batch)
-            finally:
-                for h in handles:
-                    h.remove()
+            with hooked(handles):  # a single target's pass ends at it
+                forward(self.model, batch)
             mask = token_mask(batch)
             yield {fqn: real_rows(x, mask) for fqn, x in seen.items()}
 
